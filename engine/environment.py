@@ -1,0 +1,111 @@
+"""What this machine offers: torch build, accelerator, compute capability and optional packages.
+
+Stages ask this object whether their needs are met, and `doctor` prints it. It is computed once per
+process (`current_environment()`), because probing CUDA and importing packages is slow.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+# Import name -> distribution name, for every optional package a stage may need.
+OPTIONAL_PACKAGES = {
+    "torchao": "torchao",
+    "fa3_fwd_interface": "fa3-fwd",
+    "flash_attn_interface": "flash_attn_3",
+    "para_attn": "para-attn",
+    "triton": "triton",
+}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory_bytes: int
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one per process and device
+class Environment:
+    python: str
+    torch_version: str
+    torch_cuda: str | None
+    device: str  # "cuda:N" or "cpu": where the engine runs
+    gpu: GpuInfo | None
+    packages: dict[str, str | None] = field(default_factory=dict)  # import name -> version or None
+
+    @property
+    def has_cuda(self) -> bool:
+        return self.gpu is not None
+
+    @property
+    def compute_capability(self) -> tuple[int, int] | None:
+        return self.gpu.compute_capability if self.gpu else None
+
+    def has_package(self, import_name: str) -> bool:
+        return self.packages.get(import_name) is not None
+
+    def summary(self) -> dict:
+        gpu = None
+        if self.gpu:
+            gpu = {
+                "index": self.gpu.index,
+                "name": self.gpu.name,
+                "compute_capability": ".".join(map(str, self.gpu.compute_capability)),
+                "total_memory_gb": round(self.gpu.total_memory_bytes / 2**30, 1),
+            }
+        return {
+            "python": self.python,
+            "torch": self.torch_version,
+            "torch_cuda": self.torch_cuda,
+            "device": self.device,
+            "gpu": gpu,
+            "packages": dict(self.packages),
+        }
+
+
+def _package_version(import_name: str, dist_name: str) -> str | None:
+    try:
+        if importlib.util.find_spec(import_name) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def current_environment(device: str | None = None) -> Environment:
+    device = device or default_device()
+    gpu = None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for, but torch sees no CUDA GPU on this machine")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        props = torch.cuda.get_device_properties(index)
+        gpu = GpuInfo(index, props.name, (props.major, props.minor), props.total_memory)
+        device = f"cuda:{index}"
+    packages = {name: _package_version(name, dist) for name, dist in OPTIONAL_PACKAGES.items()}
+    return Environment(
+        python=platform.python_version(),
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        device=device,
+        gpu=gpu,
+        packages=packages,
+    )

@@ -1,0 +1,67 @@
+"""The engine's request and result types (transport-neutral: the CLI and HTTP both build these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from stages.base import StageReport
+
+from .config import OptimizationConfig
+from .timing import Timings
+
+DEFAULT_GUIDANCE = 2.5  # FLUX.1-Kontext-dev's recommended distilled guidance
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    image: Image.Image | None = None  # None: Kontext generates from the text alone
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    max_area: int | None = None  # pixel budget when width/height are not given
+    steps: int | None = None  # overrides the config's and the scheduler's default
+    guidance_scale: float = DEFAULT_GUIDANCE
+    true_cfg_scale: float = 1.0  # > 1 with a negative prompt runs true CFG (two transformer calls per step)
+    seed: int | None = None  # None: a random seed, reported back
+    num_images: int = 1
+
+
+@dataclass
+class EditResult:
+    images: list[Image.Image]
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    timings: Timings
+    stages: tuple[StageReport, ...]
+    config: OptimizationConfig  # what actually ran
+    model: dict
+    variant: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # per-stage statistics (e.g. cache hits)
+
+    @property
+    def active_stages(self) -> list[str]:
+        return [report.name for report in self.stages if report.active]
+
+    def metadata(self) -> dict:
+        """Everything but the pixels, JSON-ready."""
+        return {
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "timings": self.timings.as_dict(),
+            "active_stages": self.active_stages,
+            "stages": [report.as_dict() for report in self.stages],
+            "skipped_stages": {r.name: r.reason for r in self.stages if r.requested and not r.active},
+            "optimizations": self.config.model_dump(),
+            "model": self.model,
+            "variant": self.variant,
+            **self.extras,
+        }

@@ -1,0 +1,264 @@
+"""Built variants of the model, keyed by the part of the optimization config that changes modules.
+
+Three layers, each cached and shared by the next:
+
+    weight variant     (QKV fusion, quantization)          owns only the tensors it changed
+    VAE variant        (fusion, channels_last, compile)    a private copy of the small VAE (1%)
+    execution variant  (attention kernel, cache, compile,  a structural clone of a weight variant:
+                        CUDA graphs)                       new modules, the same weight tensors
+
+Clones share every tensor they did not change, so a compiled or FA3 variant of the bf16 model costs
+no weight memory, and two execution variants on FP8 share one set of FP8 weights. Base weights that
+no resident variant references (the bf16 Linear weights behind an FP8 variant, the unfused Q/K/V
+behind a fused one) are moved to host memory and brought back only when a variant needs them, so
+bf16 and FP8 copies of a layer are never both resident unless both are in use.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FluxKontextPipeline
+
+from engine.config import OptimizationConfig
+from stages import STAGES
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class BuildContext:
+    device: torch.device
+    dtype: torch.dtype
+    env: object
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        log.info("variant build: %s", text)
+
+
+def _overrides(stage, phase: str) -> bool:
+    from stages.base import Stage
+
+    return getattr(type(stage), phase) is not getattr(Stage, phase)
+
+
+def phase_key(config: OptimizationConfig, phase: str) -> tuple:
+    """The config fields that decide what `phase` builds (empty: nothing to build)."""
+    key = []
+    for stage in STAGES:
+        if stage.is_requested(config) and _overrides(stage, phase):
+            key.extend((name, getattr(config, name)) for name in getattr(stage, "build_fields", (stage.name,)))
+    return tuple(key)
+
+
+def clone_sharing_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree whose parameters and buffers are the very same tensor objects."""
+    memo = {id(tensor): tensor for tensor in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def _leaf_tensors(tensor: torch.Tensor):
+    """Plain tensors behind a (possibly torchao-quantized) tensor, for byte accounting."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(tensor, name))
+    else:
+        yield tensor
+
+
+def storage_bytes(module: torch.nn.Module) -> dict[tuple, int]:
+    """(device, data_ptr) -> bytes of every distinct storage a module's tensors live in."""
+    sizes = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        for leaf in _leaf_tensors(tensor):
+            if leaf.device.type == "meta":
+                continue
+            storage = leaf.untyped_storage()
+            sizes[(str(leaf.device), storage.data_ptr())] = storage.nbytes()
+    return sizes
+
+
+def added_bytes(module: torch.nn.Module, relative_to: torch.nn.Module) -> int:
+    base = storage_bytes(relative_to)
+    return sum(size for key, size in storage_bytes(module).items() if key not in base)
+
+
+@dataclass
+class Variant:
+    key: tuple
+    module: torch.nn.Module
+    added_bytes: int
+    build_s: float
+    notes: list[str]
+    created: float = field(default_factory=time.time)
+    uses: int = 0
+    last_used: float = 0.0
+    first_call_s: float | None = None  # the first edit on a compiled variant includes compilation
+    parent_key: tuple = ()  # the weight variant an execution variant was cloned from
+
+    def summary(self, kind: str) -> dict:
+        return {
+            "kind": kind,
+            "key": {name: value for name, value in self.key},
+            "added_memory_mb": round(self.added_bytes / 2**20, 1),
+            "build_s": round(self.build_s, 3),
+            "first_edit_s": None if self.first_call_s is None else round(self.first_call_s, 3),
+            "uses": self.uses,
+            "notes": list(self.notes),
+        }
+
+
+class VariantCache:
+    """Builds variants on first use, keeps the most recent ones, and manages base-weight residency."""
+
+    def __init__(self, pipe: FluxKontextPipeline, device: torch.device, dtype: torch.dtype, env, max_variants: int = 3):
+        self.base = pipe
+        self.device, self.dtype, self.env = device, dtype, env
+        self.max_variants = max_variants
+        self._weights: dict[tuple, Variant] = {}
+        self._vaes: OrderedDict[tuple, Variant] = OrderedDict()
+        self._executions: OrderedDict[tuple, Variant] = OrderedDict()
+        self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
+
+    # -- public -----------------------------------------------------------------------------------
+    def pipeline_for(self, config: OptimizationConfig) -> tuple[FluxKontextPipeline, Variant, float]:
+        """A pipeline that runs `config` (already resolved for this machine), its execution variant,
+        and the seconds spent building variants for it (0 when everything was cached)."""
+        start = time.perf_counter()
+        built = False
+        weights_key, execution_key = phase_key(config, "apply_weights"), phase_key(config, "apply_execution")
+        exec_key = weights_key + execution_key
+        execution = self._executions.get(exec_key)
+        if execution is None:
+            weights = self._weight_variant(config, weights_key)
+            execution = self._build(exec_key, weights.module, config, "apply_execution", clone=bool(execution_key))
+            execution.parent_key = weights_key
+            self._executions[exec_key] = execution
+            self._evict()
+            self._settle_base_residency()
+            built = True
+        self._executions.move_to_end(exec_key)
+        vae, vae_built = self._vae_variant(config)
+        execution.uses += 1
+        execution.last_used = time.time()
+        pipe = FluxKontextPipeline(
+            scheduler=self.base.scheduler,
+            vae=vae.module if vae else self.base.vae,
+            text_encoder=self.base.text_encoder,
+            tokenizer=self.base.tokenizer,
+            text_encoder_2=self.base.text_encoder_2,
+            tokenizer_2=self.base.tokenizer_2,
+            transformer=execution.module,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, execution, (time.perf_counter() - start) if (built or vae_built) else 0.0
+
+    def report(self) -> list[dict]:
+        rows = [variant.summary("weights") for variant in self._weights.values()]
+        rows += [variant.summary("vae") for variant in self._vaes.values()]
+        rows += [variant.summary("execution") for variant in self._executions.values()]
+        return rows
+
+    @property
+    def offloaded_tensors(self) -> int:
+        return len(self._offloaded)
+
+    # -- building ---------------------------------------------------------------------------------
+    def _build(self, key: tuple, source: torch.nn.Module, config: OptimizationConfig, phase: str, clone: bool, own_tensors: bool = False) -> Variant:
+        """Apply every requested stage's `phase` hook, in registry order, to a clone of `source`.
+        With nothing to apply, the variant is `source` itself. `own_tensors` gives the clone private
+        copies of every tensor, for stages that convert tensors in place (channels_last)."""
+        if not clone:
+            return Variant(key, source, 0, 0.0, [])
+        start = time.perf_counter()
+        allocated_before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        build = BuildContext(self.device, self.dtype, self.env)
+        module = copy.deepcopy(source) if own_tensors else clone_sharing_tensors(source)
+        for stage in STAGES:
+            if stage.is_requested(config) and _overrides(stage, phase):
+                getattr(stage, phase)(module, config, build)
+        extra = added_bytes(module, source)
+        if self.device.type == "cuda":
+            build.note(f"GPU memory allocated by the build: {(torch.cuda.memory_allocated(self.device) - allocated_before) / 2**20:.0f} MB")
+        return Variant(key, module, extra, time.perf_counter() - start, build.notes)
+
+    def _weight_variant(self, config: OptimizationConfig, key: tuple) -> Variant:
+        variant = self._weights.get(key)
+        if variant is None:
+            self._restore_base()  # new weights are derived from the full bf16 model
+            variant = self._build(key, self.base.transformer, config, "apply_weights", clone=bool(key))
+            self._weights[key] = variant
+        return variant
+
+    def _vae_variant(self, config: OptimizationConfig) -> tuple[Variant | None, bool]:
+        key = phase_key(config, "apply_vae")
+        if not key:
+            return None, False
+        variant, built = self._vaes.get(key), False
+        if variant is None:
+            # The VAE is small (about 1% of the model): a private copy is simpler than tracking in-place conversions.
+            variant, built = self._build(key, self.base.vae, config, "apply_vae", clone=True, own_tensors=True), True
+            self._vaes[key] = variant
+            while len(self._vaes) > self.max_variants:
+                self._vaes.popitem(last=False)
+        self._vaes.move_to_end(key)
+        variant.uses += 1
+        return variant, built
+
+    # -- memory -----------------------------------------------------------------------------------
+    def _evict(self) -> None:
+        while len(self._executions) > self.max_variants:
+            key, _ = self._executions.popitem(last=False)
+            log.info("evicting the least recently used variant %s", key)
+        live = {execution.parent_key for execution in self._executions.values()}
+        for weights_key in [key for key in self._weights if key not in live]:
+            del self._weights[weights_key]
+
+    def _settle_base_residency(self) -> None:
+        """Move base-transformer tensors that no resident variant uses to host memory."""
+        if self.device.type != "cuda":
+            return
+        in_use = set()
+        for variant in itertools.chain(self._weights.values(), self._executions.values()):
+            in_use.update(id(t) for t in itertools.chain(variant.module.parameters(), variant.module.buffers()))
+        moved = 0
+        for name, owner, attr, tensor in _named_tensor_slots(self.base.transformer):
+            if tensor.device.type == "cuda" and id(tensor) not in in_use:
+                _replace_tensor(owner, attr, tensor.to("cpu"))
+                self._offloaded.add(name)
+                moved += tensor.numel() * tensor.element_size()
+        if moved:
+            torch.cuda.empty_cache()
+            log.info("moved %.1f GB of base weights that no variant uses to host memory", moved / 2**30)
+
+    def _restore_base(self) -> None:
+        if not self._offloaded:
+            return
+        for name, owner, attr, tensor in _named_tensor_slots(self.base.transformer):
+            if name in self._offloaded:
+                _replace_tensor(owner, attr, tensor.to(self.device))
+        self._offloaded.clear()
+
+
+def _named_tensor_slots(model: torch.nn.Module):
+    for module_name, module in model.named_modules():
+        for attr, tensor in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if tensor is not None:
+                yield f"{module_name}.{attr}", module, attr, tensor
+
+
+def _replace_tensor(module: torch.nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor

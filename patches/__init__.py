@@ -1,0 +1,31 @@
+"""Runtime compatibility fixes for installed packages.
+
+Each fix lives in its own module, names the upstream versions it was written for, checks the
+installed version before touching anything, and fails loudly (PatchVersionError) on a version it
+does not know, instead of patching code it has never seen. Installed files are never edited.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+
+class PatchVersionError(RuntimeError):
+    """The installed package is a version this patch was not written for."""
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def require_known_version(distribution: str, known: tuple[str, ...], patch: str) -> str:
+    version = installed_version(distribution)
+    if version not in known:
+        raise PatchVersionError(
+            f"{patch} was written for {distribution} {', '.join(known)}, but {version or 'no version'} is installed. "
+            f"Install a known version (see requirements.txt) or review the patch for this version before adding it."
+        )
+    return version

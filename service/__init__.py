@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, request schemas, the GPU job queue."""

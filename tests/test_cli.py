@@ -1,0 +1,75 @@
+"""The command line, run as a user runs it: a subprocess of this Python."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "flux_kontext_optimized.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_explains_every_command_and_option():
+    top = run_cli("--help")
+    assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "edit", "benchmark", "doctor"))
+    edit = run_cli("edit", "--help")
+    for option in ("--image", "--prompt", "--out", "--seed", "--steps", "--num-images", "--aspect-ratio", "--output-dir", "--device", "--model", "--compile", "--attention", "--quantization", "--scheduler", "--cuda-graphs", "--preset"):
+        assert option in edit.stdout, option
+
+
+def test_doctor_lists_every_stage_with_its_availability():
+    result = run_cli("doctor")
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stdout and "device        cpu" in result.stdout
+    for name in stages.STAGE_NAMES:
+        assert name in result.stdout
+    assert "needs a CUDA GPU" in result.stdout
+
+
+def test_edit_writes_valid_images(tmp_path, photo):
+    source = tmp_path / "in.png"
+    photo.save(source)
+    out = tmp_path / "out.png"
+    result = run_cli("edit", "--image", str(source), "--prompt", "make the sky red", "--out", str(out), "--seed", "4", "--steps", "3", "--fuse-qkv")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["seed"] == 4 and summary["steps"] == 3 and summary["active_stages"] == ["fuse_qkv"]
+    assert summary["model"]["random_weights"] is True
+    with Image.open(out) as image:
+        image.verify()
+    with Image.open(out) as image:
+        assert image.size == (summary["width"], summary["height"])
+
+
+def test_edit_several_images_into_an_output_dir_with_an_aspect_ratio(tmp_path):
+    result = run_cli("edit", "--prompt", "a red sky", "--output-dir", str(tmp_path), "--num-images", "2", "--steps", "2", "--aspect-ratio", "16:9", "--seed", "9")
+    assert result.returncode == 0, result.stderr
+    outputs = [Path(p) for p in json.loads(result.stdout)["outputs"]]
+    assert len(outputs) == 2 and all(p.exists() and p.parent == tmp_path for p in outputs)
+    with Image.open(outputs[0]) as image:
+        assert image.width > image.height
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("edit", "--image", "missing.png", "--prompt", "x"), "missing.png"),
+        (("edit", "--prompt", "x", "--aspect-ratio", "1000x1000"), "preferred resolutions"),
+        (("edit", "--prompt", "x", "--model", "nonsense"), "neither a directory"),
+        (("doctor", "--device", "cuda:0"), "no CUDA GPU"),
+    ],
+)
+def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

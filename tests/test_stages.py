@@ -1,0 +1,109 @@
+"""Each stage changes what it claims, stays within tolerance of stage 0, and reports honestly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stages
+from engine import EditRequest, OptimizationConfig
+from engine.environment import Environment, GpuInfo
+from tests.conftest import image_distance
+
+# fp32 on the CPU: fused GEMMs, NHWC convolutions and Inductor kernels only reorder floating-point sums.
+TOLERANCE_REL_L2 = 1e-2
+TOLERANCE_MAX_ABS = 4 / 255
+
+
+def _fake_env(capability=None, packages=()):
+    gpu = GpuInfo(0, "Fake GPU", capability, 80 * 2**30) if capability else None
+    return Environment("3.11", "2.x", "13.0" if gpu else None, "cuda:0" if gpu else "cpu", gpu, {name: ("1.0" if name in packages else None) for name in ("torchao", "fa3_fwd_interface", "para_attn", "triton")})
+
+
+def _edit(engine, image, config, steps=8):
+    return engine.edit(EditRequest(prompt="make the sky red", image=image, seed=123, steps=steps), config)
+
+
+def _transformer_of(engine, config):
+    pipe, _, _ = engine.variants.pipeline_for(engine.resolve(config).effective)
+    return pipe
+
+
+def test_registry_order_and_presets():
+    names = list(stages.STAGE_NAMES)
+    assert names.index("fuse_qkv") < names.index("quantization")  # fuse before quantizing
+    assert names.index("attention") < names.index("compile") < names.index("cuda_graphs")
+    assert names.index("first_block_cache") < names.index("compile")
+    assert stages.cumulative_config(0) == OptimizationConfig()
+    five = stages.cumulative_config(5)
+    assert five.compile and five.fuse_qkv and five.channels_last and five.first_block_cache and five.cuda_graphs
+    assert (five.attention, five.quantization, five.scheduler, five.cache_threshold) == ("fa3", "auto", "dpmpp_2m_karras", 0.12)
+    assert stages.cumulative_config(1).attention == "sdpa" and not stages.cumulative_config(4).cuda_graphs
+
+
+def test_qkv_fusion_fuses_and_drops_unfused_and_keeps_outputs(tiny_engine, photo):
+    pipe = _transformer_of(tiny_engine, OptimizationConfig(fuse_qkv=True))
+    for attention in [m for m in pipe.transformer.modules() if hasattr(m, "fused_projections")]:
+        assert attention.fused_projections and attention.to_qkv is not None and attention.to_q is None
+    vae_attention = pipe.vae.encoder.mid_block.attentions[0]
+    assert vae_attention.to_qkv is not None and vae_attention.to_q is None
+    base = _edit(tiny_engine, photo, OptimizationConfig())
+    fused = _edit(tiny_engine, photo, OptimizationConfig(fuse_qkv=True))
+    rel, worst = image_distance(fused.images[0], base.images[0])
+    assert rel < TOLERANCE_REL_L2 and worst < TOLERANCE_MAX_ABS
+    assert fused.active_stages == ["fuse_qkv"]
+
+
+def test_channels_last_converts_the_vae_and_keeps_outputs(tiny_engine, photo):
+    pipe = _transformer_of(tiny_engine, OptimizationConfig(channels_last=True))
+    weight = pipe.vae.decoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    base = _edit(tiny_engine, photo, OptimizationConfig())
+    nhwc = _edit(tiny_engine, photo, OptimizationConfig(channels_last=True))
+    rel, worst = image_distance(nhwc.images[0], base.images[0])
+    assert rel < TOLERANCE_REL_L2 and worst < TOLERANCE_MAX_ABS
+
+
+@pytest.mark.slow
+def test_compile_compiles_blocks_and_vae_and_keeps_outputs(tiny_engine, photo):
+    config = OptimizationConfig(compile=True)
+    pipe = _transformer_of(tiny_engine, config)
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert pipe.vae.decoder._compiled_call_impl is not None and pipe.vae.encoder._compiled_call_impl is not None
+    assert tiny_engine.loaded.pipe.transformer.transformer_blocks[0]._compiled_call_impl is None  # base stays eager
+    base = _edit(tiny_engine, photo, OptimizationConfig())
+    compiled = _edit(tiny_engine, photo, config)
+    rel, worst = image_distance(compiled.images[0], base.images[0])
+    assert rel < TOLERANCE_REL_L2 and worst < TOLERANCE_MAX_ABS
+    again = _edit(tiny_engine, photo, config)  # no rebuild, no recompile: same variant, fast
+    assert not again.variant["first_use"] and again.timings.total_s < compiled.timings.total_s
+
+
+def test_gpu_stages_say_why_they_cannot_run_on_a_cpu(cpu_env):
+    rows = {row["name"]: row for row in stages.stage_status(cpu_env)}
+    for name in ("attention", "quantization", "cuda_graphs"):
+        assert not rows[name]["available"] and "CUDA GPU" in rows[name]["reason"]
+    for name in ("fuse_qkv", "channels_last", "compile"):
+        assert rows[name]["available"], rows[name]["reason"]
+
+
+def test_availability_follows_the_gpu_and_packages():
+    ampere = _fake_env((8, 0), packages=("torchao", "fa3_fwd_interface", "triton"))
+    reason = stages.get_stage("attention").availability(ampere).reason
+    assert "compute capability 9.0" in reason and "8.0" in reason
+    hopper_bare = _fake_env((9, 0), packages=("triton",))
+    assert "torchao" in stages.get_stage("quantization").availability(hopper_bare).reason
+
+
+def test_resolve_switches_off_what_cannot_run_and_says_why(cpu_env):
+    resolved = stages.resolve(stages.cumulative_config(5), cpu_env)
+    assert resolved.effective.attention == "sdpa" and resolved.effective.quantization == "none" and not resolved.effective.cuda_graphs
+    assert resolved.effective.compile and resolved.effective.fuse_qkv  # CPU-capable stages stay on
+    reasons = {report.name: report.reason for report in resolved.skipped}
+    assert set(reasons) >= {"attention", "quantization", "cuda_graphs"} and all(reasons.values())
+
+
+def test_unknown_stage_name_is_an_error():
+    with pytest.raises(KeyError, match="known stages"):
+        stages.get_stage("warp_speed")
