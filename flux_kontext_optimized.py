@@ -36,6 +36,8 @@ def _common_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--device", default=os.environ.get(DEVICE_ENV_VAR), help=f"cuda:N to pin one GPU, or cpu (env {DEVICE_ENV_VAR}; default cuda:0 if present)")
     common.add_argument("--max-variants", type=int, default=3, help="optimization variants kept built at once (least recently used is dropped)")
+    common.add_argument("--t5-fp8", action="store_true", help="FP8 weight-only T5 encoder (GPU, torchao): about half its memory")
+    common.add_argument("--compile-cache", default=None, help="directory for persistent compile artifacts (env FLUX_KONTEXT_COMPILE_CACHE; default ~/.cache/flux-kontext-optimized/inductor)")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     add_optimization_options(common)
     return common
@@ -88,14 +90,16 @@ def _setup_logging(verbose: bool) -> None:
 def _load_engine(args):
     from engine import KontextEngine
     from engine.cli_options import optimization_config_from_args
+    from engine.compile_cache import configure_compile_cache
     from engine.environment import current_environment
     from engine.loading import default_model_name
 
+    configure_compile_cache(args.compile_cache)
     env = current_environment(args.device)
     config = optimization_config_from_args(args, env.has_cuda)
     model = args.model or default_model_name(env.device)
     logging.getLogger("flux_kontext").info("loading %s on %s; default optimizations: %s", model, env.device, config.describe())
-    return KontextEngine.load(model, env.device, config, max_variants=args.max_variants)
+    return KontextEngine.load(model, env.device, config, max_variants=args.max_variants, t5_fp8=args.t5_fp8)
 
 
 def cmd_doctor(args) -> int:

@@ -40,6 +40,10 @@ class BenchmarkSettings:
     prompt: str = "make the sky red"
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # applied on top of every stage's config
+    # The cumulative rows run with the first-block cache off: its skip rate on random weights says
+    # nothing about real images, so its cost and skip rate are reported in rows of their own.
+    cache_rows: bool = True
+    roofline: bool = True  # GPU only: FLOPs per step, kernel ceilings measured in this run, floor
 
 
 @dataclass
@@ -62,13 +66,29 @@ class StageResult:
     speedup_vs_stage0: float | None = None
     speedup_vs_previous: float | None = None
     step_speedup_vs_stage0: float | None = None
+    floor_ms_per_step: float | None = None
+    roofline_ratio: float | None = None  # measured step time / floor
+    error: str | None = None  # the stage could not run here; the message says why
     extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class CacheResult:
+    stage: int
+    threshold: float
+    backend: str
+    median_step_s: float
+    step_cost_vs_uncached_s: float | None
+    computed: int
+    skipped: int
+    note: str
 
 
 @dataclass
 class BenchmarkReport:
     meta: dict
     rows: list[StageResult]
+    cache_rows: list[CacheResult] = field(default_factory=list)
 
     COLUMNS = (
         ("stage", "stage"),
@@ -85,10 +105,12 @@ class BenchmarkReport:
         ("warmup_s", "warm-up s"),
         ("peak_memory_gb", "peak GB"),
         ("deviation_rel_l2", "rel. L2 vs 0"),
+        ("floor_ms_per_step", "floor ms/step"),
+        ("roofline_ratio", "step / floor"),
     )
 
     def as_dict(self) -> dict:
-        return {"meta": self.meta, "rows": [asdict(row) for row in self.rows]}
+        return {"meta": self.meta, "rows": [asdict(row) for row in self.rows], "cache_rows": [asdict(row) for row in self.cache_rows]}
 
     def markdown(self) -> str:
         header = "| " + " | ".join(title for _, title in self.COLUMNS) + " |"
@@ -96,9 +118,18 @@ class BenchmarkReport:
         for row in self.rows:
             cells = [_format(getattr(row, name)) for name, _ in self.COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
-        skipped = [f"- stage {row.stage}: {name} skipped: {why}" for row in self.rows for name, why in row.skipped.items()]
-        meta = ", ".join(f"{key}: {value}" for key, value in self.meta.items() if key != "settings")
-        return "\n".join([f"Kontext stage benchmark ({meta})", "", *lines, *([""] + skipped if skipped else [])])
+        notes = [f"- stage {row.stage}: {name} skipped: {why}" for row in self.rows for name, why in row.skipped.items()]
+        notes += [f"- stage {row.stage} FAILED: {row.error}" for row in self.rows if row.error]
+        cache = []
+        if self.cache_rows:
+            cache = ["", "First-block cache (on top of the stage shown; random weights: the skip rate is NOT representative of real images)", "",
+                     "| stage | threshold | backend | step s (median) | cost vs uncached s/step | computed | skipped |", "|---|---|---|---|---|---|---|"]
+            cache += [f"| {c.stage} | {c.threshold:g} | {c.backend} | {c.median_step_s:.4g} | {_format(c.step_cost_vs_uncached_s)} | {c.computed} | {c.skipped} |" for c in self.cache_rows]
+        meta = ", ".join(f"{key}: {value}" for key, value in self.meta.items() if key not in ("settings", "ceilings_tflops", "step_flops"))
+        roofline = []
+        if self.meta.get("ceilings_tflops"):
+            roofline = ["", f"Ceilings measured in this run (TFLOP/s): {self.meta['ceilings_tflops']}", f"FLOPs per step: {self.meta.get('step_flops')}"]
+        return "\n".join([f"Kontext stage benchmark ({meta})", "", *lines, *([""] + notes if notes else []), *cache, *roofline])
 
     def csv(self) -> str:
         buffer = io.StringIO()
@@ -172,59 +203,117 @@ def run_benchmark(
 ) -> BenchmarkReport:
     from tqdm.auto import tqdm
 
-    max_area = engine.loaded.spec.default_max_area
-    side = int(max_area**0.5)
+    side = int(engine.loaded.spec.default_max_area**0.5)
     width, height = settings.width or side, settings.height or side
     image = benchmark_input_image(width, height) if settings.with_input_image else None
-    runs_per_stage = settings.warmup + settings.repeats
-    total_runs = runs_per_stage * len(settings.stages)
-    bar = tqdm(total=total_runs, desc="benchmark", disable=not show_progress)
-    done = 0
+    request = EditRequest(prompt=settings.prompt, image=image, width=width, height=height, seed=settings.seed)
+    cuda = engine.env.has_cuda
+    per_stage = settings.warmup + max(settings.repeats, 1)
+    total = per_stage * (len(settings.stages) + (2 if settings.cache_rows else 0))
+    bar = tqdm(total=total, desc="benchmark", disable=not show_progress)
+    progress = {"done": 0}
+
+    def tick(label: str) -> None:
+        progress["done"] += 1
+        bar.set_postfix_str(label)
+        bar.update()
+        if on_progress:
+            on_progress(label, min(progress["done"] / total, 1.0))
+
+    meta = environment_meta(engine)
+    meta.update(width=width, height=height, input_image=settings.with_input_image, repeats=settings.repeats, warmup=settings.warmup)
+    flops = ceilings = None
+    if cuda and settings.roofline:
+        from .roofline import count_step_flops, measure_ceilings
+
+        flops = count_step_flops(engine, request)
+        ceilings = measure_ceilings(flops.attention_shape)
+        meta.update(step_flops={k: (round(v / 1e12, 2) if isinstance(v, float) else v) for k, v in flops.as_dict().items()}, ceilings_tflops=ceilings)
+
     rows: list[StageResult] = []
     reference: np.ndarray | None = None
-    cuda = engine.env.has_cuda
-
+    last_good: tuple[int, object] | None = None
     for stage in settings.stages:
-        config = cumulative_config(stage).with_changes(**settings.overrides)
-        request = EditRequest(prompt=settings.prompt, image=image, width=width, height=height, seed=settings.seed)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        results = []
-        for attempt in range(runs_per_stage):
-            bar.set_postfix_str(f"stage {stage} {'warm-up' if attempt < settings.warmup else 'timed'}")
-            results.append(engine.edit(request, config))
-            done += 1
-            bar.update()
-            if on_progress:
-                on_progress(f"stage {stage}: edit {attempt + 1}/{runs_per_stage}", done / total_runs)
-        warm, timed = results[: settings.warmup], results[settings.warmup :] or results[-1:]
+        config = cumulative_config(stage).with_changes(**{"first_block_cache": False, **settings.overrides})
+        try:
+            warm, timed = _run_edits(engine, request, config, settings, cuda, lambda i: tick(f"stage {stage} edit {i}"))
+        except Exception as error:  # a stage that cannot run here must not hide the others' results
+            rows.append(_failed_row(stage, error))
+            progress["done"] = min(progress["done"], total)
+            continue
+        row = _stage_row(stage, warm, timed, cuda)
         pixels = np.asarray(timed[-1].images[0], dtype=np.float64) / 255.0
-        if stage == settings.stages[0]:
-            reference = pixels
-        row = StageResult(
-            stage=stage,
-            adds=BENCHMARK_STAGE_CHANGES[stage][0],
-            active_stages=timed[-1].active_stages,
-            skipped={r.name: r.reason for r in timed[-1].stages if r.requested and not r.active},
-            steps=timed[-1].steps,
-            warmup_s=sum(r.timings.total_s for r in warm),
-            text_encode_s=_median(r.timings.text_encode_s for r in timed),
-            vae_encode_s=_median(r.timings.vae_encode_s for r in timed),
-            median_step_s=_median(s for r in timed for s in r.timings.step_s),
-            denoise_s=_median(r.timings.denoise_s for r in timed),
-            vae_decode_s=_median(r.timings.vae_decode_s for r in timed),
-            total_s=_median(r.timings.total_s for r in timed),
-            peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            extras={key: value for key, value in timed[-1].extras.items()},
-        )
+        reference = pixels if reference is None else reference
         row.deviation_rel_l2, row.psnr_db = _deviation(pixels, reference)
+        if flops and ceilings:
+            from .roofline import floor_ms
+
+            row.floor_ms_per_step = floor_ms(flops, ceilings, timed[-1].config)
+            if row.floor_ms_per_step:
+                row.roofline_ratio = row.median_step_s * 1e3 / row.floor_ms_per_step
         rows.append(row)
+        last_good = (stage, timed[-1].config, row)
     bar.close()
-    _add_speedups(rows)
-    meta = environment_meta(engine)
-    meta.update(width=width, height=height, input_image=settings.with_input_image, repeats=settings.repeats, warmup=settings.warmup, settings=asdict(settings))
-    return BenchmarkReport(meta, rows)
+    _add_speedups([row for row in rows if row.error is None])
+    cache_rows = _cache_rows(engine, request, settings, cuda, last_good, tick) if settings.cache_rows and last_good else []
+    meta["settings"] = asdict(settings)
+    return BenchmarkReport(meta, rows, cache_rows)
+
+
+def _run_edits(engine, request, config, settings, cuda, tick):
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    results = []
+    for attempt in range(settings.warmup + max(settings.repeats, 1)):
+        results.append(engine.edit(request, config))
+        tick(attempt + 1)
+    return results[: settings.warmup], results[settings.warmup :]
+
+
+def _stage_row(stage: int, warm, timed, cuda: bool) -> StageResult:
+    last = timed[-1]
+    return StageResult(
+        stage=stage,
+        adds=BENCHMARK_STAGE_CHANGES[stage][0] + (" (cache: see its own rows)" if stage == 1 else ""),
+        active_stages=last.active_stages,
+        skipped={r.name: r.reason for r in last.stages if r.requested and not r.active and r.name != "first_block_cache"},
+        steps=last.steps,
+        warmup_s=sum(r.timings.total_s for r in warm),
+        text_encode_s=_median(r.timings.text_encode_s for r in timed),
+        vae_encode_s=_median(r.timings.vae_encode_s for r in timed),
+        median_step_s=_median(s for r in timed for s in r.timings.step_s),
+        denoise_s=_median(r.timings.denoise_s for r in timed),
+        vae_decode_s=_median(r.timings.vae_decode_s for r in timed),
+        total_s=_median(r.timings.total_s for r in timed),
+        peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        extras={"details": {r.name: r.detail for r in last.stages if r.active}},
+    )
+
+
+def _failed_row(stage: int, error: Exception) -> StageResult:
+    nan = float("nan")
+    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+    return StageResult(stage, BENCHMARK_STAGE_CHANGES[stage][0], [], {}, 0, nan, nan, nan, nan, nan, nan, nan, None, error=message)
+
+
+def _cache_rows(engine, request, settings, cuda, last_good, tick) -> list[CacheResult]:
+    """The cache's cost when it never skips (a threshold so small every step computes), and its skip
+    rate at the stack's threshold, both on top of the last stage that ran."""
+    stage, config, uncached = last_good
+    rows = []
+    for threshold, note in ((1e-9, "never skips: the cost of the check"), (0.12, "skip rate on random weights: not representative")):
+        cached = config.with_changes(first_block_cache=True, cache_threshold=threshold, cache_backend=settings.overrides.get("cache_backend", "auto"))
+        try:
+            _, timed = _run_edits(engine, request, cached, settings, cuda, lambda i: tick(f"cache {threshold:g} edit {i}"))
+        except Exception as error:
+            rows.append(CacheResult(stage, threshold, "-", float("nan"), None, 0, 0, f"failed: {type(error).__name__}: {error}"[:300]))
+            continue
+        stats = timed[-1].extras.get("first_block_cache", {})
+        median_step = _median(s for r in timed for s in r.timings.step_s)
+        cost = median_step - uncached.median_step_s if threshold < 1e-6 else None
+        rows.append(CacheResult(stage, threshold, stats.get("backend", "?"), median_step, cost, stats.get("computed", 0), stats.get("skipped", 0), note))
+    return rows
 
 
 def _median(values) -> float:

@@ -44,6 +44,7 @@ class RequestRun:
 
     request: EditRequest
     scheduler: object
+    transformer: torch.nn.Module  # the variant's transformer that will run
     default_steps: int = EULER_DEFAULT_STEPS
     contexts: list = field(default_factory=list)  # entered around the pipeline call
     extras: dict = field(default_factory=dict)  # reported in the result
@@ -59,16 +60,28 @@ class KontextEngine:
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
 
     @classmethod
-    def load(cls, model: str, device: str | None = None, default_config: OptimizationConfig | None = None, max_variants: int = 3) -> "KontextEngine":
+    def load(
+        cls,
+        model: str,
+        device: str | None = None,
+        default_config: OptimizationConfig | None = None,
+        max_variants: int = 3,
+        t5_fp8: bool = False,
+    ) -> "KontextEngine":
         env = current_environment(device)
         if env.has_cuda:
             torch.cuda.set_device(env.gpu.index)
-        return cls(load_model(model, env.device), env, default_config, max_variants)
+        loaded = load_model(model, env.device)
+        if t5_fp8:
+            _quantize_t5(loaded, env)
+        return cls(loaded, env, default_config, max_variants)
 
     # -- introspection ----------------------------------------------------------------------------
     @property
     def model_info(self) -> dict:
-        return {**self.loaded.spec.as_dict(), "dtype": str(self.loaded.dtype).replace("torch.", ""), "device": str(self.loaded.device)}
+        info = {**self.loaded.spec.as_dict(), "dtype": str(self.loaded.dtype).replace("torch.", ""), "device": str(self.loaded.device)}
+        info["text_encoder_2"] = self.loaded.text_encoder_note
+        return info
 
     def resolve(self, config: OptimizationConfig | None = None) -> ResolvedConfig:
         return _resolve_cached(config or self.default_config, self.env)
@@ -97,7 +110,7 @@ class KontextEngine:
         effective = resolved.effective
         with self._lock:
             pipe, variant, build_s = self.variants.pipeline_for(effective)
-            run = RequestRun(request, FlowMatchEulerDiscreteScheduler.from_config(self.loaded.pipe.scheduler.config))
+            run = RequestRun(request, FlowMatchEulerDiscreteScheduler.from_config(self.loaded.pipe.scheduler.config), pipe.transformer)
             for stage in stages.STAGES:
                 if stage.is_requested(effective):
                     stage.apply_request(run, effective)
@@ -159,6 +172,16 @@ class KontextEngine:
             return image  # diffusers resizes it to the closest preferred (~1 MP) resolution
         # Models without Kontext's training resolutions (tiny) condition at the output size.
         return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+
+
+def _quantize_t5(loaded: LoadedModel, env: Environment) -> None:
+    from stages.low_precision import quantize_text_encoder_fp8
+
+    if not (env.has_cuda and env.has_package("torchao")):
+        raise ValueError("--t5-fp8 needs a CUDA GPU and torchao")
+    saved = quantize_text_encoder_fp8(loaded.pipe.text_encoder_2)
+    loaded.text_encoder_note = f"T5 FP8 weight-only (saved {saved / 2**30:.1f} GB)"
+    log.info(loaded.text_encoder_note)
 
 
 @functools.lru_cache(maxsize=256)

@@ -39,6 +39,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float = 0.0
+    text_encoder_note: str = "as loaded"  # "T5 FP8 weight-only" when --t5-fp8
 
 
 def default_model_name(device: str) -> str:

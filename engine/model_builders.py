@@ -83,8 +83,11 @@ def _assemble(transformer, vae, text_encoder, text_encoder_2) -> FluxKontextPipe
     )
 
 
-def build_tiny_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu") -> FluxKontextPipeline:
-    """A small random-weight Kontext pipeline; the same weights every time (fixed seed)."""
+def build_tiny_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", transformer_overrides: dict | None = None) -> FluxKontextPipeline:
+    """A small random-weight Kontext pipeline; the same weights every time (fixed seed).
+
+    `transformer_overrides` changes the transformer's config (GPU tests use FLUX's real head size,
+    128, which the FA3 kernels require)."""
     clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -116,7 +119,7 @@ def build_tiny_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu")
                 decoder_start_token_id=t5_tokenizer.pad_token_id,
             )
         )
-        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+        transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER_CONFIG, **(transformer_overrides or {})})
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
     pipe = _assemble(transformer, vae, text_encoder, text_encoder_2)
     return pipe.to(device=device, dtype=dtype)

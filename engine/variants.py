@@ -28,6 +28,7 @@ from diffusers import FluxKontextPipeline
 
 from engine.config import OptimizationConfig
 from stages import STAGES
+from stages.tensors import leaf_tensors
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,11 @@ def clone_sharing_tensors(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _leaf_tensors(tensor: torch.Tensor):
-    """Plain tensors behind a (possibly torchao-quantized) tensor, for byte accounting."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        for name in names:
-            yield from _leaf_tensors(getattr(tensor, name))
-    else:
-        yield tensor
-
-
 def storage_bytes(module: torch.nn.Module) -> dict[tuple, int]:
     """(device, data_ptr) -> bytes of every distinct storage a module's tensors live in."""
     sizes = {}
     for tensor in itertools.chain(module.parameters(), module.buffers()):
-        for leaf in _leaf_tensors(tensor):
+        for leaf in leaf_tensors(tensor):
             if leaf.device.type == "meta":
                 continue
             storage = leaf.untyped_storage()

@@ -8,8 +8,7 @@ cache wrapper before compilation; compilation before CUDA graph capture).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from engine.config import OptimizationConfig
+from typing import TYPE_CHECKING
 
 from .base import Availability, Stage, StageReport
 from .channels_last import ChannelsLast
@@ -20,6 +19,9 @@ from .flash_attention import FlashAttention
 from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:  # stages sit below the engine: import its config lazily, never at module level
+    from engine.config import OptimizationConfig
 
 STAGES: tuple[Stage, ...] = (
     QkvFusion(),
@@ -55,8 +57,10 @@ def get_stage(name: str) -> Stage:
     raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_NAMES)}")
 
 
-def cumulative_config(stage: int) -> OptimizationConfig:
+def cumulative_config(stage: int) -> "OptimizationConfig":
     """The config of cumulative benchmark stage `stage` (0 = baseline, 5 = everything)."""
+    from engine.config import OptimizationConfig
+
     if not 0 <= stage <= MAX_STAGE:
         raise ValueError(f"benchmark stages run from 0 to {MAX_STAGE}, not {stage}")
     changes: dict = {}
@@ -67,8 +71,8 @@ def cumulative_config(stage: int) -> OptimizationConfig:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    requested: OptimizationConfig
-    effective: OptimizationConfig  # what will actually run on this machine
+    requested: "OptimizationConfig"
+    effective: "OptimizationConfig"  # what will actually run on this machine
     reports: tuple[StageReport, ...]
 
     @property
@@ -80,7 +84,7 @@ class ResolvedConfig:
         return [report for report in self.reports if report.requested and not report.active]
 
 
-def resolve(config: OptimizationConfig, env) -> ResolvedConfig:
+def resolve(config: "OptimizationConfig", env) -> ResolvedConfig:
     effective = config
     reports = []
     for stage in STAGES:

@@ -90,10 +90,23 @@ def test_gpu_stages_say_why_they_cannot_run_on_a_cpu(cpu_env):
 
 def test_availability_follows_the_gpu_and_packages():
     ampere = _fake_env((8, 0), packages=("torchao", "fa3_fwd_interface", "triton"))
-    reason = stages.get_stage("attention").availability(ampere).reason
-    assert "compute capability 9.0" in reason and "8.0" in reason
+    attention = stages.get_stage("attention")
+    assert "cuDNN SDPA only" in attention.availability(ampere).detail
+    config, report = attention.resolve(OptimizationConfig(attention="fa3"), ampere)
+    assert config.attention == "cudnn" and report.active and "compute capability 9.0" in report.reason and "8.0" in report.reason
+    quantization = stages.get_stage("quantization")
+    assert "no FP8" in quantization.availability(ampere).reason
+    hopper = _fake_env((9, 0), packages=("torchao", "fa3_fwd_interface", "triton"))
+    config, report = quantization.resolve(OptimizationConfig(quantization="auto"), hopper)
+    assert config.quantization == "fp8" and "row-wise" in report.detail
+    config, report = quantization.resolve(OptimizationConfig(quantization="mxfp4"), hopper)
+    assert config.quantization == "mxfp4" and "EMULATED" in report.detail
+    config, report = quantization.resolve(OptimizationConfig(quantization="nvfp4"), hopper)
+    assert config.quantization == "none" and not report.active and "Blackwell" in report.reason
+    config, report = attention.resolve(OptimizationConfig(attention="fa3"), _fake_env((9, 0), packages=("triton",)))
+    assert config.attention == "cudnn" and "fa3-fwd" in report.reason
     hopper_bare = _fake_env((9, 0), packages=("triton",))
-    assert "torchao" in stages.get_stage("quantization").availability(hopper_bare).reason
+    assert "torchao" in quantization.availability(hopper_bare).reason
 
 
 def test_resolve_switches_off_what_cannot_run_and_says_why(cpu_env):

@@ -1,0 +1,213 @@
+"""One transformer step under the microscope: inductor settings, a kernel-level profile, VAE layouts.
+
+    python -m benchmarks.step_lab --model synthetic-full inductor   # which inductor settings are fastest
+    python -m benchmarks.step_lab --model synthetic-full profile    # where a step's time goes, by kernel class
+    python -m benchmarks.step_lab --model synthetic-full vae        # eager/compiled x NCHW/NHWC VAE
+
+The transformer's inputs are captured from a real 1024x1024 edit (8192 image + 512 text tokens),
+then each configuration's variant is built by the engine and timed on exactly those inputs
+(CUDA events, median). Results go to benchmarks/results/<gpu>-<date>/step_lab_<experiment>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine import EditRequest, KontextEngine, OptimizationConfig
+from stages import cumulative_config
+
+from .stage_benchmark import benchmark_input_image, default_results_dir, environment_meta
+
+INDUCTOR_CANDIDATES = {
+    "default": {},
+    "coordinate_descent": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+    "max_autotune_no_cudagraphs": {"max_autotune": True, "max_autotune_gemm": True, "coordinate_descent_tuning": True},
+}
+
+
+def capture_transformer_inputs(engine: KontextEngine, request: EditRequest) -> dict:
+    captured = {}
+
+    def grab(module, args, kwargs):
+        if not captured:
+            captured.update({k: v for k, v in kwargs.items()})
+        return None
+
+    handle = engine.loaded.pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        engine.edit(EditRequest(**{**request.__dict__, "steps": 1}), OptimizationConfig())
+    finally:
+        handle.remove()
+    return captured
+
+
+def time_step_ms(transformer, inputs: dict, repeats: int = 10) -> tuple[float, float]:
+    """(first call seconds, median ms of the following calls)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        transformer(**inputs)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            transformer(**inputs)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+    return first, statistics.median(times)
+
+
+def _transformer_for(engine: KontextEngine, config: OptimizationConfig):
+    pipe, _, _ = engine.variants.pipeline_for(engine.resolve(config).effective)
+    return pipe.transformer
+
+
+def experiment_inductor(engine: KontextEngine, inputs: dict, stages: list[int], candidates: list[str]) -> list[dict]:
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    touched = {key for settings in INDUCTOR_CANDIDATES.values() for key in settings}
+    defaults = {key: getattr(inductor_config, key) for key in touched}
+    rows = []
+    for name in candidates:
+        torch._dynamo.reset()  # new settings only apply to new compilations
+        for stage in stages:
+            engine.variants._executions.clear()
+            config = cumulative_config(stage).with_changes(first_block_cache=False)
+            transformer = _transformer_for(engine, config)  # building sets the stack's own settings...
+            for key in touched:  # ...which this experiment replaces before the (lazy) first compile
+                setattr(inductor_config, key, INDUCTOR_CANDIDATES[name].get(key, defaults[key]))
+            first, median = time_step_ms(transformer, inputs)
+            rows.append({"settings": name, "stage": stage, "compile_and_first_call_s": round(first, 1), "median_step_ms": round(median, 2)})
+            print(rows[-1], flush=True)
+    for key, value in defaults.items():
+        setattr(inductor_config, key, value)
+    return rows
+
+
+# Order matters: Inductor names fused kernels after the ops they contain ("triton_..._scaled_mm_..."),
+# so Triton kernels are classified first.
+KERNEL_CLASSES = (
+    ("inductor fused (triton)", ("triton",)),
+    ("attention", ("flash", "fmha")),
+    ("gemm", ("gemm", "xmma", "cutlass", "sm90_", "cublas", "nvjet", "scaled_mm", "matmul")),
+)
+
+
+def experiment_profile(engine: KontextEngine, inputs: dict, stages: list[int]) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for stage in stages:
+        config = cumulative_config(stage).with_changes(first_block_cache=False)
+        transformer = _transformer_for(engine, config)
+        time_step_ms(transformer, inputs, repeats=2)  # compile and warm up outside the profile
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                transformer(**inputs)
+            torch.cuda.synchronize()
+        by_class: dict[str, float] = {}
+        kernels = []
+        for event in prof.key_averages():
+            cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            if cuda_us <= 0 or event.key.startswith("ProfilerStep"):
+                continue
+            lowered = event.key.lower()
+            kind = next((label for label, marks in KERNEL_CLASSES if any(m in lowered for m in marks)), "other")
+            by_class[kind] = by_class.get(kind, 0.0) + cuda_us / 3 / 1000
+            kernels.append((cuda_us / 3 / 1000, event.count // 3, kind, event.key[:120]))
+        kernels.sort(reverse=True)
+        row = {"stage": stage, "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+               "top_kernels": [{"ms_per_step": round(ms, 2), "calls_per_step": calls, "class": kind, "name": name} for ms, calls, kind, name in kernels[:25]]}
+        from torch._dynamo.utils import counters
+
+        row["inductor_counters"] = {key: dict(value) for key, value in counters.items() if key in ("inductor", "graph_break")}
+        rows.append(row)
+        print(stage, json.dumps(row["ms_per_step_by_class"]), json.dumps(row["inductor_counters"])[:600], flush=True)
+    return rows
+
+
+def experiment_vae(engine: KontextEngine, size: int) -> list[dict]:
+    import copy
+
+    vae = engine.loaded.pipe.vae
+    image = torch.randn(1, 3, size, size, device="cuda", dtype=engine.loaded.dtype)
+    rows = []
+    for layout in ("nchw", "nhwc"):
+        for compiled in (False, True):
+            model = copy.deepcopy(vae)
+            if layout == "nhwc":
+                model.to(memory_format=torch.channels_last)
+            if compiled:
+                model.encoder.compile(fullgraph=True)
+                model.decoder.compile(fullgraph=True)
+            with torch.no_grad():
+                start = time.perf_counter()
+                latents = model.encode(image).latent_dist.mode()
+                model.decode(latents)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                encode = _median_ms(lambda: model.encode(image).latent_dist.mode())
+                decode = _median_ms(lambda: model.decode(latents))
+            rows.append({"layout": layout, "compiled": compiled, "first_call_s": round(first, 1), "encode_ms": round(encode, 2), "decode_ms": round(decode, 2)})
+            print(rows[-1], flush=True)
+            del model
+    return rows
+
+
+def _median_ms(fn, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats + 2):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times[2:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["inductor", "profile", "vae"])
+    parser.add_argument("--model", default="synthetic-full")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--candidates", default=",".join(INDUCTOR_CANDIDATES))
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<gpu>-<date>)")
+    args = parser.parse_args(argv)
+
+    from engine.compile_cache import configure_compile_cache
+
+    configure_compile_cache()
+    engine = KontextEngine.load(args.model, "cuda:0", max_variants=2)
+    stages = [int(s) for s in args.stages.split(",")]
+    request = EditRequest(prompt="make the sky red", image=benchmark_input_image(args.size, args.size), width=args.size, height=args.size, seed=0)
+    if args.experiment == "vae":
+        rows = experiment_vae(engine, args.size)
+    else:
+        inputs = capture_transformer_inputs(engine, request)
+        if args.experiment == "inductor":
+            rows = experiment_inductor(engine, inputs, stages, args.candidates.split(","))
+        else:
+            rows = experiment_profile(engine, inputs, stages)
+    meta = environment_meta(engine)
+    from .stage_benchmark import BenchmarkReport
+
+    directory = args.out or default_results_dir(BenchmarkReport(meta, []))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"step_lab_{args.experiment}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"written to {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+"""Byte accounting that also sees inside torchao's quantized tensor subclasses."""
+
+from __future__ import annotations
+
+import torch
+
+
+def leaf_tensors(tensor: torch.Tensor):
+    """The plain tensors that hold a (possibly quantized, wrapper-subclass) tensor's data."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from leaf_tensors(getattr(tensor, name))
+    else:
+        yield tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaf_tensors(tensor))
