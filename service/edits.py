@@ -4,7 +4,6 @@ queue (with its failure modes turned into HTTP answers), output encoding, conten
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from .runtime import Service
 
 log = logging.getLogger("flux_kontext.service")
 
-DECODE_SLOTS = 4  # concurrent input decodes (each can hold tens of MB of pixels)
 
 
 @dataclass
@@ -40,12 +38,14 @@ class PreparedEdit:
 async def decode_input(service: Service, data: bytes | None, field_name: str = "image") -> tuple[DecodedImage | None, float]:
     if data is None:
         return None, 0.0
-    if getattr(service, "_decode_slots", None) is None:
-        service._decode_slots = asyncio.Semaphore(DECODE_SLOTS)
     started = time.perf_counter()
     settings = service.settings
-    async with service._decode_slots:
-        decoded = await run_in_threadpool(decode_image, data, settings.max_input_pixels, settings.min_input_side, field_name)
+
+    def bounded_decode() -> DecodedImage:
+        with service.decode_slots:  # a thread lock, not an asyncio one: apps outlive event loops in tests
+            return decode_image(data, settings.max_input_pixels, settings.min_input_side, field_name)
+
+    decoded = await run_in_threadpool(bounded_decode)
     return decoded, time.perf_counter() - started
 
 

@@ -25,6 +25,7 @@ from .settings import ServiceSettings
 log = logging.getLogger("flux_kontext.service")
 
 EngineLoader = Callable[[], KontextEngine]
+DECODE_SLOTS = 4  # input images decoded at once (each can hold tens of MB of pixels)
 
 
 class Service:
@@ -47,6 +48,7 @@ class Service:
         self.variants_report: list[dict] = []  # refreshed by the worker, which owns the engine
         self.on_fatal: Callable[[str], None] | None = None  # set by the server runner: exit when loading fails
         self.benchmarks = BenchmarkJobs(self)
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self._start_lock = threading.Lock()
         self._started = False
         self.metrics.bind(
