@@ -87,6 +87,8 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+        if self.process.returncode == 0:  # a clean exit: nothing to look at
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
 
