@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], formatter_class=formatter, help="run the HTTP service")
     serve.add_argument("--host", default=os.environ.get("FLUX_KONTEXT_HOST", "127.0.0.1"), help="bind address (0.0.0.0 exposes the service to the network)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("FLUX_KONTEXT_PORT", "8000")), help="TCP port")
+    _add_service_options(serve)
 
     edit = commands.add_parser("edit", parents=[common], formatter_class=formatter, help="edit one image (or generate one from text)")
     edit.add_argument("--image", type=Path, default=None, help="input image; omit to generate from the prompt alone")
@@ -79,6 +80,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("doctor", parents=[common], formatter_class=formatter, help="print the environment and every stage's availability")
     return parser
+
+
+def _add_service_options(serve: argparse.ArgumentParser) -> None:
+    from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
+
+    d = ServiceSettings()
+    boolean = argparse.BooleanOptionalAction
+    load = serve.add_argument_group("load and timeouts")
+    load.add_argument("--queue-size", type=int, default=d.queue_size, help="requests waiting for the GPU beyond the running one; more get 429 + Retry-After")
+    load.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds from arrival to answer, queued time included; beyond: 504")
+    load.add_argument("--drain-timeout", type=float, default=None, help="on SIGTERM, longest wait for queued and running work; None: request timeout + 30 s")
+    load.add_argument("--warmup", action=boolean, default=d.warmup, help="one edit with the default config before /ready turns 200 (builds, compiles)")
+    load.add_argument(
+        "--per-request-variants",
+        action=boolean,
+        default=d.per_request_variants,
+        help="let requests ask for build-time stages (compile, quantization, attention kernel, ...) other than the server's; "
+        "each new combination builds a variant, and compile takes minutes per new shape",
+    )
+    limits = serve.add_argument_group("input limits")
+    limits.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body cap (413 beyond)")
+    limits.add_argument("--max-input-pixels", type=int, default=d.max_input_pixels, help="decoded input image cap (width x height)")
+    limits.add_argument("--max-pixels", type=int, default=d.max_output_pixels, help="output pixels per request (width x height x images)")
+    limits.add_argument("--min-size", type=int, default=None, help="smallest output side; None: 256 for real models, 16 for tiny")
+    limits.add_argument("--max-size", type=int, default=d.max_size, help="largest output side")
+    limits.add_argument("--max-steps", type=int, default=d.max_steps, help="most denoising steps a request may ask for")
+    limits.add_argument("--default-steps", type=int, default=None, help="steps when a request gives none; None: the scheduler's (28 Euler, 14 DPM-Solver++)")
+    limits.add_argument("--max-images", type=int, default=d.max_images, help="most images per request")
+    security = serve.add_argument_group("security")
+    security.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV_DEFAULT,
+        help="environment variable holding the API key; when it is set, every endpoint but /health and /ready needs Authorization: Bearer <key>",
+    )
+    security.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS; empty: CORS off")
+    bench = serve.add_argument_group("GET /benchmark")
+    bench.add_argument("--benchmark-stages", default="0-5", help="stages a benchmark runs by default, and the only ones ?stages= may pick")
+    bench.add_argument("--benchmark-repeats", type=int, default=None, help="timed edits per stage; None: 3 on a GPU, 1 on a CPU")
+    bench.add_argument("--benchmark-warmup", type=int, default=d.benchmark_warmup, help="untimed edits per stage")
+    bench.add_argument("--benchmark-size", type=int, default=None, help="square output side; None: the model's default size")
+    bench.add_argument("--benchmark-results-dir", type=Path, default=None, help="also write each finished table there (CSV/JSON/markdown/PNG)")
+
+
+def _service_settings(args):
+    from benchmarks.stage_benchmark import parse_stage_list
+    from service.settings import ServiceSettings
+
+    return ServiceSettings(
+        queue_size=args.queue_size,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_input_pixels=args.max_input_pixels,
+        max_output_pixels=args.max_pixels,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_steps=args.max_steps,
+        default_steps=args.default_steps,
+        max_images=args.max_images,
+        per_request_variants=args.per_request_variants,
+        warmup=args.warmup,
+        api_key=ServiceSettings.api_key_from_env(args.api_key_env),
+        cors_origins=tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
+        benchmark_stages=tuple(parse_stage_list(args.benchmark_stages)),
+        benchmark_warmup=args.benchmark_warmup,
+        benchmark_repeats=args.benchmark_repeats,
+        benchmark_size=args.benchmark_size,
+        benchmark_results_dir=str(args.benchmark_results_dir) if args.benchmark_results_dir else None,
+    )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -173,13 +243,22 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve
 
-    engine = _load_engine(args)
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
-    return 0
+    settings = _service_settings(args)
+    log = logging.getLogger("flux_kontext")
+    if settings.api_key:
+        log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
+    elif args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
+    # The model loads on the GPU worker after the server is up: /health answers at once, /ready
+    # turns 200 once the model is loaded and warm.
+    app = create_app(settings=settings, loader=lambda: _load_engine(args))
+    status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+    if status:
+        print(f"error: {app.state.service.error}", file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

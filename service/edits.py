@@ -1,0 +1,186 @@
+"""What every editing endpoint shares: input decoding, the server's limits, the trip through the GPU
+queue (with its failure modes turned into HTTP answers), output encoding, content negotiation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from engine import EditRequest, EditResult, OptimizationConfig
+from engine.sizes import output_size
+
+from .errors import APIError, invalid
+from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
+from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
+from .runtime import Service
+
+log = logging.getLogger("flux_kontext.service")
+
+
+
+@dataclass
+class PreparedEdit:
+    edit: EditRequest
+    config: OptimizationConfig
+    requested: OptimizationConfig
+    output_format: str = "png"
+    quality: int = 90
+    warnings: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)  # stages the server's policy switched off
+    decode_s: float = 0.0
+
+
+async def decode_input(service: Service, data: bytes | None, field_name: str = "image") -> tuple[DecodedImage | None, float]:
+    if data is None:
+        return None, 0.0
+    started = time.perf_counter()
+    settings = service.settings
+
+    def bounded_decode() -> DecodedImage:
+        with service.decode_slots:  # a thread lock, not an asyncio one: apps outlive event loops in tests
+            return decode_image(data, settings.max_input_pixels, settings.min_input_side, field_name)
+
+    decoded = await run_in_threadpool(bounded_decode)
+    return decoded, time.perf_counter() - started
+
+
+def check_limits(
+    service: Service,
+    edit: EditRequest,
+    config: OptimizationConfig,
+    size_fields: tuple[str, str] = ("width", "height"),
+    images_field: str = "num_images",
+) -> tuple[int, int]:
+    """Apply the server's default steps, check its own bounds (tighter than the schema's); returns the output size."""
+    settings, engine = service.settings, service.engine
+    if edit.steps is None and config.steps is None and settings.default_steps is not None:
+        edit.steps = settings.default_steps
+    width_field, height_field = size_fields
+    if (edit.width is None) != (edit.height is None):
+        missing = width_field if edit.width is None else height_field
+        raise invalid(missing, f"give both {width_field} and {height_field}, or neither (then Kontext picks the size from the input's aspect ratio)")
+    low, high = service.min_side(), settings.max_size
+    for name, value in ((width_field, edit.width), (height_field, edit.height)):
+        if value is not None and not low <= value <= high:
+            raise invalid(name, f"{value} is outside this server's range {low}..{high}")
+        if value is not None and value % 16:
+            raise invalid(name, f"{value} is not a multiple of 16")
+    for name, value in (("steps", edit.steps), ("optimizations.steps", config.steps)):
+        if value is not None and value > settings.max_steps:
+            raise invalid(name, f"{value} is over this server's limit of {settings.max_steps} steps")
+    if edit.num_images > settings.max_images:
+        raise invalid(images_field, f"{edit.num_images} is over this server's limit of {settings.max_images} images per request")
+    width, height = output_size(edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or engine.loaded.spec.default_max_area)
+    pixels = width * height * edit.num_images
+    if pixels > settings.max_output_pixels:
+        raise invalid(
+            width_field if edit.width else images_field,
+            f"{width}x{height} x {edit.num_images} image(s) is {pixels / 1e6:.1f} MP, over this server's {settings.max_output_pixels / 1e6:.1f} MP per request",
+        )
+    return width, height
+
+
+async def run_edit(service: Service, request: Request, prepared: PreparedEdit, arrived: float) -> tuple[EditResult, Job]:
+    """Through the GPU queue, with the request's deadline counted from its arrival."""
+    settings = service.settings
+    deadline = arrived + settings.request_timeout_s
+
+    def on_worker() -> EditResult:
+        result = service.engine.edit(prepared.edit, prepared.config)
+        if result.variant.get("first_use"):
+            service.refresh_variants()
+        return result
+
+    try:
+        result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
+    except QueueFull as full:
+        raise APIError(
+            429,
+            "queue_full",
+            f"the server is busy: {full.waiting} requests are already waiting (serve --queue-size {settings.queue_size}); retry after {full.retry_after} s",
+            headers={"Retry-After": str(full.retry_after)},
+        ) from None
+    except WorkerStopped:
+        raise APIError(503, "shutting_down", "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}) from None
+    except JobTimeout as timeout:
+        where = "while its edit was running (the result is discarded)" if timeout.was_running else "while waiting in the queue (it never reached the GPU)"
+        raise APIError(504, "timeout", f"no result within the {settings.request_timeout_s:g} s request timeout (serve --request-timeout); it timed out {where}") from None
+    except ClientGone:
+        raise APIError(499, "client_disconnected", "the client disconnected while waiting; the job was dropped before reaching the GPU") from None
+    except GpuOutOfMemory as oom:
+        edit = prepared.edit
+        raise APIError(
+            503,
+            "gpu_out_of_memory",
+            f"the GPU ran out of memory on this request ({edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)): {oom}. "
+            "The memory was released and the server keeps serving; retry, or ask for a smaller size or fewer images",
+            headers={"Retry-After": "1"},
+        ) from None
+    except JobFailed as failed:
+        request_id = getattr(request.state, "request_id", None)
+        log.error("edit failed (request %s): %r", request_id, failed.original)
+        raise APIError(500, "edit_failed", f"the edit failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}") from None
+    service.metrics.images.inc(len(result.images))
+    return result, job
+
+
+async def encode_outputs(result: EditResult, output_format: str, quality: int) -> tuple[list[bytes], float]:
+    started = time.perf_counter()
+    blobs = await run_in_threadpool(lambda: [encode_image(image, output_format, quality) for image in result.images])
+    return blobs, time.perf_counter() - started
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The image media type the client prefers over JSON, or None for JSON (ties go to JSON)."""
+    if not accept:
+        return None
+    ranges = []
+    for part in accept.split(","):
+        pieces = [piece.strip() for piece in part.split(";")]
+        media = pieces[0].lower()
+        if "/" not in media:
+            continue
+        quality = 1.0
+        for parameter in pieces[1:]:
+            if parameter.lower().startswith("q="):
+                try:
+                    quality = float(parameter[2:])
+                except ValueError:
+                    quality = 0.0
+        ranges.append((media, quality))
+
+    def quality_of(media_type: str) -> float:
+        kind = media_type.split("/")[0]
+        best, specificity = 0.0, -1  # the most specific matching range decides
+        for media, quality in ranges:
+            rank = 2 if media == media_type else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
+            if rank > specificity:
+                best, specificity = quality, rank
+        return best
+
+    image_quality = max(quality_of(media_type) for media_type in MEDIA_TYPES.values())
+    if image_quality <= quality_of("application/json"):
+        return None
+    named = [media for media, quality in ranges if media in MEDIA_TYPES.values() and quality == image_quality]
+    return named[0] if named else "image/*"  # image/*: the request's output_format
+
+
+def server_timing(queue_s: float, result: EditResult, decode_s: float, encode_s: float, total_s: float) -> str:
+    timings = result.timings
+    parts = [
+        ("queue", queue_s),
+        ("decode_input", decode_s),
+        ("text_encode", timings.text_encode_s),
+        ("vae_encode", timings.vae_encode_s),
+        ("denoise", timings.denoise_s),
+        ("vae_decode", timings.vae_decode_s),
+        ("engine", timings.total_s),
+        ("encode_output", encode_s),
+        ("total", total_s),
+    ]
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts)

@@ -1,0 +1,218 @@
+"""POST /inference: JSON (image as base64 or a data: URL) or multipart/form-data (image as a file).
+
+Answers JSON with base64 images and everything about the run (seed, timings, stages that ran and
+why the others did not, the model's identity), or the raw image when the client's Accept prefers
+image/* (one image only; the metadata then travels in X-* headers and Server-Timing).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from engine import EditRequest, EditResult
+
+from .edits import PreparedEdit, check_limits, decode_input, encode_outputs, negotiate, run_edit, server_timing
+from .errors import APIError, from_pydantic, invalid
+from .images import MEDIA_TYPES, bytes_from_text
+from .optimizations import merge
+from .schemas import ErrorResponse, InferenceRequest, InferenceResponse
+
+router = APIRouter()
+
+_ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why in {
+    400: "malformed JSON or multipart body",
+    401: "missing or wrong API key (when the server has one)",
+    406: "raw image asked for with num_images > 1",
+    413: "body over the size cap",
+    415: "neither JSON nor a form",
+    422: "a field is invalid; `error.field` names it",
+    429: "queue full; retry after Retry-After seconds",
+    503: "loading, shutting down, or the GPU ran out of memory on this request",
+    504: "no result within the request timeout (queued time counts)",
+}.items()}
+
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/InferenceForm"}},
+        },
+    }
+}
+IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()}
+
+
+@router.post(
+    "/inference",
+    summary="Edit an image (or generate one from text)",
+    response_model=None,
+    openapi_extra=OPENAPI_BODY,
+    responses={200: {"model": InferenceResponse, "description": "The images and the run's metadata; the raw image when Accept asks for image/*", "content": IMAGE_CONTENT}, **_ERRORS},
+)
+async def inference(request: Request) -> Response:
+    arrived = time.monotonic()
+    service = request.app.state.service
+    service.require_ready()  # before reading a possibly large body
+    body, image_bytes = await _read_body(request)
+    prepared = await _prepare(service, body, image_bytes)
+    accept = negotiate(request.headers.get("accept"))
+    if accept and prepared.edit.num_images > 1:
+        raise APIError(406, "not_acceptable", f"a raw {accept} answer carries one image; ask for num_images=1 or Accept: application/json", field="num_images")
+    output_format = prepared.output_format if accept in (None, "image/*") else accept.split("/")[1]
+
+    result, job = await run_edit(service, request, prepared, arrived)
+    blobs, encode_s = await encode_outputs(result, output_format, prepared.quality)
+    total_s = time.monotonic() - arrived
+    timing_header = server_timing(job.queue_s, result, prepared.decode_s, encode_s, total_s)
+    if accept:
+        return Response(blobs[0], media_type=MEDIA_TYPES[output_format], headers=_metadata_headers(result, timing_header))
+    payload = _response(result, prepared, output_format, blobs, job.queue_s, encode_s, total_s)
+    return JSONResponse(payload, headers={"Server-Timing": timing_header, "X-Seed": str(result.seed)})
+
+
+async def _read_body(request: Request) -> tuple[InferenceRequest, bytes | None]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read_form(request)
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise APIError(415, "unsupported_media_type", f"Content-Type {content_type} is not accepted; send application/json or multipart/form-data", field="Content-Type")
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "invalid_json", "the body is empty; send a JSON object with at least a prompt", field="body")
+    try:
+        body = InferenceRequest.model_validate_json(raw, strict=True)
+    except ValidationError as error:
+        raise from_pydantic(error) from None
+    image = bytes_from_text(body.image) if body.image else None
+    return body, image
+
+
+async def _read_form(request: Request) -> tuple[InferenceRequest, bytes | None]:
+    limit = request.app.state.service.settings.max_body_bytes
+    form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
+    fields: dict[str, str] = {}
+    image: bytes | None = None
+    for key in form.keys():
+        values = form.getlist(key)
+        if len(values) > 1:
+            raise invalid(key, "given more than once")
+        value = values[0]
+        if isinstance(value, UploadFile):
+            if key != "image":
+                raise invalid(key, "only the image field may be a file")
+            image = await value.read()
+            continue
+        if key == "image":
+            image = bytes_from_text(value) if value.strip() else None
+            continue
+        if value != "":  # an empty form field means "not given"
+            fields[key] = value
+    if "optimizations" in fields:  # the object travels as a JSON string in a form
+        try:
+            fields["optimizations"] = json.loads(fields["optimizations"])
+        except json.JSONDecodeError as error:
+            raise invalid("optimizations", f"must be a JSON object ({error.msg} at column {error.colno})") from None
+    try:
+        body = InferenceRequest.model_validate(fields)
+    except ValidationError as error:
+        raise from_pydantic(error) from None
+    return body, image
+
+
+async def _prepare(service, body: InferenceRequest, image_bytes: bytes | None) -> PreparedEdit:
+    decoded, decode_s = await decode_input(service, image_bytes)
+    overrides = body.optimizations.model_dump(exclude_none=True) if body.optimizations else {}
+    config, requested, warnings, ignored = merge(service.engine.default_config, body.legacy_flags(), overrides, service.settings.per_request_variants)
+    edit = EditRequest(
+        prompt=body.prompt,
+        image=decoded.image if decoded else None,
+        negative_prompt=body.negative_prompt,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        true_cfg_scale=body.true_cfg_scale,
+        seed=body.seed,
+        num_images=body.num_images,
+    )
+    check_limits(service, edit, config)
+    if body.true_cfg_scale > 1 and not body.negative_prompt:
+        warnings.append("true_cfg_scale > 1 has no effect without a negative_prompt")
+    return PreparedEdit(
+        edit=edit,
+        config=config,
+        requested=requested,
+        output_format=body.output_format,
+        quality=body.output_quality,
+        warnings=(decoded.notes if decoded else []) + warnings,
+        ignored=ignored,
+        decode_s=decode_s,
+    )
+
+
+def _response(result: EditResult, prepared: PreparedEdit, output_format: str, blobs: list[bytes], queue_s: float, encode_s: float, total_s: float) -> dict:
+    timings = result.timings
+    skipped = {report.name: report.reason for report in result.stages if report.requested and not report.active}
+    skipped.update(prepared.ignored)
+    quantization = next((report.detail or result.config.quantization for report in result.stages if report.name == "quantization" and report.active), None)
+    payload = InferenceResponse(
+        images=[base64.b64encode(blob).decode("ascii") for blob in blobs],
+        output_format=output_format,
+        media_type=MEDIA_TYPES[output_format],
+        seed=result.seed,
+        width=result.width,
+        height=result.height,
+        steps=result.steps,
+        scheduler=result.scheduler,
+        timings={
+            "queue_s": round(queue_s, 6),
+            "input_decode_s": round(prepared.decode_s, 6),
+            "text_encode_s": round(timings.text_encode_s, 6),
+            "vae_encode_s": round(timings.vae_encode_s, 6),
+            "denoise_s": round(timings.denoise_s, 6),
+            "median_step_s": round(timings.median_step_s, 6),
+            "step_s": [round(step, 6) for step in timings.step_s],
+            "vae_decode_s": round(timings.vae_decode_s, 6),
+            "engine_total_s": round(timings.total_s, 6),
+            "variant_build_s": round(timings.variant_build_s, 6),
+            "output_encode_s": round(encode_s, 6),
+            "server_total_s": round(total_s, 6),
+        },
+        active_stages=result.active_stages,
+        skipped_stages=skipped,
+        stages=[report.as_dict() for report in result.stages],
+        quantization=quantization,
+        optimizations=result.config.model_dump(),
+        requested_optimizations=prepared.requested.model_dump(),
+        model=result.model,
+        variant=result.variant,
+        extras=result.extras,
+        warnings=prepared.warnings + ([result.model["warning"]] if result.model.get("warning") else []),
+    )
+    return payload.model_dump(mode="json")
+
+
+def _metadata_headers(result: EditResult, timing_header: str) -> dict[str, str]:
+    def ascii_only(text: str) -> str:
+        return text.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace("\n", " ")
+
+    skipped = "; ".join(f"{r.name}: {r.reason}" for r in result.stages if r.requested and not r.active)
+    return {
+        "Server-Timing": timing_header,
+        "X-Seed": str(result.seed),
+        "X-Width": str(result.width),
+        "X-Height": str(result.height),
+        "X-Steps": str(result.steps),
+        "X-Active-Stages": ",".join(result.active_stages) or "none",
+        "X-Skipped-Stages": ascii_only(skipped) or "none",
+        "X-Model": ascii_only(str(result.model.get("name"))),
+        "X-Model-Random-Weights": "true" if result.model.get("random_weights") else "false",
+    }

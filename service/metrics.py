@@ -1,0 +1,55 @@
+"""Prometheus metrics, in a registry of the app's own (tests build several apps in one process)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+def outcome_for_status(status: int) -> str:
+    if status < 400:
+        return "ok"
+    return {
+        401: "unauthorized",
+        413: "too_large",
+        429: "rejected_queue_full",
+        499: "client_disconnected",
+        503: "unavailable",
+        504: "timeout",
+    }.get(status, "client_error" if status < 500 else "server_error")
+
+
+class ServiceMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("kontext_http_requests_total", "HTTP requests by endpoint and outcome", ["endpoint", "method", "outcome"], registry=r)
+        self.latency = Histogram("kontext_http_request_duration_seconds", "End-to-end request time as the server sees it", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("kontext_queue_wait_seconds", "Time a job waited for the GPU worker", ["kind"], buckets=QUEUE_BUCKETS, registry=r)
+        self.job_duration = Histogram("kontext_job_duration_seconds", "Time a job ran on the GPU worker", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.jobs = Counter("kontext_jobs_total", "GPU jobs by kind and outcome", ["kind", "outcome"], registry=r)
+        self.images = Counter("kontext_images_generated_total", "Images produced", registry=r)
+        self.running = Gauge("kontext_jobs_running", "Jobs running on the GPU worker (0 or 1)", registry=r)
+        self.waiting = Gauge("kontext_jobs_waiting", "Jobs waiting in the queue", registry=r)
+        self.ready = Gauge("kontext_ready", "1 when the model is loaded and warm and the server is not draining", registry=r)
+        self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory (allocated, reserved, free, total)", ["kind"], registry=r)
+
+    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float], memory: Callable[[], dict[str, int]]) -> None:
+        """Read live values at scrape time instead of updating gauges from every code path."""
+        self.waiting.set_function(waiting)
+        self.running.set_function(running)
+        self.ready.set_function(ready)
+        self._memory = memory
+
+    def render(self) -> bytes:
+        memory = getattr(self, "_memory", lambda: {})() or {}
+        for kind, value in memory.items():
+            self.gpu_memory.labels(kind).set(value)
+        return generate_latest(self.registry)

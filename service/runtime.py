@@ -1,0 +1,179 @@
+"""The service's moving parts in one object: the engine (loaded in the background), the GPU worker,
+metrics, the benchmark job, and the lifecycle (loading -> warming -> ready -> draining).
+
+The engine is loaded by the GPU worker itself, as its first job, so that the HTTP side is up at
+once: /health answers while the model loads, /ready says 503 until it is loaded and warmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from engine import EditRequest, KontextEngine, ModelLoadError, __version__
+
+from .errors import APIError
+from .metrics import ServiceMetrics
+from .queue import GpuWorker
+from .settings import ServiceSettings
+
+log = logging.getLogger("flux_kontext.service")
+
+EngineLoader = Callable[[], KontextEngine]
+DECODE_SLOTS = 4  # input images decoded at once (each can hold tens of MB of pixels)
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, engine: KontextEngine | None = None, loader: EngineLoader | None = None):
+        if engine is None and loader is None:
+            raise ValueError("give an engine or a loader")
+        from .benchmark_jobs import BenchmarkJobs
+
+        self.settings = settings
+        self.version = __version__
+        self.metrics = ServiceMetrics()
+        self.worker = GpuWorker(settings.queue_size, self.metrics)
+        self.engine = engine
+        self._loader = loader
+        self.phase = "starting"  # starting -> loading -> warming -> ready | failed
+        self.error: str | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self.in_flight = 0  # work requests between arrival and response
+        self.variants_report: list[dict] = []  # refreshed by the worker, which owns the engine
+        self.on_fatal: Callable[[str], None] | None = None  # set by the server runner: exit when loading fails
+        self.benchmarks = BenchmarkJobs(self)
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self._start_lock = threading.Lock()
+        self._started = False
+        self.metrics.bind(
+            waiting=lambda: self.worker.waiting,
+            running=lambda: 1 if self.worker.running else 0,
+            ready=lambda: 1 if self.ready else 0,
+            memory=self.gpu_memory_bytes,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker and queue loading and warm-up (idempotent)."""
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
+        self.worker.start()
+        self.phase = "loading"
+        self.worker.submit("load", self._load, system=True)
+
+    def _load(self) -> None:
+        try:
+            if self.engine is None:
+                started = time.perf_counter()
+                self.engine = self._loader()
+                log.info("model loaded in %.1f s: %s", time.perf_counter() - started, self.engine.model_info.get("name"))
+            self.refresh_variants()
+            if self.settings.warmup:
+                self.phase = "warming"
+                started = time.perf_counter()
+                self.engine.edit(self._warmup_request())
+                log.info("warm-up edit with the default config done in %.1f s", time.perf_counter() - started)
+                self.refresh_variants()
+            self.phase = "ready"
+        except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
+            self.phase = "failed"
+            self.error = f"{type(error).__name__}: {error}"
+            expected = isinstance(error, (ModelLoadError, OSError))  # user-fixable: the message says what to do
+            log.error("the model could not be loaded or warmed up: %s", self.error, exc_info=None if expected else error)
+            if self.on_fatal:
+                self.on_fatal(self.error)
+
+    def _warmup_request(self) -> EditRequest:
+        # The model's default size: that is the shape compiled kernels and CUDA graphs are built for.
+        side = max(16, int(math.sqrt(self.engine.loaded.spec.default_max_area)) // 16 * 16)
+        return EditRequest(prompt="warm-up", width=side, height=side, steps=2, seed=0)
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            if self.benchmarks.cancel():  # a background job nobody waits on: stop it after its current edit
+                log.info("draining: the running benchmark is cancelled")
+            log.info("draining: new work is refused with 503; %d waiting, %s running", self.worker.waiting, self.worker.running.kind if self.worker.running else "nothing")
+
+    def drained(self) -> bool:
+        return self.in_flight == 0 and self.worker.idle
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.worker.stop(timeout)
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and not self.draining
+
+    @property
+    def status(self) -> str:
+        return "draining" if self.draining else self.phase
+
+    def require_ready(self) -> KontextEngine:
+        """The engine, or a 503 that says why there is none to use yet."""
+        self.start()
+        if self.draining:
+            raise APIError(503, "shutting_down", "the server is shutting down and takes no new work; retry on another instance", headers={"Retry-After": "5", "Connection": "close"})
+        if self.phase == "failed":
+            raise APIError(503, "model_unavailable", f"the model failed to load: {self.error}")
+        if self.phase != "ready":
+            raise APIError(503, "model_loading", f"the model is {self.phase}; retry shortly (GET /ready turns 200 when it can serve)", headers={"Retry-After": "5"})
+        return self.engine
+
+    def refresh_variants(self) -> None:
+        """Called on the worker thread only: the variant cache is not safe to read while it changes."""
+        if self.engine is not None:
+            self.variants_report = self.engine.variants.report()
+
+    def gpu_memory_bytes(self) -> dict[str, int]:
+        if self.engine is None or not self.engine.env.has_cuda:
+            return {}
+        index = self.engine.env.gpu.index
+        free, total = torch.cuda.mem_get_info(index)
+        return {"allocated": torch.cuda.memory_allocated(index), "reserved": torch.cuda.memory_reserved(index), "free": free, "total": total}
+
+    def health(self) -> dict:
+        engine = self.engine
+        body = {
+            "status": self.status,
+            "ready": self.ready,
+            "version": self.version,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "error": self.error,
+            "model": engine.model_info if engine else None,
+            "device": str(engine.loaded.device) if engine else None,
+            "environment": engine.env.summary() if engine else None,
+            "memory": engine.memory() if engine else None,
+            "default_optimizations": engine.default_config.model_dump() if engine else None,
+            "stages": engine.stage_status() if engine else [],
+            "variants": self.variants_report,
+            "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
+            "benchmark": self.benchmarks.summary(),
+            "limits": {
+                "queue_size": self.settings.queue_size,
+                "request_timeout_s": self.settings.request_timeout_s,
+                "max_body_bytes": self.settings.max_body_bytes,
+                "max_input_pixels": self.settings.max_input_pixels,
+                "max_output_pixels": self.settings.max_output_pixels,
+                "size": [self.min_side(), self.settings.max_size],
+                "max_steps": self.settings.max_steps,
+                "default_steps": self.settings.default_steps,
+                "max_images": self.settings.max_images,
+                "per_request_variants": self.settings.per_request_variants,
+            },
+            "auth": "api key" if self.settings.api_key else "off",
+        }
+        return body
+
+    def min_side(self) -> int:
+        snaps = self.engine.loaded.spec.snap_input_to_kontext_resolutions if self.engine else True
+        return self.settings.min_side_for(snaps)

@@ -1,0 +1,243 @@
+"""Request and response models of the HTTP API.
+
+The bounds here are hard limits that hold on every server (they also keep generated requests, such
+as schemathesis', from asking for absurd work); each server can tighten them further
+(`serve --max-size/--max-steps/--max-pixels/--max-images`), checked when the request arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.requests import DEFAULT_GUIDANCE
+
+from .optimizations import LEGACY_FLAG_HELP, Optimizations
+
+MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens (~2000 characters of English); CLIP reads 77 of them
+HARD_MAX_SIDE = 4096
+HARD_MAX_STEPS = 100
+HARD_MAX_IMAGES = 8
+OutputFormat = Literal["png", "jpeg", "webp"]
+SIZE_PATTERN = r"^\s*(auto|\d{1,5}\s*[xX]\s*\d{1,5})?\s*$"
+
+
+def _no_bool(cls, value: Any) -> Any:
+    """JSON true is not the number 1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+
+
+def _check_text(value: str | None) -> str | None:
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class _LegacyFlags(BaseModel):
+    """The flat switches of the original API (each optional; see `optimizations` for the full set)."""
+
+    use_flash_attention: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_flash_attention"])
+    use_mxfp4: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_mxfp4"])
+    use_fp8: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_fp8"])
+    use_dpm_solver: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_dpm_solver"])
+    use_cuda_graphs: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_cuda_graphs"])
+    use_compile: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_compile"])
+    use_first_block_cache: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_first_block_cache"])
+    use_qkv_fusion: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_qkv_fusion"])
+    use_channels_last: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_channels_last"])
+
+    def legacy_flags(self) -> dict[str, bool | None]:
+        return {name: getattr(self, name) for name in _LegacyFlags.model_fields}
+
+
+class InferenceRequest(_LegacyFlags):
+    """POST /inference as JSON (validated strictly: true is not 1, "2" is not 2). With
+    multipart/form-data the same fields are form fields (text, converted), `image` is a file and
+    `optimizations` a JSON string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The edit instruction, or the description when there is no image.")
+    image: Optional[str] = Field(None, description="Input image as base64 or a data: URL (PNG, JPEG, WebP, GIF, BMP, TIFF). Omit to generate from the prompt alone.")
+    negative_prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS, description="Used with true_cfg_scale > 1.")
+    width: Optional[int] = Field(
+        None, ge=16, le=HARD_MAX_SIDE, multiple_of=16,
+        description="Output width (multiple of 16). Give both sizes or neither: then Kontext picks its preferred resolution closest to the input's aspect ratio.",
+    )
+    height: Optional[int] = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16, description="Output height (multiple of 16).")
+    steps: Optional[int] = Field(None, ge=1, le=HARD_MAX_STEPS, description="Denoising steps; default: the scheduler's (28 Euler, 14 DPM-Solver++).")
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=20.0, allow_inf_nan=False, description="Distilled guidance.")
+    true_cfg_scale: float = Field(1.0, ge=1.0, le=20.0, allow_inf_nan=False, description="True CFG scale; > 1 with a negative_prompt runs two transformer passes per step.")
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Random seed; default: random, returned in the response.")
+    num_images: int = Field(1, ge=1, le=HARD_MAX_IMAGES, description="Images to produce from this prompt.")
+    output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+    optimizations: Optional[Optimizations] = Field(  # type: ignore[valid-type]
+        None, description="Per-stage overrides over the server's default config (wins over the use_* flags)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not _check_text(value).strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, value: str | None) -> str | None:
+        value = _check_text(value)
+        return value if value and value.strip() else None
+
+    _numbers = field_validator("width", "height", "steps", "seed", "num_images", "output_quality", "guidance_scale", "true_cfg_scale", mode="before")(_no_bool)
+
+
+
+class InferenceForm(BaseModel):
+    """POST /inference as multipart/form-data (documentation model; validated as InferenceRequest).
+    Form fields have no null: leave a field out to keep its default."""
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    image: bytes = Field(None, json_schema_extra={"format": "binary"}, description="The input image file (or base64 text).")
+    negative_prompt: str = Field(None, max_length=MAX_PROMPT_CHARS)
+    width: int = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16)
+    height: int = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16)
+    steps: int = Field(None, ge=1, le=HARD_MAX_STEPS)
+    guidance_scale: float = Field(None, ge=0.0, le=20.0)
+    true_cfg_scale: float = Field(None, ge=1.0, le=20.0)
+    seed: int = Field(None, ge=0, le=2**32 - 1)
+    num_images: int = Field(None, ge=1, le=HARD_MAX_IMAGES)
+    output_format: OutputFormat = None
+    output_quality: int = Field(None, ge=1, le=100)
+    optimizations: str = Field(None, description="JSON object with per-stage overrides, as in the JSON body.")
+    use_flash_attention: bool = Field(None, description=LEGACY_FLAG_HELP["use_flash_attention"])
+    use_mxfp4: bool = Field(None, description=LEGACY_FLAG_HELP["use_mxfp4"])
+    use_fp8: bool = Field(None, description=LEGACY_FLAG_HELP["use_fp8"])
+    use_dpm_solver: bool = Field(None, description=LEGACY_FLAG_HELP["use_dpm_solver"])
+    use_cuda_graphs: bool = Field(None, description=LEGACY_FLAG_HELP["use_cuda_graphs"])
+    use_compile: bool = Field(None, description=LEGACY_FLAG_HELP["use_compile"])
+    use_first_block_cache: bool = Field(None, description=LEGACY_FLAG_HELP["use_first_block_cache"])
+    use_qkv_fusion: bool = Field(None, description=LEGACY_FLAG_HELP["use_qkv_fusion"])
+    use_channels_last: bool = Field(None, description=LEGACY_FLAG_HELP["use_channels_last"])
+
+
+# -- responses ----------------------------------------------------------------------------------
+class StageOutcome(BaseModel):
+    name: str
+    requested: bool
+    active: bool
+    detail: str = Field("", description="What ran, e.g. the quantization format.")
+    reason: str = Field("", description="Why a requested stage did not run.")
+
+
+class ModelIdentity(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    source: str
+    random_weights: bool = Field(..., description="True for tiny and synthetic-full: the outputs are noise.")
+    warning: Optional[str] = None
+    dtype: str
+    device: str
+
+
+class InferenceTimings(BaseModel):
+    queue_s: float = Field(..., description="Waiting for the GPU worker.")
+    input_decode_s: float
+    text_encode_s: float
+    vae_encode_s: float
+    denoise_s: float
+    median_step_s: float
+    step_s: list[float]
+    vae_decode_s: float
+    engine_total_s: float = Field(..., description="The edit on the GPU worker, end to end.")
+    variant_build_s: float = Field(..., description="> 0 when this request built its optimization variant.")
+    output_encode_s: float
+    server_total_s: float = Field(..., description="Arrival to response, as measured by the server.")
+
+
+class InferenceResponse(BaseModel):
+    images: list[str] = Field(..., description="Base64-encoded images in output_format.")
+    output_format: OutputFormat
+    media_type: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    timings: InferenceTimings
+    active_stages: list[str]
+    skipped_stages: dict[str, str] = Field(..., description="Requested stages that did not run, with the reason.")
+    stages: list[StageOutcome]
+    quantization: Optional[str] = Field(None, description="The low-precision format that ran, if any.")
+    optimizations: dict[str, Any] = Field(..., description="The config that actually ran.")
+    requested_optimizations: dict[str, Any]
+    model: ModelIdentity
+    variant: dict[str, Any]
+    extras: dict[str, Any] = Field(default_factory=dict, description="Per-stage statistics, e.g. cache hits.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    field: Optional[str] = None
+    message: str
+    request_id: Optional[str] = None
+    details: Optional[list[dict[str, Any]]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- OpenAI Images API ----------------------------------------------------------------------------
+class OpenAIGenerationRequest(BaseModel):
+    """POST /v1/images/generations (the fields FLUX can honour; other OpenAI fields are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON only: true is not 1, "2" is not 2
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: Optional[str] = Field(None, max_length=200, description="Accepted for compatibility; the server's model answers.")
+    n: Optional[int] = Field(1, ge=1, le=HARD_MAX_IMAGES)
+    size: Optional[str] = Field("auto", max_length=20, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (multiples of 16) or auto.")
+    response_format: Optional[Literal["b64_json", "url"]] = Field("b64_json", description="b64_json only (url is refused: this server keeps no files).")
+    output_format: Optional[OutputFormat] = "png"
+    output_compression: Optional[int] = Field(None, ge=0, le=100, description="Used as the JPEG/WebP quality.")
+    user: Optional[str] = Field(None, max_length=500)
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Extension: the random seed.")
+    steps: Optional[int] = Field(None, ge=1, le=HARD_MAX_STEPS, description="Extension: denoising steps.")
+
+    _numbers = field_validator("n", "output_compression", "seed", "steps", mode="before")(_no_bool)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not _check_text(value).strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class OpenAIImage(BaseModel):
+    b64_json: Optional[str] = None
+    url: Optional[str] = None
+    revised_prompt: Optional[str] = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: OutputFormat
+    size: str
+    seed: int = Field(..., description="Extension: the seed used.")
+    model: ModelIdentity = Field(..., description="Extension: the model that answered.")

@@ -1,0 +1,226 @@
+"""The HTTP API over real HTTP: a `serve --model tiny` subprocess on port 8000 (where the README's
+curl commands point; another free port, substituted into the commands, when 8000 is taken or
+$FLUX_KONTEXT_TEST_PORT says so)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+import stages
+from tests.service_server import api_server
+
+pytestmark = pytest.mark.slow
+
+README_INFERENCE = (
+    'curl -X POST http://localhost:8000/inference -H "Content-Type: application/json" -d \'{"prompt": "A majestic mountain landscape at sunset", '
+    '"width": 1024, "height": 1024, "steps": 14, "num_images": 1, "use_flash_attention": true, "use_mxfp4": true, "use_dpm_solver": true, "use_cuda_graphs": true}\''
+)
+README_BENCHMARK = "curl http://localhost:8000/benchmark"
+README_HEALTH = "curl http://localhost:8000/health"
+SMALL = {"prompt": "make the sky red", "width": 64, "height": 64, "steps": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def server(pytestconfig):
+    return api_server(pytestconfig)
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        yield http
+
+
+def run_literal(command: str, port: int, timeout: float = 240) -> str:
+    if port != 8000:
+        command = command.replace("localhost:8000", f"localhost:{port}")
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def wait_benchmark_idle(client: httpx.Client, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health").json()["benchmark"]["running"] is not None:
+        assert time.monotonic() < deadline, "benchmark still running"
+        time.sleep(0.5)
+
+
+# -- the README's commands, verbatim --------------------------------------------------------------
+def test_readme_inference_curl_succeeds_and_reports_skipped_gpu_stages(server):
+    body = json.loads(run_literal(README_INFERENCE, server.port))
+    assert "error" not in body, body
+    assert len(body["images"]) == 1 and decode(body["images"][0]).size == (1024, 1024)
+    assert (body["width"], body["height"], body["steps"]) == (1024, 1024, 14)
+    assert isinstance(body["seed"], int)
+    requested = body["requested_optimizations"]
+    assert requested["attention"] == "fa3" and requested["quantization"] == "auto" and requested["cuda_graphs"] is True
+    assert requested["scheduler"] != "euler"
+    for stage in ("attention", "quantization", "cuda_graphs"):  # no GPU here: skipped, with the reason
+        assert "CUDA" in body["skipped_stages"][stage]
+    assert body["quantization"] is None  # no low-precision format ran
+    assert body["model"]["random_weights"] is True and "RANDOM" in body["model"]["warning"]
+    timings = body["timings"]
+    assert len(timings["step_s"]) == 14 and timings["denoise_s"] > 0 and timings["server_total_s"] >= timings["engine_total_s"]
+
+
+def test_readme_health_curl(server):
+    body = json.loads(run_literal(README_HEALTH, server.port))
+    assert body["status"] == "ready" and body["version"]
+    assert body["model"]["name"] == "tiny" and body["model"]["random_weights"] is True
+    assert [row["name"] for row in body["stages"]] == list(stages.STAGE_NAMES)
+    assert all({"available", "active", "reason"} <= set(row) for row in body["stages"])
+    assert {"waiting", "running", "capacity"} <= set(body["queue"])
+    assert body["device"] == "cpu" and "memory" in body
+
+
+def test_readme_benchmark_curl_starts_a_run_and_reports_progress(server, client):
+    body = json.loads(run_literal(README_BENCHMARK, server.port, timeout=60))
+    assert body["status"] in ("queued", "running", "done"), body
+    if body["status"] != "done":
+        assert body["progress"]["stages"] == [0, 1, 2, 3, 4, 5] and 0.0 <= body["progress"]["fraction"] <= 1.0
+        # The full run compiles (minutes on this CPU); the table itself is tested with ?stages=0.
+        assert client.delete("/benchmark").json()["status"] in ("cancelled", "cancelling")
+        wait_benchmark_idle(client)
+        failure = client.get("/health").json()["benchmark"]["last_failure"]
+        assert failure["status"] == "cancelled"
+
+
+# -- /ready, /inference ---------------------------------------------------------------------------
+def test_ready(client):
+    response = client.get("/ready")
+    assert response.status_code == 200 and response.json() == {"ready": True, "status": "ready", "error": None}
+
+
+def test_json_edit_with_a_data_url_follows_the_input_aspect_ratio(client, photo):
+    data_url = "data:image/png;base64," + base64.b64encode(png(photo)).decode()
+    response = client.post("/inference", json={"prompt": "make the sky red", "image": data_url, "steps": 2, "seed": 5, "output_format": "jpeg"})
+    body = response.json()
+    assert response.status_code == 200, body
+    image = decode(body["images"][0])
+    assert image.format == "JPEG" and body["media_type"] == "image/jpeg"
+    assert body["width"] > body["height"]  # 240x180 input: a landscape Kontext resolution
+    assert body["timings"]["input_decode_s"] > 0 and body["timings"]["vae_encode_s"] > 0
+    assert response.headers["X-Seed"] == "5" and "denoise;dur=" in response.headers["Server-Timing"]
+
+
+def test_same_seed_gives_the_same_image_and_num_images_gives_several(client):
+    first = client.post("/inference", json=SMALL).json()
+    again = client.post("/inference", json=SMALL).json()
+    several = client.post("/inference", json={**SMALL, "num_images": 2, "output_format": "webp"}).json()
+    assert first["images"] == again["images"] and first["seed"] == again["seed"] == 3
+    assert len(several["images"]) == 2 and decode(several["images"][1]).format == "WEBP"
+
+
+def test_structured_optimizations_override_flags_and_cover_every_stage(client):
+    optimizations = {
+        "compile": False, "fuse_qkv": True, "channels_last": True, "first_block_cache": True, "cache_threshold": 0.2,
+        "attention": "sdpa", "quantization": "fp8", "scheduler": "dpmpp_2m_karras", "cuda_graphs": True,
+    }
+    response = client.post("/inference", json={**SMALL, "use_flash_attention": True, "optimizations": optimizations})
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["requested_optimizations"]["attention"] == "sdpa"  # the object wins over the flat flag
+    assert body["requested_optimizations"]["cache_threshold"] == 0.2
+    assert {"fuse_qkv", "channels_last"} <= set(body["active_stages"])
+    assert set(body["skipped_stages"]) >= {"quantization", "cuda_graphs"}
+    assert {row["name"] for row in body["stages"]} == set(stages.STAGE_NAMES)
+
+
+def test_multipart_upload(client, photo):
+    files = {"image": ("photo.png", png(photo), "image/png")}
+    data = {"prompt": "make the sky red", "steps": "2", "seed": "9", "use_dpm_solver": "true", "optimizations": json.dumps({"cache_threshold": 0.3})}
+    response = client.post("/inference", files=files, data=data)
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["seed"] == 9 and body["requested_optimizations"]["cache_threshold"] == 0.3 and body["width"] > body["height"]
+
+
+def test_raw_image_when_accept_asks_for_one(client):
+    response = client.post("/inference", json=SMALL, headers={"Accept": "image/*"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (64, 64)
+    assert response.headers["X-Seed"] == "3" and response.headers["X-Model-Random-Weights"] == "true"
+    jpeg = client.post("/inference", json=SMALL, headers={"Accept": "image/jpeg"})
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    several = client.post("/inference", json={**SMALL, "num_images": 2}, headers={"Accept": "image/png"})
+    assert several.status_code == 406 and several.json()["error"]["field"] == "num_images"
+
+
+# -- OpenAI-compatible ----------------------------------------------------------------------------
+def test_openai_client_edit_and_generate(server, photo):
+    client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", timeout=120, max_retries=0)
+    edited = client.images.edit(image=("photo.png", png(photo), "image/png"), prompt="make the sky red", size="64x64", response_format="b64_json", extra_body={"steps": 2})
+    assert edited.data and decode(edited.data[0].b64_json).size == (64, 64) and edited.size == "64x64"
+    generated = client.images.generate(prompt="a mountain at sunset", n=2, size="48x32", extra_body={"steps": 1})
+    assert len(generated.data) == 2 and decode(generated.data[1].b64_json).size == (48, 32) and generated.output_format == "png"
+    with pytest.raises(Exception) as refused:
+        client.images.generate(prompt="x", size="64x64", response_format="url")
+    assert getattr(refused.value, "status_code", None) == 422 and "b64_json" in str(refused.value)
+
+
+# -- /metrics, /benchmark, errors -----------------------------------------------------------------
+def test_metrics_in_prometheus_format(client):
+    client.post("/inference", json=SMALL)
+    text = client.get("/metrics").text
+    for name in (
+        'kontext_http_requests_total{endpoint="/inference",method="POST",outcome="ok"}',
+        "kontext_http_request_duration_seconds_bucket",
+        "kontext_queue_wait_seconds_bucket",
+        "kontext_jobs_running ",
+        "kontext_jobs_waiting ",
+        "kontext_ready 1.0",
+    ):
+        assert name in text, name
+
+
+def test_benchmark_job_table_markdown_force_and_cancel(client):
+    wait_benchmark_idle(client)
+    started = client.get("/benchmark", params={"stages": "0"})
+    assert started.status_code in (200, 202), started.text
+    deadline = time.monotonic() + 240
+    while (response := client.get("/benchmark", params={"stages": "0"})).status_code == 202:
+        assert 0.0 <= response.json()["progress"]["fraction"] <= 1.0
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "done" and body["stages"] == [0]
+    row = body["report"]["rows"][0]
+    for column in ("text_encode_s", "denoise_s", "vae_decode_s", "total_s", "speedup_vs_stage0", "peak_memory_gb", "deviation_rel_l2"):
+        assert column in row
+    assert row["stage"] == 0 and row["total_s"] > 0 and row["speedup_vs_stage0"] == 1.0
+    markdown = client.get("/benchmark", params={"stages": "0", "format": "md"})
+    assert markdown.headers["content-type"].startswith("text/markdown") and "| stage |" in markdown.text
+    assert "| stage |" in client.get("/benchmark?stages=0", headers={"Accept": "text/markdown"}).text
+    forced = client.get("/benchmark", params={"stages": "0", "force": "true"})
+    assert forced.status_code == 202 and forced.json()["latest"]["stages"] == [0]
+    assert client.delete("/benchmark").status_code == 200
+    wait_benchmark_idle(client)
+    assert client.delete("/benchmark").status_code == 404
+
+
+def test_unknown_endpoint_and_method_answer_json_errors(client):
+    missing = client.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+    wrong = client.get("/inference")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
+    assert client.get("/openapi.json").json()["paths"]["/inference"]["post"]["requestBody"]["content"].keys() >= {"application/json", "multipart/form-data"}

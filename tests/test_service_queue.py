@@ -1,0 +1,191 @@
+"""The GPU queue's failure modes, in process, with a controllable engine in front of the tiny one:
+out of memory (503, memory released, next request served), timeouts while queued and while
+running (504; a queued one never reaches the GPU), a full queue (429 + Retry-After at once), a
+client gone while queued (dropped), and per-request variant policy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import service.queue as queue_module
+from service.app import create_app
+from service.queue import ClientGone, GpuWorker
+from service.settings import ServiceSettings
+
+SMALL = {"prompt": "make the sky red", "width": 32, "height": 32, "steps": 1, "seed": 1}
+
+
+class ScriptedEngine:
+    """The tiny engine, with scripted faults and delays before each edit."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.script: list = []  # per call: None, a float (seconds to block) or an exception to raise
+        self.calls = 0
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def edit(self, request, config=None, progress=False):
+        self.calls += 1
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, BaseException):
+            raise step
+        if isinstance(step, (int, float)):
+            self.release.wait(step)
+        return self._engine.edit(request, config)
+
+
+def _app(engine, **settings):
+    return create_app(engine, ServiceSettings(warmup=False, **settings))
+
+
+async def _ready(app) -> httpx.AsyncClient:
+    service = app.state.service
+    service.start()
+    for _ in range(100):
+        if service.ready:
+            break
+        await asyncio.sleep(0.05)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+def _metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_out_of_memory_fails_one_request_and_the_server_recovers(tiny_engine, monkeypatch):
+    engine = ScriptedEngine(tiny_engine)
+    engine.script = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")]
+    released = []
+    original = queue_module.release_memory
+    monkeypatch.setattr(queue_module, "release_memory", lambda: (released.append(True), original())[1])
+    app = _app(engine)
+
+    async def scenario():
+        async with await _ready(app) as client:
+            failed = await client.post("/inference", json=SMALL)
+            served = await client.post("/inference", json=SMALL)
+            health = await client.get("/health")
+            metrics = await client.get("/metrics")
+            return failed, served, health, metrics
+
+    failed, served, health, metrics = asyncio.run(scenario())
+    app.state.service.stop()
+    assert failed.status_code == 503
+    error = failed.json()["error"]
+    assert error["type"] == "gpu_out_of_memory" and "out of memory" in error["message"] and "keeps serving" in error["message"]
+    assert failed.headers["Retry-After"] == "1"
+    assert released == [True]
+    assert served.status_code == 200 and len(served.json()["images"]) == 1
+    assert health.json()["status"] == "ready"
+    assert _metric(metrics.text, 'kontext_jobs_total{kind="inference",outcome="out_of_memory"}') == 1
+
+
+def test_release_memory_empties_the_cuda_cache(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    queue_module.release_memory()
+    assert emptied == [True]
+
+
+def test_timeouts_count_queued_time_and_queued_jobs_never_run(tiny_engine):
+    engine = ScriptedEngine(tiny_engine)
+    engine.script = [5.0]  # the first edit blocks the worker past both deadlines
+    app = _app(engine, request_timeout_s=1.0)
+
+    async def scenario():
+        async with await _ready(app) as client:
+            first = asyncio.create_task(client.post("/inference", json=SMALL))
+            await asyncio.sleep(0.3)
+            second = await client.post("/inference", json=SMALL)
+            first = await first
+            engine.release.set()
+            return first, second
+
+    started = time.monotonic()
+    running, queued = asyncio.run(scenario())
+    elapsed = time.monotonic() - started
+    service = app.state.service
+    for _ in range(100):
+        if service.worker.idle:
+            break
+        time.sleep(0.05)
+    service.stop()
+    assert running.status_code == 504 and "while its edit was running" in running.json()["error"]["message"]
+    assert queued.status_code == 504 and "never reached the GPU" in queued.json()["error"]["message"]
+    assert elapsed < 4.0  # answered at the deadline, not when the blocked edit ended
+    assert engine.calls == 1  # the queued request was dropped before the engine saw it
+
+
+def test_full_queue_answers_429_with_retry_after_at_once(tiny_engine):
+    engine = ScriptedEngine(tiny_engine)
+    engine.script = [10.0]
+    app = _app(engine, queue_size=1)
+
+    async def scenario():
+        async with await _ready(app) as client:
+            running = asyncio.create_task(client.post("/inference", json=SMALL))
+            await asyncio.sleep(0.3)
+            waiting = asyncio.create_task(client.post("/inference", json=SMALL))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            rejected = await client.post("/inference", json=SMALL)
+            rejected_after = time.monotonic() - started
+            engine.release.set()
+            return await running, await waiting, rejected, rejected_after
+
+    running, waiting, rejected, rejected_after = asyncio.run(scenario())
+    app.state.service.stop()
+    assert running.status_code == 200 and waiting.status_code == 200
+    assert rejected.status_code == 429 and rejected.json()["error"]["type"] == "queue_full"
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert rejected_after < 1.0
+
+
+def test_a_job_whose_client_left_is_dropped_before_it_runs():
+    worker = GpuWorker(capacity=4, poll_s=0.05)
+    worker.start()
+    gate = threading.Event()
+    ran = []
+
+    async def scenario():
+        blocker = asyncio.create_task(worker.run("inference", lambda: gate.wait(5), deadline=time.monotonic() + 10))
+        await asyncio.sleep(0.1)
+
+        async def gone() -> bool:
+            return True
+
+        with pytest.raises(ClientGone):
+            await worker.run("inference", lambda: ran.append(True), deadline=time.monotonic() + 10, is_disconnected=gone)
+        gate.set()
+        await blocker
+
+    asyncio.run(scenario())
+    worker.stop(5)
+    assert ran == [] and worker.waiting == 0
+
+
+def test_without_per_request_variants_build_stages_follow_the_server(tiny_engine):
+    app = _app(tiny_engine, per_request_variants=False)
+
+    async def scenario():
+        async with await _ready(app) as client:
+            return await client.post("/inference", json={**SMALL, "optimizations": {"compile": True, "cache_threshold": 0.3}, "use_qkv_fusion": True})
+
+    response = asyncio.run(scenario())
+    app.state.service.stop()
+    body = response.json()
+    assert response.status_code == 200
+    assert body["optimizations"]["compile"] is False and body["optimizations"]["fuse_qkv"] is False
+    assert body["optimizations"]["cache_threshold"] == 0.3  # per-request settings still apply
+    assert "fixed optimization variant" in body["skipped_stages"]["compile"]
+    assert any(warning.startswith("compile=True ignored") for warning in body["warnings"])

@@ -1,0 +1,87 @@
+"""The service's small pure parts, in process: flag mapping, content negotiation, image
+normalisation, CORS and the API key together."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from engine import OptimizationConfig
+from service.app import create_app
+from service.edits import negotiate
+from service.errors import APIError
+from service.images import bytes_from_text, decode_image, to_rgb
+from service.optimizations import BEST_SOLVER_AT_14_STEPS, legacy_changes, merge
+from service.settings import ServiceSettings
+
+
+def test_the_original_flat_flags_map_onto_stages():
+    changes = legacy_changes({"use_flash_attention": True, "use_mxfp4": True, "use_dpm_solver": True, "use_cuda_graphs": True, "use_compile": None})
+    assert changes == {"attention": "fa3", "quantization": "auto", "scheduler": BEST_SOLVER_AT_14_STEPS, "cuda_graphs": True}
+    assert legacy_changes({"use_fp8": True, "use_mxfp4": False}) == {"quantization": "fp8"}  # a true flag wins
+    assert legacy_changes({"use_flash_attention": False}) == {"attention": "sdpa"}
+    with pytest.raises(APIError):
+        legacy_changes({"use_fp8": True, "use_mxfp4": True})
+
+
+def test_the_optimizations_object_wins_over_flags_and_both_over_the_server_default():
+    default = OptimizationConfig(compile=True)
+    config, requested, warnings, ignored = merge(default, {"use_flash_attention": True}, {"attention": "cudnn", "cache_threshold": 0.3}, True)
+    assert config == requested and config.attention == "cudnn" and config.compile is True and config.cache_threshold == 0.3
+    assert warnings == [] and ignored == {}
+
+
+@pytest.mark.parametrize(
+    "accept, expected",
+    [(None, None), ("*/*", None), ("application/json", None), ("image/*", "image/*"), ("image/webp", "image/webp"),
+     ("application/json, image/png", None), ("image/jpeg, application/json;q=0.5", "image/jpeg"), ("text/html,*/*;q=0.8", None), ("image/gif", None)],
+)
+def test_accept_negotiation_prefers_json_on_ties(accept, expected):
+    assert negotiate(accept) == expected
+
+
+def test_normalisation_scales_16_bit_and_composites_alpha_over_white():
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert np.asarray(to_rgb(sixteen)).min() == 255
+    transparent = to_rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
+    assert transparent.mode == "RGB" and np.asarray(transparent).min() == 255
+
+
+def test_base64_forms():
+    data = b"\x89PNG-ish bytes\xff\xfe"
+    standard = base64.b64encode(data).decode()
+    assert bytes_from_text(standard) == data
+    assert bytes_from_text(base64.urlsafe_b64encode(data).decode().rstrip("=")) == data
+    assert bytes_from_text("data:image/png;base64," + standard) == data
+    assert bytes_from_text(standard[:8] + "\n" + standard[8:]) == data
+
+
+def test_decoded_images_are_upright_rgb_with_notes():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 20), (10, 20, 30, 255)).save(buffer, format="PNG")
+    decoded = decode_image(buffer.getvalue(), max_pixels=10_000, min_side=16)
+    assert decoded.image.mode == "RGB" and decoded.image.size == (40, 20) and decoded.source_format == "PNG"
+    with pytest.raises(APIError) as too_big:
+        decode_image(buffer.getvalue(), max_pixels=500, min_side=16)
+    assert too_big.value.error_type == "image_too_large"
+
+
+def test_cors_only_for_configured_origins_and_preflight_needs_no_key(tiny_engine):
+    settings = ServiceSettings(warmup=False, api_key="k", cors_origins=("https://app.example",))
+    with TestClient(create_app(tiny_engine, settings)) as client:
+        asks = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        preflight = client.options("/inference", headers=asks)
+        allowed = client.get("/health", headers={"Origin": "https://app.example"})
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        refused = client.get("/metrics", headers={"Origin": "https://app.example"})
+        keyed = client.get("/metrics", headers={"Authorization": "Bearer k"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example"
+    assert keyed.status_code == 200 and "kontext_http_requests_total" in keyed.text
