@@ -43,6 +43,13 @@ class BenchmarkSettings:
     # The cumulative rows run with the first-block cache off: its skip rate on random weights says
     # nothing about real images, so its cost and skip rate are reported in rows of their own.
     cache_rows: bool = True
+    # Options measured on top of the last stage that ran (label, config changes): off by default in
+    # the stack, reported with their speed and their deviation.
+    option_rows: list = field(default_factory=lambda: [
+        ("FP8 attention (fa3_fp8)", {"attention": "fa3_fp8"}),
+        # eager: emulated MX would spend minutes in Inductor autotuning for a format nobody should pick on Hopper
+        ("explicit mxfp4, eager (emulated below Blackwell)", {"quantization": "mxfp4", "compile": False, "cuda_graphs": False}),
+    ])
     roofline: bool = True  # GPU only: FLOPs per step, kernel ceilings measured in this run, floor
 
 
@@ -85,10 +92,25 @@ class CacheResult:
 
 
 @dataclass
+class OptionResult:
+    label: str
+    on_top_of_stage: int
+    detail: str
+    median_step_s: float
+    total_s: float
+    warmup_s: float
+    step_speedup_vs_stage: float | None
+    deviation_vs_stage0: float | None
+    deviation_vs_stage: float | None
+    error: str | None = None
+
+
+@dataclass
 class BenchmarkReport:
     meta: dict
     rows: list[StageResult]
     cache_rows: list[CacheResult] = field(default_factory=list)
+    option_rows: list[OptionResult] = field(default_factory=list)
 
     COLUMNS = (
         ("stage", "stage"),
@@ -110,7 +132,12 @@ class BenchmarkReport:
     )
 
     def as_dict(self) -> dict:
-        return {"meta": self.meta, "rows": [asdict(row) for row in self.rows], "cache_rows": [asdict(row) for row in self.cache_rows]}
+        return {
+            "meta": self.meta,
+            "rows": [asdict(row) for row in self.rows],
+            "cache_rows": [asdict(row) for row in self.cache_rows],
+            "option_rows": [asdict(row) for row in self.option_rows],
+        }
 
     def markdown(self) -> str:
         header = "| " + " | ".join(title for _, title in self.COLUMNS) + " |"
@@ -125,6 +152,12 @@ class BenchmarkReport:
             cache = ["", "First-block cache (on top of the stage shown; random weights: the skip rate is NOT representative of real images)", "",
                      "| stage | threshold | backend | step s (median) | cost vs uncached s/step | computed | skipped |", "|---|---|---|---|---|---|---|"]
             cache += [f"| {c.stage} | {c.threshold:g} | {c.backend} | {c.median_step_s:.4g} | {_format(c.step_cost_vs_uncached_s)} | {c.computed} | {c.skipped} |" for c in self.cache_rows]
+        options = []
+        if self.option_rows:
+            options = ["", "Options (off by default) on top of the stage shown", "",
+                       "| option | on stage | what ran | step s (median) | total s | x step vs stage | rel. L2 vs 0 | rel. L2 vs stage | warm-up s |", "|---|---|---|---|---|---|---|---|---|"]
+            options += [f"| {o.label} | {o.on_top_of_stage} | {o.error or o.detail} | {_format(o.median_step_s)} | {_format(o.total_s)} | {_format(o.step_speedup_vs_stage)} | {_format(o.deviation_vs_stage0)} | {_format(o.deviation_vs_stage)} | {_format(o.warmup_s)} |" for o in self.option_rows]
+        cache += options
         meta = ", ".join(f"{key}: {value}" for key, value in self.meta.items() if key not in ("settings", "ceilings_tflops", "step_flops"))
         roofline = []
         if self.meta.get("ceilings_tflops"):
@@ -184,6 +217,8 @@ def environment_meta(engine: KontextEngine) -> dict:
             return None
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "fa3_fwd": version("fa3-fwd"),
+        "para_attn": version("para-attn"),
         "device": env.gpu.name if env.gpu else "cpu",
         "torch": env.torch_version,
         "cuda": env.torch_cuda,
@@ -209,7 +244,7 @@ def run_benchmark(
     request = EditRequest(prompt=settings.prompt, image=image, width=width, height=height, seed=settings.seed)
     cuda = engine.env.has_cuda
     per_stage = settings.warmup + max(settings.repeats, 1)
-    total = per_stage * (len(settings.stages) + (2 if settings.cache_rows else 0))
+    total = per_stage * (len(settings.stages) + (2 if settings.cache_rows else 0) + len(settings.option_rows))
     bar = tqdm(total=total, desc="benchmark", disable=not show_progress)
     progress = {"done": 0}
 
@@ -237,7 +272,7 @@ def run_benchmark(
         config = cumulative_config(stage).with_changes(**{"first_block_cache": False, **settings.overrides})
         try:
             warm, timed = _run_edits(engine, request, config, settings, cuda, lambda i: tick(f"stage {stage} edit {i}"))
-        except Exception as error:  # a stage that cannot run here must not hide the others' results
+        except StageFailed as error:  # a stage that cannot run here must not hide the others' results
             rows.append(_failed_row(stage, error))
             progress["done"] = min(progress["done"], total)
             continue
@@ -252,12 +287,45 @@ def run_benchmark(
             if row.floor_ms_per_step:
                 row.roofline_ratio = row.median_step_s * 1e3 / row.floor_ms_per_step
         rows.append(row)
+        row.extras["_pixels"] = pixels  # for the option rows; dropped before writing
         last_good = (stage, timed[-1].config, row)
-    bar.close()
     _add_speedups([row for row in rows if row.error is None])
     cache_rows = _cache_rows(engine, request, settings, cuda, last_good, tick) if settings.cache_rows and last_good else []
+    option_rows = [_option_row(engine, request, settings, cuda, last_good, reference, label, changes, tick) for label, changes in settings.option_rows] if last_good else []
+    bar.close()
+    for row in rows:
+        row.extras.pop("_pixels", None)
     meta["settings"] = asdict(settings)
-    return BenchmarkReport(meta, rows, cache_rows)
+    return BenchmarkReport(meta, rows, cache_rows, option_rows)
+
+
+def _option_row(engine, request, settings, cuda, last_good, reference, label, changes, tick) -> OptionResult:
+    stage, config, base_row = last_good
+    try:
+        warm, timed = _run_edits(engine, request, config.with_changes(**changes), settings, cuda, lambda i: tick(f"{label} edit {i}"))
+    except StageFailed as error:
+        nan = float("nan")
+        return OptionResult(label, stage, "", nan, nan, nan, None, None, None, error=str(error)[:300])
+    last = timed[-1]
+    pixels = np.asarray(last.images[0], dtype=np.float64) / 255.0
+    stage_pixels = base_row.extras.get("_pixels")
+    median_step = _median(s for r in timed for s in r.timings.step_s)
+    detail = "; ".join(f"{r.name}: {r.detail}" for r in last.stages if r.name in changes and r.active) or "skipped: " + "; ".join(r.reason for r in last.stages if r.name in changes)
+    return OptionResult(
+        label,
+        stage,
+        detail,
+        median_step,
+        _median(r.timings.total_s for r in timed),
+        sum(r.timings.total_s for r in warm),
+        base_row.median_step_s / median_step if median_step else None,
+        _deviation(pixels, reference)[0],
+        _deviation(pixels, stage_pixels)[0] if stage_pixels is not None else None,
+    )
+
+
+class StageFailed(Exception):
+    """An edit of one stage failed on this machine; the benchmark records it and goes on."""
 
 
 def _run_edits(engine, request, config, settings, cuda, tick):
@@ -266,8 +334,11 @@ def _run_edits(engine, request, config, settings, cuda, tick):
         torch.cuda.reset_peak_memory_stats()
     results = []
     for attempt in range(settings.warmup + max(settings.repeats, 1)):
-        results.append(engine.edit(request, config))
-        tick(attempt + 1)
+        try:
+            results.append(engine.edit(request, config))
+        except Exception as error:
+            raise StageFailed(f"{type(error).__name__}: {error}") from error
+        tick(attempt + 1)  # outside the try: a progress callback may stop the whole run (cancellation)
     return results[: settings.warmup], results[settings.warmup :]
 
 
@@ -293,7 +364,7 @@ def _stage_row(stage: int, warm, timed, cuda: bool) -> StageResult:
 
 def _failed_row(stage: int, error: Exception) -> StageResult:
     nan = float("nan")
-    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+    message = (str(error).splitlines() or [""])[0][:500]
     return StageResult(stage, BENCHMARK_STAGE_CHANGES[stage][0], [], {}, 0, nan, nan, nan, nan, nan, nan, nan, None, error=message)
 
 
@@ -306,8 +377,8 @@ def _cache_rows(engine, request, settings, cuda, last_good, tick) -> list[CacheR
         cached = config.with_changes(first_block_cache=True, cache_threshold=threshold, cache_backend=settings.overrides.get("cache_backend", "auto"))
         try:
             _, timed = _run_edits(engine, request, cached, settings, cuda, lambda i: tick(f"cache {threshold:g} edit {i}"))
-        except Exception as error:
-            rows.append(CacheResult(stage, threshold, "-", float("nan"), None, 0, 0, f"failed: {type(error).__name__}: {error}"[:300]))
+        except StageFailed as error:
+            rows.append(CacheResult(stage, threshold, "-", float("nan"), None, 0, 0, f"failed: {error}"[:300]))
             continue
         stats = timed[-1].extras.get("first_block_cache", {})
         median_step = _median(s for r in timed for s in r.timings.step_s)
@@ -326,7 +397,7 @@ def _deviation(pixels: np.ndarray, reference: np.ndarray | None) -> tuple[float 
         return None, None
     error = float(np.linalg.norm(pixels - reference) / max(np.linalg.norm(reference), 1e-12))
     mse = float(np.mean((pixels - reference) ** 2))
-    psnr = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    psnr = None if mse == 0 else float(10 * np.log10(1.0 / mse))  # identical: PSNR is undefined (and not JSON)
     return error, psnr
 
 

@@ -71,25 +71,26 @@ def _transformer_for(engine: KontextEngine, config: OptimizationConfig):
 
 
 def experiment_inductor(engine: KontextEngine, inputs: dict, stages: list[int], candidates: list[str]) -> list[dict]:
+    """Each candidate replaces the compile stage's INDUCTOR_SETTINGS (the options its torch.compile
+    calls receive) for a fresh build and compile of each stage's variant."""
     import torch._dynamo
-    import torch._inductor.config as inductor_config
 
-    touched = {key for settings in INDUCTOR_CANDIDATES.values() for key in settings}
-    defaults = {key: getattr(inductor_config, key) for key in touched}
+    from stages import compile as compile_stage
+
+    shipped = compile_stage.INDUCTOR_SETTINGS
     rows = []
-    for name in candidates:
-        torch._dynamo.reset()  # new settings only apply to new compilations
-        for stage in stages:
-            engine.variants._executions.clear()
-            config = cumulative_config(stage).with_changes(first_block_cache=False)
-            transformer = _transformer_for(engine, config)  # building sets the stack's own settings...
-            for key in touched:  # ...which this experiment replaces before the (lazy) first compile
-                setattr(inductor_config, key, INDUCTOR_CANDIDATES[name].get(key, defaults[key]))
-            first, median = time_step_ms(transformer, inputs)
-            rows.append({"settings": name, "stage": stage, "compile_and_first_call_s": round(first, 1), "median_step_ms": round(median, 2)})
-            print(rows[-1], flush=True)
-    for key, value in defaults.items():
-        setattr(inductor_config, key, value)
+    try:
+        for name in candidates:
+            torch._dynamo.reset()  # forget compiled code: every candidate compiles from scratch
+            compile_stage.INDUCTOR_SETTINGS = INDUCTOR_CANDIDATES[name]
+            for stage in stages:
+                engine.variants._executions.clear()
+                config = cumulative_config(stage).with_changes(first_block_cache=False)
+                first, median = time_step_ms(_transformer_for(engine, config), inputs)
+                rows.append({"settings": name, "stage": stage, "compile_and_first_call_s": round(first, 1), "median_step_ms": round(median, 2)})
+                print(rows[-1], flush=True)
+    finally:
+        compile_stage.INDUCTOR_SETTINGS = shipped
     return rows
 
 

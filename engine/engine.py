@@ -17,6 +17,7 @@ import logging
 import secrets
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
@@ -36,6 +37,10 @@ from .variants import VariantCache
 log = logging.getLogger(__name__)
 
 EULER_DEFAULT_STEPS = 28
+
+
+class EditCancelled(Exception):
+    """`should_stop` asked the edit to stop; raised at the next step boundary."""
 
 
 @dataclass
@@ -105,7 +110,15 @@ class KontextEngine:
         }
 
     # -- the edit ---------------------------------------------------------------------------------
-    def edit(self, request: EditRequest, config: OptimizationConfig | None = None, progress: bool = False) -> EditResult:
+    def edit(
+        self,
+        request: EditRequest,
+        config: OptimizationConfig | None = None,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """Run one edit. `should_stop` is polled after every denoising step; when it returns True the
+        edit raises EditCancelled there, so an abandoned request stops using the GPU."""
         resolved = self.resolve(config)
         effective = resolved.effective
         with self._lock:
@@ -123,6 +136,13 @@ class KontextEngine:
 
             timer = EditTimer(self.clock)
             first_use = variant.first_call_s is None
+
+            def on_step_end(pipeline, index, timestep, tensors):
+                timer.step_finished()
+                if should_stop is not None and should_stop():
+                    raise EditCancelled(f"stopped after step {index + 1} of {steps}")
+                return {}
+
             with torch.no_grad(), _instrumented(pipe, timer), contextlib.ExitStack() as stack:
                 for context in run.contexts:
                     stack.enter_context(context)
@@ -139,7 +159,7 @@ class KontextEngine:
                     num_images_per_prompt=request.num_images,
                     generator=torch.Generator("cpu").manual_seed(seed),  # same noise on any device
                     output_type="latent",
-                    callback_on_step_end=lambda *_: (timer.step_finished(), {})[1],
+                    callback_on_step_end=on_step_end,
                     _auto_resize=self.loaded.spec.snap_input_to_kontext_resolutions,
                 ).images
                 with timer.span("vae_decode"):
@@ -163,6 +183,27 @@ class KontextEngine:
             variant={"first_use": first_use, "build_s": round(build_s, 3), "added_memory_mb": round(variant.added_bytes / 2**20, 1)},
             extras=run.extras,
         )
+
+    def warm_up(self, config: OptimizationConfig | None = None, resolutions: list[tuple[int, int]] | None = None, steps: int = 2) -> list[dict]:
+        """Build and compile the variant for `config` before traffic arrives.
+
+        Two resolutions by default: the first compiles graphs for its exact shapes, the second
+        makes Dynamo recompile them with dynamic sequence lengths, after which every other Kontext
+        resolution runs without compiling (only CUDA graphs are recorded per new shape)."""
+        from .sizes import KONTEXT_RESOLUTIONS
+
+        side = int(self.loaded.spec.default_max_area**0.5)
+        if resolutions is None:
+            resolutions = [(side, side)]
+            if self.loaded.spec.default_max_area >= 1024 * 1024:
+                resolutions.append(KONTEXT_RESOLUTIONS[10])  # 1184x880
+        rows = []
+        for width, height in resolutions:
+            image = Image.new("RGB", (width, height), (120, 140, 160))
+            result = self.edit(EditRequest(prompt="warm-up", image=image, width=width, height=height, steps=steps, seed=0), config)
+            rows.append({"width": width, "height": height, "seconds": round(result.timings.total_s, 2)})
+            log.info("warm-up %dx%d: %.1f s", width, height, result.timings.total_s)
+        return rows
 
     def _prepare_input(self, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
         if image is None:

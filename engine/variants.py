@@ -28,10 +28,10 @@ from diffusers import FluxKontextPipeline
 
 from engine.config import OptimizationConfig
 from stages import STAGES
+from stages.base import Stage
 from stages.tensors import leaf_tensors
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -46,9 +46,8 @@ class BuildContext:
         log.info("variant build: %s", text)
 
 
-def _overrides(stage, phase: str) -> bool:
-    from stages.base import Stage
-
+def _overrides(stage: Stage, phase: str) -> bool:
+    """Whether `stage` does anything in `phase` (the base class's hooks are no-ops)."""
     return getattr(type(stage), phase) is not getattr(Stage, phase)
 
 
@@ -57,7 +56,7 @@ def phase_key(config: OptimizationConfig, phase: str) -> tuple:
     key = []
     for stage in STAGES:
         if stage.is_requested(config) and _overrides(stage, phase):
-            key.extend((name, getattr(config, name)) for name in getattr(stage, "build_fields", (stage.name,)))
+            key.extend((name, getattr(config, name)) for name in stage.build_fields or (stage.name,))
     return tuple(key)
 
 
@@ -155,9 +154,10 @@ class VariantCache:
         return pipe, execution, (time.perf_counter() - start) if (built or vae_built) else 0.0
 
     def report(self) -> list[dict]:
-        rows = [variant.summary("weights") for variant in self._weights.values()]
-        rows += [variant.summary("vae") for variant in self._vaes.values()]
-        rows += [variant.summary("execution") for variant in self._executions.values()]
+        # Copies of the dicts: /health may read while the GPU worker builds or evicts.
+        rows = [variant.summary("weights") for variant in list(self._weights.values())]
+        rows += [variant.summary("vae") for variant in list(self._vaes.values())]
+        rows += [variant.summary("execution") for variant in list(self._executions.values())]
         return rows
 
     @property

@@ -91,7 +91,8 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     deadline = arrived + settings.request_timeout_s
 
     def on_worker() -> EditResult:
-        result = service.engine.edit(prepared.edit, prepared.config)
+        # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
+        result = service.engine.edit(prepared.edit, prepared.config, should_stop=lambda: time.monotonic() > deadline)
         if result.variant.get("first_use"):
             service.refresh_variants()
         return result
@@ -108,7 +109,7 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     except WorkerStopped:
         raise APIError(503, "shutting_down", "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}) from None
     except JobTimeout as timeout:
-        where = "while its edit was running (the result is discarded)" if timeout.was_running else "while waiting in the queue (it never reached the GPU)"
+        where = "while its edit was running (stopped at the next step)" if timeout.was_running else "while waiting in the queue (it never reached the GPU)"
         raise APIError(504, "timeout", f"no result within the {settings.request_timeout_s:g} s request timeout (serve --request-timeout); it timed out {where}") from None
     except ClientGone:
         raise APIError(499, "client_disconnected", "the client disconnected while waiting; the job was dropped before reaching the GPU") from None
@@ -125,7 +126,7 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
         request_id = getattr(request.state, "request_id", None)
         log.error("edit failed (request %s): %r", request_id, failed.original)
         raise APIError(500, "edit_failed", f"the edit failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}") from None
-    service.metrics.images.inc(len(result.images))
+    service.metrics.record_edit(result)
     return result, job
 
 

@@ -39,7 +39,20 @@ class ServiceMetrics:
         self.running = Gauge("kontext_jobs_running", "Jobs running on the GPU worker (0 or 1)", registry=r)
         self.waiting = Gauge("kontext_jobs_waiting", "Jobs waiting in the queue", registry=r)
         self.ready = Gauge("kontext_ready", "1 when the model is loaded and warm and the server is not draining", registry=r)
+        self.cache_calls = Counter(
+            "kontext_first_block_cache_calls_total",
+            "Transformer calls under the first-block cache: fully computed or skipped (a true-CFG step is two calls)",
+            ["outcome"],
+            registry=r,
+        )
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory (allocated, reserved, free, total)", ["kind"], registry=r)
+
+    def record_edit(self, result) -> None:
+        self.images.inc(len(result.images))
+        cache = result.extras.get("first_block_cache")
+        if cache:
+            self.cache_calls.labels("computed").inc(cache.get("computed", 0))
+            self.cache_calls.labels("skipped").inc(cache.get("skipped", 0))
 
     def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float], memory: Callable[[], dict[str, int]]) -> None:
         """Read live values at scrape time instead of updating gauges from every code path."""

@@ -8,7 +8,8 @@ Why one thread: the GPU, the built variants and CUDA graphs are shared state, an
 nothing, so running two at once only adds memory and contention. The asyncio side never blocks: it
 awaits a future that the worker resolves. A job is cancellable only while it waits (the engine has
 no safe point to stop a running edit), so a client that disconnects or times out while queued costs
-the GPU nothing; one whose edit already runs gets its answer discarded.
+the GPU nothing; an edit that is already running is stopped at its next step boundary when its
+deadline passes (the engine's `should_stop`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import torch
+
+from engine import EditCancelled
 
 from .metrics import ServiceMetrics
 
@@ -274,6 +277,9 @@ class GpuWorker:
         except JobCancelled as cancelled:
             job.error = cancelled
             return "cancelled_requested"
+        except EditCancelled as stopped:  # the edit's deadline passed while it ran: it stopped early
+            job.error = stopped
+            return "cancelled_timeout"
         except BaseException as error:  # noqa: BLE001 - the worker must survive anything a job does
             if not is_out_of_memory(error):
                 log.error("%s job failed", job.kind, exc_info=error)

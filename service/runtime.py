@@ -8,14 +8,13 @@ once: /health answers while the model loads, /ready says 503 until it is loaded 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from typing import Callable
 
 import torch
 
-from engine import EditRequest, KontextEngine, ModelLoadError, __version__
+from engine import KontextEngine, ModelLoadError, __version__
 
 from .errors import APIError
 from .metrics import ServiceMetrics
@@ -79,8 +78,10 @@ class Service:
             if self.settings.warmup:
                 self.phase = "warming"
                 started = time.perf_counter()
-                self.engine.edit(self._warmup_request())
-                log.info("warm-up edit with the default config done in %.1f s", time.perf_counter() - started)
+                # Builds and compiles the default variant; on full-size models at two resolutions, so
+                # that a request at another Kontext resolution finds dynamic-shape graphs ready.
+                self.engine.warm_up()
+                log.info("warm-up with the default config done in %.1f s", time.perf_counter() - started)
                 self.refresh_variants()
             self.phase = "ready"
         except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
@@ -90,11 +91,6 @@ class Service:
             log.error("the model could not be loaded or warmed up: %s", self.error, exc_info=None if expected else error)
             if self.on_fatal:
                 self.on_fatal(self.error)
-
-    def _warmup_request(self) -> EditRequest:
-        # The model's default size: that is the shape compiled kernels and CUDA graphs are built for.
-        side = max(16, int(math.sqrt(self.engine.loaded.spec.default_max_area)) // 16 * 16)
-        return EditRequest(prompt="warm-up", width=side, height=side, steps=2, seed=0)
 
     def begin_drain(self) -> None:
         if not self.draining:

@@ -72,6 +72,8 @@ class Stage:
     requirements: ClassVar[Requirements] = Requirements()
     # Set while a stage exists only as a declared slot; its issue fills it in.
     not_implemented: ClassVar[str | None] = None
+    # Config fields that change what the stage builds (default: the field named like the stage).
+    build_fields: ClassVar[tuple[str, ...] | None] = None
 
     # -- what the config asks for -------------------------------------------------------------
     def is_requested(self, config: "OptimizationConfig") -> bool:

@@ -23,8 +23,10 @@ RECOMPILE_LIMIT = 64
 #   default                                 stage 1: 281.0 ms   stage 3: 203.3 ms
 #   coordinate descent tuning               stage 1: 276.0 ms   stage 3: 198.8 ms   (compile ~2 min)
 #   max-autotune (no cudagraphs) + c.d.     stage 1: 279.7 ms   stage 3: gave up after 15 min of autotuning
-# Coordinate descent wins by about 2% for a longer first compile, which the persistent compile
-# cache (engine/compile_cache.py) pays only once per machine. GEMMs stay with cuBLAS (extern).
+# Coordinate descent wins by about 2% for a longer first compile (about 2 minutes for the blocks),
+# which the persistent compile cache (engine/compile_cache.py) pays only once per machine. It is
+# scoped to the transformer blocks; the VAE compiles with Inductor's defaults. GEMMs stay with
+# cuBLAS (extern kernels).
 INDUCTOR_SETTINGS = {
     "coordinate_descent_tuning": True,
     "coordinate_descent_check_all_directions": True,
@@ -38,12 +40,14 @@ def configure_dynamo() -> None:
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
 
 
-def configure_inductor() -> None:
-    """Process-wide Inductor settings; applied before the first compilation of any variant."""
-    import torch._inductor.config as inductor_config
-
-    for key, value in INDUCTOR_SETTINGS.items():
-        setattr(inductor_config, key, value)
+def transformer_compile_options(cuda_graphs: bool, env) -> dict:
+    """Inductor options for the transformer blocks only (passed to torch.compile, not set globally):
+    coordinate-descent tuning measured worthwhile there, while on the VAE it stretched the first
+    compile to about 11 minutes (benchmarks/results/nvidia-h200-2026-11-21/stages.md, stage 1 warm-up)."""
+    options = dict(INDUCTOR_SETTINGS) if env.has_cuda else {}
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" means; torch.compile takes mode or options
+    return options
 
 
 class Compile(FlagStage):
@@ -64,20 +68,16 @@ class Compile(FlagStage):
 
     def apply_execution(self, transformer, config, build):
         configure_dynamo()
-        if build.env.has_cuda:
-            configure_inductor()
         # diffusers' first-block cache decides inside each block, behind torch.compiler.disable: that
         # is a graph break, so those blocks cannot compile as one full graph.
         fullgraph = not (config.first_block_cache and config.cache_backend == "diffusers")
         # CUDA graphs come from Inductor's cudagraph trees: one graph per block call and shape.
-        mode = "reduce-overhead" if config.cuda_graphs else None
-        transformer.compile_repeated_blocks(fullgraph=fullgraph, mode=mode)
-        build.note(f"transformer: regional compile (fullgraph={fullgraph}, mode={mode or 'default'}; compiles on first call)")
+        options = transformer_compile_options(config.cuda_graphs, build.env)
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)
+        build.note(f"transformer: regional compile (fullgraph={fullgraph}, inductor options {options}; compiles on first call)")
 
     def apply_vae(self, vae, config, build):
         configure_dynamo()
-        if build.env.has_cuda:
-            configure_inductor()
         vae.encoder.compile(fullgraph=True)
         vae.decoder.compile(fullgraph=True)
         build.note("vae: encoder and decoder compiled (lazy)")

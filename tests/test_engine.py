@@ -78,3 +78,21 @@ def test_unavailable_stages_are_skipped_with_reasons_not_errors(tiny_engine, pho
     assert all("CUDA" in reason for reason in skipped.values())
     assert result.active_stages == ["fuse_qkv"]
     assert result.config.attention == "sdpa" and result.config.quantization == "none"
+
+
+def test_should_stop_ends_an_edit_at_a_step_boundary_and_the_engine_serves_on(tiny_engine, photo):
+    import pytest
+
+    from engine import EditCancelled
+
+    calls = []
+
+    def stop_after_three() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    with pytest.raises(EditCancelled, match="after step 3 of 10"):
+        tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=10), OptimizationConfig(first_block_cache=True), should_stop=stop_after_three)
+    assert len(calls) == 3
+    again = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=4), OptimizationConfig(first_block_cache=True))
+    assert again.extras["first_block_cache"]["transformer_calls"] == 4  # fresh cache state, nothing left over

@@ -101,3 +101,16 @@ def test_cache_with_cuda_graphs_decides_every_step(gpu_engine, photo):
     rel, _ = image_distance(again.images[0], uncached.images[0])
     assert rel < 0.02
     assert result.active_stages.count("cuda_graphs") == 1
+
+
+def test_t5_fp8_weight_only_saves_memory_and_keeps_embeddings():
+    from stages.low_precision import quantize_text_encoder_fp8
+
+    pipe = build_tiny_pipeline(dtype=torch.bfloat16, device="cuda:0")
+    tokens = pipe.tokenizer_2(["make the sky red"], return_tensors="pt").input_ids.to("cuda:0")
+    with torch.no_grad():
+        reference = pipe.text_encoder_2(tokens)[0].float()
+        saved = quantize_text_encoder_fp8(pipe.text_encoder_2)
+        quantized = pipe.text_encoder_2(tokens)[0].float()
+    assert saved > 0
+    assert ((quantized - reference).norm() / reference.norm()).item() < 0.1

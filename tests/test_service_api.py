@@ -193,6 +193,14 @@ def test_metrics_in_prometheus_format(client):
         assert name in text, name
 
 
+def test_first_block_cache_counts_reach_the_response_and_metrics(client):
+    body = {**SMALL, "steps": 4, "optimizations": {"first_block_cache": True, "cache_threshold": 10.0}}
+    answer = client.post("/inference", json=body).json()
+    assert answer["extras"]["first_block_cache"]["computed"] == 1 and answer["extras"]["first_block_cache"]["skipped"] == 3
+    text = client.get("/metrics").text
+    assert 'kontext_first_block_cache_calls_total{outcome="skipped"}' in text
+
+
 def test_benchmark_job_table_markdown_force_and_cancel(client):
     wait_benchmark_idle(client)
     started = client.get("/benchmark", params={"stages": "0"})

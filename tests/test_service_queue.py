@@ -33,14 +33,14 @@ class ScriptedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def edit(self, request, config=None, progress=False):
+    def edit(self, request, config=None, progress=False, should_stop=None):
         self.calls += 1
         step = self.script.pop(0) if self.script else None
         if isinstance(step, BaseException):
             raise step
         if isinstance(step, (int, float)):
             self.release.wait(step)
-        return self._engine.edit(request, config)
+        return self._engine.edit(request, config, should_stop=should_stop)
 
 
 def _app(engine, **settings):
@@ -124,6 +124,9 @@ def test_timeouts_count_queued_time_and_queued_jobs_never_run(tiny_engine):
     assert queued.status_code == 504 and "never reached the GPU" in queued.json()["error"]["message"]
     assert elapsed < 4.0  # answered at the deadline, not when the blocked edit ended
     assert engine.calls == 1  # the queued request was dropped before the engine saw it
+    # both timed out: the queued one was dropped, the running one (released after its deadline)
+    # stopped at its first step boundary instead of finishing
+    assert 'kontext_jobs_total{kind="inference",outcome="cancelled_timeout"} 2.0' in service.metrics.render().decode()
 
 
 def test_full_queue_answers_429_with_retry_after_at_once(tiny_engine):
