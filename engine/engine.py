@@ -187,16 +187,16 @@ class KontextEngine:
     def warm_up(self, config: OptimizationConfig | None = None, resolutions: list[tuple[int, int]] | None = None, steps: int = 2) -> list[dict]:
         """Build and compile the variant for `config` before traffic arrives.
 
-        Two resolutions by default: the first compiles graphs for its exact shapes, the second
-        makes Dynamo recompile them with dynamic sequence lengths, after which every other Kontext
-        resolution runs without compiling (only CUDA graphs are recorded per new shape)."""
-        from .sizes import KONTEXT_RESOLUTIONS
-
+        Full-size models warm up at two Kontext resolutions: the first compiles graphs for its exact
+        shapes; the second makes Dynamo recompile them with dynamic sequence lengths (its automatic
+        dynamic shapes), which is meant to let every other Kontext resolution run without a new
+        compile. The cost of a first request at a third resolution has not been measured on a GPU
+        yet (benchmarks/startup.py measures it)."""
         side = int(self.loaded.spec.default_max_area**0.5)
         if resolutions is None:
             resolutions = [(side, side)]
             if self.loaded.spec.default_max_area >= 1024 * 1024:
-                resolutions.append(KONTEXT_RESOLUTIONS[10])  # 1184x880
+                resolutions.append((1184, 880))  # a second preferred Kontext resolution
         rows = []
         for width, height in resolutions:
             image = Image.new("RGB", (width, height), (120, 140, 160))

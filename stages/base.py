@@ -119,9 +119,6 @@ class Stage:
     def apply_request(self, run, config: "OptimizationConfig") -> None:
         pass
 
-    def touches_vae(self, config: "OptimizationConfig") -> bool:
-        return False
-
 
 class FlagStage(Stage):
     """A stage switched by one boolean field of the config."""

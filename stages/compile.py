@@ -1,9 +1,8 @@
 """Stage 1: Inductor compilation of the transformer's repeated blocks and of the VAE.
 
 Regional compilation (`compile_repeated_blocks`) compiles one FluxTransformerBlock and one
-FluxSingleTransformerBlock graph and reuses them for all 57 blocks, so the first call costs about a
-minute on the full model instead of several, with the same steady-state speed as a whole-model
-compile. Python between the blocks (the first-block cache decision, timing hooks) stays eager.
+FluxSingleTransformerBlock graph and reuses them for all 57 blocks, so the first call costs one to
+two minutes on the full model (H200) instead of compiling 57 blocks' worth of graph. Python between the blocks (the first-block cache decision, timing hooks) stays eager.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ RECOMPILE_LIMIT = 64
 # benchmarks/results/nvidia-h200-2026-11-21/step_lab_inductor.md):
 #   default                                 stage 1: 281.0 ms   stage 3: 203.3 ms
 #   coordinate descent tuning               stage 1: 276.0 ms   stage 3: 198.8 ms   (compile ~2 min)
-#   max-autotune (no cudagraphs) + c.d.     stage 1: 279.7 ms   stage 3: gave up after 15 min of autotuning
+#   max-autotune (no cudagraphs) + c.d.     stage 1: 279.7 ms   stage 3: not finished after ~19 min of autotuning
 # Coordinate descent wins by about 2% for a longer first compile (about 2 minutes for the blocks),
 # which the persistent compile cache (engine/compile_cache.py) pays only once per machine. It is
 # scoped to the transformer blocks; the VAE compiles with Inductor's defaults. GEMMs stay with
@@ -81,6 +80,3 @@ class Compile(FlagStage):
         vae.encoder.compile(fullgraph=True)
         vae.decoder.compile(fullgraph=True)
         build.note("vae: encoder and decoder compiled (lazy)")
-
-    def touches_vae(self, config):
-        return config.compile

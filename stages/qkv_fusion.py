@@ -49,6 +49,3 @@ class QkvFusion(FlagStage):
     def apply_vae(self, vae, config, build):
         vae.fuse_qkv_projections()
         build.note(f"vae: fused QKV, dropped {drop_unfused_projections(vae)} unfused projections")
-
-    def touches_vae(self, config):
-        return config.fuse_qkv
