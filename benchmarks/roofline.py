@@ -71,7 +71,8 @@ def count_step_flops(engine: KontextEngine, request: EditRequest) -> StepFlops:
     return StepFlops(counts["quantizable"], counts["other"], counts["attention"], shape[0])
 
 
-def _median_ms(fn, warmup: int = 3, repeats: int = 15) -> float:
+def median_cuda_ms(fn, warmup: int = 3, repeats: int = 15) -> float:
+    """Median milliseconds of `fn` on the GPU (CUDA events), after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -95,19 +96,19 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     gemm_flops = 2.0 * n**3
-    ceilings["gemm_bf16"] = gemm_flops / _median_ms(lambda: a @ b) / 1e9
+    ceilings["gemm_bf16"] = gemm_flops / median_cuda_ms(lambda: a @ b) / 1e9
     if torch.cuda.get_device_capability() >= (8, 9):
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
         scale_a = torch.ones(n, 1, device="cuda", dtype=torch.float32)
         scale_b = torch.ones(1, n, device="cuda", dtype=torch.float32)
         fp8 = lambda: torch._scaled_mm(a8, b8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16, use_fast_accum=True)  # noqa: E731
-        ceilings["gemm_fp8_rowwise"] = gemm_flops / _median_ms(fp8) / 1e9
+        ceilings["gemm_fp8_rowwise"] = gemm_flops / median_cuda_ms(fp8) / 1e9
     del a, b
 
     batch, tokens, heads, head_dim = attention_shape
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     attention_flops = 4.0 * batch * tokens**2 * heads * head_dim
-    ceilings["attention_sdpa"] = attention_flops / _median_ms(lambda: attention_kernels.sdpa(q, k, v)) / 1e9
+    ceilings["attention_sdpa"] = attention_flops / median_cuda_ms(lambda: attention_kernels.sdpa(q, k, v)) / 1e9
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def cudnn():
@@ -115,12 +116,12 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
             return attention_kernels.sdpa(q, k, v)
 
     try:
-        ceilings["attention_cudnn"] = attention_flops / _median_ms(cudnn) / 1e9
+        ceilings["attention_cudnn"] = attention_flops / median_cuda_ms(cudnn) / 1e9
     except RuntimeError:
         pass
     try:
-        ceilings["attention_fa3"] = attention_flops / _median_ms(lambda: attention_kernels.fa3_bf16(q, k, v)) / 1e9
-        ceilings["attention_fa3_fp8"] = attention_flops / _median_ms(lambda: attention_kernels.fa3_fp8(q, k, v)) / 1e9
+        ceilings["attention_fa3"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_bf16(q, k, v)) / 1e9
+        ceilings["attention_fa3_fp8"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_fp8(q, k, v)) / 1e9
     except (ImportError, RuntimeError):
         pass
     return {name: round(value, 1) for name, value in ceilings.items()}

@@ -22,6 +22,7 @@ import torch
 from engine import EditRequest, KontextEngine, OptimizationConfig
 from stages import cumulative_config
 
+from .roofline import median_cuda_ms
 from .stage_benchmark import benchmark_input_image, default_results_dir, environment_meta
 
 INDUCTOR_CANDIDATES = {
@@ -156,24 +157,12 @@ def experiment_vae(engine: KontextEngine, size: int) -> list[dict]:
                 model.decode(latents)
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
-                encode = _median_ms(lambda: model.encode(image).latent_dist.mode())
-                decode = _median_ms(lambda: model.decode(latents))
+                encode = median_cuda_ms(lambda: model.encode(image).latent_dist.mode(), warmup=2, repeats=10)
+                decode = median_cuda_ms(lambda: model.decode(latents), warmup=2, repeats=10)
             rows.append({"layout": layout, "compiled": compiled, "first_call_s": round(first, 1), "encode_ms": round(encode, 2), "decode_ms": round(decode, 2)})
             print(rows[-1], flush=True)
             del model
     return rows
-
-
-def _median_ms(fn, repeats: int = 10) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times[2:])
 
 
 def main(argv: list[str] | None = None) -> int:
