@@ -44,6 +44,12 @@ def _check_text(value: str | None) -> str | None:
     return value
 
 
+def _check_prompt(value: str) -> str:
+    if not _check_text(value).strip():
+        raise ValueError("must not be blank")
+    return value
+
+
 class _LegacyFlags(BaseModel):
     """The flat switches of the original API (each optional; see `optimizations` for the full set)."""
 
@@ -87,12 +93,7 @@ class InferenceRequest(_LegacyFlags):
         None, description="Per-stage overrides over the server's default config (wins over the use_* flags)."
     )
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str) -> str:
-        if not _check_text(value).strip():
-            raise ValueError("must not be blank")
-        return value
+    _prompt = field_validator("prompt")(_check_prompt)
 
     @field_validator("negative_prompt")
     @classmethod
@@ -220,12 +221,7 @@ class OpenAIGenerationRequest(BaseModel):
 
     _numbers = field_validator("n", "output_compression", "seed", "steps", mode="before")(_no_bool)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str) -> str:
-        if not _check_text(value).strip():
-            raise ValueError("must not be blank")
-        return value
+    _prompt = field_validator("prompt")(_check_prompt)
 
 
 class OpenAIImage(BaseModel):
