@@ -28,6 +28,7 @@ def add_optimization_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action=boolean, default=None, help="Inductor compile of transformer blocks and VAE")
     group.add_argument("--fuse-qkv", action=boolean, default=None, help="fused QKV projections (transformer and VAE)")
     group.add_argument("--channels-last", action=boolean, default=None, help="channels_last VAE")
+    group.add_argument("--fast-gelu", action=boolean, default=None, help="tanh GELU in sigmoid form (cheaper compiled kernels; needs compile)")
     group.add_argument("--first-block-cache", action=boolean, default=None, help="first-block cache")
     group.add_argument("--cache-threshold", type=float, default=None, help="first-block cache threshold (default 0.12)")
     group.add_argument("--cache-backend", choices=["auto", "para_attn", "diffusers"], default=None, help="first-block cache implementation")
@@ -45,7 +46,7 @@ def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool) -> O
         preset = int(os.environ.get(PRESET_ENV_VAR, 5 if has_cuda else 0))
     overrides = {
         field: getattr(args, field)
-        for field in ("compile", "fuse_qkv", "channels_last", "first_block_cache", "cache_threshold", "cache_backend", "attention", "quantization", "scheduler", "cuda_graphs")
+        for field in ("compile", "fuse_qkv", "channels_last", "fast_gelu", "first_block_cache", "cache_threshold", "cache_backend", "attention", "quantization", "scheduler", "cuda_graphs")
         if getattr(args, field, None) is not None
     }
     return cumulative_config(preset).with_changes(**overrides)

@@ -22,6 +22,7 @@ BUILD_FIELDS = (
     "fuse_qkv",
     "quantization",
     "channels_last",
+    "fast_gelu",
     "attention",
     "first_block_cache",
     "cache_backend",
@@ -38,6 +39,7 @@ class OptimizationConfig(BaseModel):
     compile: bool = Field(False, description="Inductor compile of the transformer blocks and the VAE (stage 1).")
     fuse_qkv: bool = Field(False, description="Fuse Q/K/V projections in the transformer and VAE (stage 1).")
     channels_last: bool = Field(False, description="channels_last memory format for the VAE (stage 1).")
+    fast_gelu: bool = Field(False, description="tanh GELU computed as x*sigmoid(2z), the same function in cheaper compiled kernels (stage 1; needs compile).")
     first_block_cache: bool = Field(False, description="Skip the remaining blocks when the first block barely changed (stage 1).")
     cache_threshold: float = Field(0.12, ge=0.0, le=10.0, description="First-block cache: relative change under which a step is skipped.")
     cache_backend: CacheBackend = Field("auto", description="First-block cache implementation.")
@@ -54,5 +56,5 @@ class OptimizationConfig(BaseModel):
         return self.model_copy(update=changes)
 
     def describe(self) -> str:
-        on = [name for name in ("compile", "fuse_qkv", "channels_last", "first_block_cache", "cuda_graphs") if getattr(self, name)]
+        on = [name for name in ("compile", "fuse_qkv", "channels_last", "fast_gelu", "first_block_cache", "cuda_graphs") if getattr(self, name)]
         return ", ".join(on + [f"attention={self.attention}", f"quantization={self.quantization}", f"scheduler={self.scheduler}"])

@@ -29,6 +29,7 @@ FIELD_STAGE = {
     "compile": "compile",
     "fuse_qkv": "fuse_qkv",
     "channels_last": "channels_last",
+    "fast_gelu": "fast_gelu",
     "first_block_cache": "first_block_cache",
     "cache_threshold": "first_block_cache",
     "cache_backend": "first_block_cache",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .base import Availability, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
+from .fast_gelu import FastGelu
 from .cuda_graphs import CudaGraphs
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
@@ -29,6 +30,7 @@ STAGES: tuple[Stage, ...] = (
     LowPrecision(),
     FlashAttention(),
     FirstBlockCache(),
+    FastGelu(),
     Compile(),
     CudaGraphs(),
     Scheduler(),
@@ -39,8 +41,8 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 BENCHMARK_STAGE_CHANGES: dict[int, tuple[str, dict]] = {
     0: ("naive bf16 diffusers, FlowMatch Euler, 28 steps", {}),
     1: (
-        "Inductor compile, QKV fusion, channels_last VAE, first-block cache 0.12",
-        {"compile": True, "fuse_qkv": True, "channels_last": True, "first_block_cache": True, "cache_threshold": 0.12},
+        "Inductor compile, QKV fusion, channels_last VAE, sigmoid-form GELU, first-block cache 0.12",
+        {"compile": True, "fuse_qkv": True, "channels_last": True, "fast_gelu": True, "first_block_cache": True, "cache_threshold": 0.12},
     ),
     2: ("FlashAttention 3", {"attention": "fa3"}),
     3: ("low-precision GEMMs (best native format)", {"quantization": "auto"}),

@@ -64,6 +64,34 @@ def test_channels_last_converts_the_vae_and_keeps_outputs(tiny_engine, photo):
     assert rel < TOLERANCE_REL_L2 and worst < TOLERANCE_MAX_ABS
 
 
+def test_sigmoid_form_gelu_is_the_tanh_gelu():
+    from stages.fast_gelu import gelu_tanh_via_sigmoid
+
+    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    reference = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (gelu_tanh_via_sigmoid(x) - reference).abs().max() < 1e-12  # the identity is exact
+    x32 = x.float()
+    assert (gelu_tanh_via_sigmoid(x32).double() - reference).abs().max() < 2e-6
+    bf16 = gelu_tanh_via_sigmoid(x32.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and (bf16.double() - reference).abs().max() < 0.05  # one bf16 rounding at |x| <= 12
+
+
+def test_fast_gelu_replaces_every_tanh_gelu_only_when_compiled(tiny_engine):
+    config, report = stages.get_stage("fast_gelu").resolve(OptimizationConfig(fast_gelu=True), tiny_engine.env)
+    assert not config.fast_gelu and not report.active and "compile" in report.reason
+    pipe = _transformer_of(tiny_engine, OptimizationConfig(fast_gelu=True, compile=True))
+    base = tiny_engine.loaded.pipe.transformer
+    assert not any(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in pipe.transformer.modules())
+    assert any(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in base.modules())  # the base model is untouched
+    x = torch.randn(2, 5, base.inner_dim)
+    pairs = [(base.transformer_blocks[0].ff, pipe.transformer.transformer_blocks[0].ff),
+             (base.single_transformer_blocks[0].act_mlp, pipe.transformer.single_transformer_blocks[0].act_mlp)]
+    with torch.no_grad():
+        for original, replaced in pairs:
+            assert replaced is not original and torch.allclose(replaced(x), original(x), atol=1e-5, rtol=1e-5)
+    assert pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight is base.transformer_blocks[0].ff.net[0].proj.weight  # weights shared
+
+
 @pytest.mark.slow
 def test_compile_compiles_blocks_and_vae_and_keeps_outputs(tiny_engine, photo):
     config = OptimizationConfig(compile=True)
@@ -115,6 +143,16 @@ def test_resolve_switches_off_what_cannot_run_and_says_why(cpu_env):
     assert resolved.effective.compile and resolved.effective.fuse_qkv  # CPU-capable stages stay on
     reasons = {report.name: report.reason for report in resolved.skipped}
     assert set(reasons) >= {"attention", "quantization", "cuda_graphs"} and all(reasons.values())
+
+
+def test_cuda_graphs_step_aside_for_the_diffusers_cache_backend_only():
+    hopper = _fake_env((9, 0), packages=("torchao", "fa3_fwd_interface", "triton", "para_attn"))
+    five = stages.cumulative_config(5)
+    diffusers = stages.resolve(five.with_changes(cache_backend="diffusers"), hopper)
+    assert not diffusers.effective.cuda_graphs and diffusers.effective.first_block_cache
+    assert "overwritten" in {r.name: r.reason for r in diffusers.skipped}["cuda_graphs"]
+    para_attn = stages.resolve(five.with_changes(cache_backend="para_attn"), hopper)
+    assert para_attn.effective.cuda_graphs and "cuda_graphs" in para_attn.active_stages
 
 
 def test_unknown_stage_name_is_an_error():
