@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.compile_cache import configure_compile_cache
 
-    configure_compile_cache(args.cache_dir)
+    cache_dir = configure_compile_cache(args.cache_dir)
     from engine import EditRequest, KontextEngine
     from stages import cumulative_config
 
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     report = {
         "label": args.label,
+        "compile_cache_dir": str(cache_dir),
+        "compile_cache_mb": round(sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20, 1),
         "config": config.model_dump(),
         "import_s": round(imported, 1),
         "model_ready_s": round(loaded, 1),
