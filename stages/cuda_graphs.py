@@ -15,6 +15,15 @@ import torch
 from .base import FlagStage, Requirements, StageReport
 
 
+# Measured on the H200 (benchmarks/results/nvidia-h200-2026-11-22): every edit failed with "accessing
+# tensor output of CUDAGraphs that has been overwritten by a subsequent run". (The registry resolves
+# the cache stage first, so `auto` has already become a concrete backend here.)
+DIFFUSERS_CACHE_REASON = (
+    "not applied: diffusers' first-block cache subtracts block outputs across blocks, and under cudagraph "
+    "trees those outputs are overwritten by the next replay; use cache_backend=para_attn to keep CUDA graphs"
+)
+
+
 def _mark_step_begin(module, args):
     torch.compiler.cudagraph_mark_step_begin()
 
@@ -34,6 +43,8 @@ class CudaGraphs(FlagStage):
         if report.active and not config.compile:
             reason = "CUDA graphs are captured through torch.compile here: turn on compile"
             return self.switched_off(config), StageReport(self.name, True, False, reason=reason)
+        if report.active and config.first_block_cache and config.cache_backend == "diffusers":
+            return self.switched_off(config), StageReport(self.name, True, False, reason=DIFFUSERS_CACHE_REASON)
         if report.active:
             report = StageReport(self.name, True, True, detail="Inductor cudagraph trees per block and shape")
         return config, report

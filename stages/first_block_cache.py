@@ -9,8 +9,12 @@ Two backends, chosen by `cache_backend`:
                The decision runs in eager Python between compiled blocks, so the blocks keep
                `fullgraph=True` compilation and CUDA graph capture.
     diffusers  diffusers' FirstBlockCacheConfig hooks on every block. Its decision is
-               `torch.compiler.disable`d inside the blocks, so blocks compile without fullgraph.
-`auto` picks para_attn (measured the cheaper of the two, see the README) when it is installed.
+               `torch.compiler.disable`d inside the blocks, so blocks compile without fullgraph,
+               and it cannot run under CUDA graphs (the cuda_graphs stage switches itself off).
+`auto` picks para_attn when it is installed. Measured on an H200 (synthetic-full, 1024x1024, never
+skipping; benchmarks/results/nvidia-h200-2026-11-22): both backends cost nothing measurable (stage 4:
+193.8 ms/step diffusers, 194.5 para_attn, 194.5 uncached; stage 5: para_attn 194.2 vs 193.8), but the
+diffusers backend failed under CUDA graphs, so only para_attn keeps the whole default stack.
 
 State belongs to one request: each edit gets a fresh cache context, and with true CFG the
 conditional and unconditional calls keep separate residuals. Each response reports the transformer
