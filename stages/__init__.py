@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from .base import Availability, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
-from .fast_gelu import FastGelu
 from .cuda_graphs import CudaGraphs
+from .fast_gelu import FastGelu
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
 from .low_precision import LowPrecision
