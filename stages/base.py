@@ -72,6 +72,8 @@ class Stage:
     requirements: ClassVar[Requirements] = Requirements()
     # Set while a stage exists only as a declared slot; its issue fills it in.
     not_implemented: ClassVar[str | None] = None
+    # For stages that only work inside compiled code: the reason reported when compile is off.
+    needs_compile: ClassVar[str | None] = None
     # Config fields that change what the stage builds (default: the field named like the stage).
     build_fields: ClassVar[tuple[str, ...] | None] = None
 
@@ -101,6 +103,8 @@ class Stage:
         availability = self.availability(env)
         if not availability.available:
             return self.switched_off(config), StageReport(self.name, True, False, reason=availability.reason)
+        if self.needs_compile and not config.compile:
+            return self.switched_off(config), StageReport(self.name, True, False, reason=self.needs_compile)
         return config, StageReport(self.name, True, True, detail=self.active_detail(config, env))
 
     def active_detail(self, config: "OptimizationConfig", env: "Environment") -> str:

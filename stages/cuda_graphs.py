@@ -34,15 +34,13 @@ class CudaGraphs(FlagStage):
     benchmark_stage = 5
     summary = "CUDA graph capture of the transformer blocks (Inductor cudagraph trees, static buffers per shape)."
     requirements = Requirements(cuda=True)
+    needs_compile = "CUDA graphs are captured through torch.compile here: turn on compile"
 
     def describe_available(self, env):
         return "via torch.compile mode=reduce-overhead (needs compile on)"
 
     def resolve(self, config, env):
         config, report = super().resolve(config, env)
-        if report.active and not config.compile:
-            reason = "CUDA graphs are captured through torch.compile here: turn on compile"
-            return self.switched_off(config), StageReport(self.name, True, False, reason=reason)
         if report.active and config.first_block_cache and config.cache_backend == "diffusers":
             return self.switched_off(config), StageReport(self.name, True, False, reason=DIFFUSERS_CACHE_REASON)
         if report.active:

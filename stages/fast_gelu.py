@@ -23,10 +23,9 @@ import math
 import torch
 from torch import nn
 
-from .base import FlagStage, StageReport
+from .base import FlagStage
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
-EAGER_REASON = "not applied: the sigmoid form only pays off inside compiled (fused) kernels; turn on compile"
 
 
 def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +77,7 @@ class FastGelu(FlagStage):
     flag = "fast_gelu"
     benchmark_stage = 1
     summary = "tanh GELU computed as x*sigmoid(2z) (same function; cheaper fused kernels under compile)."
-
-    def resolve(self, config, env):
-        config, report = super().resolve(config, env)
-        if report.active and not config.compile:
-            return self.switched_off(config), StageReport(self.name, True, False, reason=EAGER_REASON)
-        return config, report
+    needs_compile = "not applied: the sigmoid form only pays off inside compiled (fused) kernels; turn on compile"
 
     def apply_execution(self, transformer, config, build):
         build.note(f"transformer: {replace_tanh_gelus(transformer)} tanh GELUs computed in sigmoid form")
