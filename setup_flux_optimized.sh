@@ -3,7 +3,7 @@
 #
 #   ./setup_flux_optimized.sh            set up only
 #   ./setup_flux_optimized.sh serve ...  set up, then start the HTTP service (extra args go to `serve`)
-#   ./setup_flux_optimized.sh test ...   set up with the test tools, then run the test suite
+#   ./setup_flux_optimized.sh test ...   set up with the test tools, then lint (ruff) and run the test suite
 #
 # On a CUDA machine (nvidia-smi lists a GPU) it installs the CUDA build of torch and the GPU extras
 # (torchao, the FlashAttention 3 kernel) and finishes with `doctor`; elsewhere a CPU build of torch.
@@ -55,8 +55,14 @@ if [ "$TARGET" = cuda ]; then
   fi
 else
   if [[ "$have_torch" != "$TORCH_CPU_VERSION"* ]]; then
-    step "$CURRENT_STEP: torch==$TORCH_CPU_VERSION (CPU wheels first: a few hundred MB, not GBs of CUDA)"
-    "${PIP[@]}" "torch==$TORCH_CPU_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+    # The CPU wheel index first (a few hundred MB, not GBs of CUDA), when it can be reached at all:
+    # an unreachable index costs pip five retries per package before it falls back.
+    cpu_index=()
+    if "$PY" -c 'import socket; socket.getaddrinfo("download.pytorch.org", 443)' 2>/dev/null; then
+      cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    fi
+    step "$CURRENT_STEP: torch==$TORCH_CPU_VERSION ${cpu_index[*]:+from the PyTorch CPU index}"
+    "${PIP[@]}" "torch==$TORCH_CPU_VERSION" "${cpu_index[@]}"
   fi
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())'
@@ -83,5 +89,8 @@ fi
 case "$MODE" in
   setup) step "done: activate with 'source $VENV/bin/activate'";;
   serve) CURRENT_STEP="serve"; step "starting the service (Ctrl-C stops it)"; trap - ERR; exec "$PY" flux_kontext_optimized.py serve "$@";;
-  test)  CURRENT_STEP="tests"; step "running the test suite"; trap - ERR; exec "$PY" -m pytest "$@";;
+  test)
+    CURRENT_STEP="lint (ruff check, ruff format --check)"; step "$CURRENT_STEP"
+    "$PY" -m ruff check --quiet . && "$PY" -m ruff format --check --quiet .
+    CURRENT_STEP="tests"; step "running the test suite"; trap - ERR; exec "$PY" -m pytest "$@";;
 esac

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(accuracy, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gelu_kernels.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "accuracy": accuracy}, indent=2))
+    (args.out / "gelu_kernels.json").write_text(
+        json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "accuracy": accuracy}, indent=2)
+    )
     return 0
 
 

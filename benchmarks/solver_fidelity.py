@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
-import importlib.metadata
 import io
 import json
 import math
@@ -41,7 +40,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
-from engine.model_builders import FLUX_SCHEDULER_CONFIG  # engine before stages: stages imports engine.config
+from engine.model_builders import FLUX_SCHEDULER_CONFIG
+from stages.environment import package_version
 from stages.scheduler import build_scheduler
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "solver-fidelity"
@@ -59,7 +59,9 @@ class Solver:
 SOLVER_VARIANTS = {
     "euler": Solver("euler", "FlowMatch Euler (diffusers), the pipeline's shifted schedule"),
     "unipc": Solver("unipc", "UniPC bh2, order 2, diffusers' flow mode on the shifted schedule"),
-    "dpmpp_2m": Solver("dpmpp_2m_karras", "DPM-Solver++ 2M on the pipeline's shifted schedule (plain spacing)", (("sigma_spacing", "shifted"),)),
+    "dpmpp_2m": Solver(
+        "dpmpp_2m_karras", "DPM-Solver++ 2M on the pipeline's shifted schedule (plain spacing)", (("sigma_spacing", "shifted"),)
+    ),
     "dpmpp_2m_karras": Solver(
         "dpmpp_2m_karras", "DPM-Solver++ 2M Karras as shipped: rho=7 ramp in s/(1-s) down to the 2N-step schedule's last sigma"
     ),
@@ -89,7 +91,9 @@ def base_scheduler_config():
 def kontext_mu(image_seq_len: int, config=None) -> float:
     """The dynamic shift FluxKontextPipeline computes for `image_seq_len` output tokens."""
     config = config or base_scheduler_config()
-    return calculate_shift(image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"], config["max_shift"])
+    return calculate_shift(
+        image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"], config["max_shift"]
+    )
 
 
 def digits_data() -> torch.Tensor:
@@ -330,7 +334,9 @@ class FidelityReport:
     def _digits_note(self) -> str:
         if self.meta["digits_train_s"] is None:
             return "."
-        return f"; digits MLP trained in {self.meta['digits_train_s']:.1f} s (final flow-matching loss {self.meta['digits_final_loss']:.3f})."
+        return (
+            f"; digits MLP trained in {self.meta['digits_train_s']:.1f} s (final flow-matching loss {self.meta['digits_final_loss']:.3f})."
+        )
 
     def csv(self) -> str:
         out = io.StringIO()
@@ -348,7 +354,9 @@ def measure_problem(problem, settings: FidelitySettings, noise: torch.Tensor) ->
         half = rk4_reference(problem.velocity, noise, mu, settings.reference_steps // 2)
         exact = problem.exact(noise.double()) if hasattr(problem, "exact") else None
         vs_exact = None if exact is None else rms(reference, exact)
-        references.append({"problem": problem.name, "image_seq_len": seq, "mu": mu, "vs_half_steps": rms(reference, half), "vs_exact": vs_exact})
+        references.append(
+            {"problem": problem.name, "image_seq_len": seq, "mu": mu, "vs_half_steps": rms(reference, half), "vs_exact": vs_exact}
+        )
         for solver in settings.solvers:
             for steps in settings.step_counts:
                 out = solve(solver, problem.velocity, noise, steps, mu)
@@ -385,10 +393,7 @@ def run_fidelity(settings: FidelitySettings | None = None, problems: list | None
 
 
 def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+    return package_version(dist) or "not installed"
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -396,7 +401,9 @@ def write_results(report: FidelityReport, directory: Path = RESULTS_DIR) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.md").write_text(report.markdown() + "\n")
     (directory / "results.csv").write_text(report.csv())
-    (directory / "results.json").write_text(json.dumps({"meta": report.meta, "references": report.references, "rows": report.rows}, indent=2) + "\n")
+    (directory / "results.json").write_text(
+        json.dumps({"meta": report.meta, "references": report.references, "rows": report.rows}, indent=2) + "\n"
+    )
     _plot(report, directory / "error_vs_nfe.png")
     return directory
 
@@ -417,7 +424,11 @@ def _plot(report: FidelityReport, path: Path) -> None:
                 rows = [r for r in report.rows if r["problem"] == problem and r["solver"] == solver and r["image_seq_len"] == seq]
                 style = "--" if "ablation" in SOLVER_VARIANTS[solver].description else "-"
                 ax.loglog([r["nfe"] for r in rows], [r["error"] for r in rows], style, marker="o", label=solver)
-            euler28 = [r["error"] for r in report.rows if (r["problem"], r["solver"], r["steps"], r["image_seq_len"]) == (problem, "euler", 28, seq)]
+            euler28 = [
+                r["error"]
+                for r in report.rows
+                if (r["problem"], r["solver"], r["steps"], r["image_seq_len"]) == (problem, "euler", 28, seq)
+            ]
             if euler28:
                 ax.axhline(euler28[0], color="grey", linestyle=":", linewidth=1, label="Euler, 28 steps")
             ax.axvline(14, color="grey", linestyle="--", linewidth=0.8)
@@ -444,7 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     args = parser.parse_args(argv)
     settings = FidelitySettings(
-        samples=args.samples, seed=args.seed, solvers=tuple(args.solvers), step_counts=tuple(args.steps), image_seq_lens=tuple(args.image_seq_lens)
+        samples=args.samples,
+        seed=args.seed,
+        solvers=tuple(args.solvers),
+        step_counts=tuple(args.steps),
+        image_seq_lens=tuple(args.image_seq_lens),
     )
     report = run_fidelity(settings)
     print(report.markdown())

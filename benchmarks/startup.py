@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.compile_cache import configure_compile_cache
 
     cache_dir = configure_compile_cache(args.cache_dir)
-    from engine import EditRequest, KontextEngine
-    from stages import cumulative_config
-
-    from .stage_benchmark import benchmark_input_image, environment_meta
+    from engine.benchmark.runner import benchmark_input_image, environment_meta
+    from engine.engine import KontextEngine
+    from engine.requests import EditRequest
+    from stages.config import cumulative_config
 
     imported = time.perf_counter() - PROCESS_START
     config = cumulative_config(args.preset).with_changes(first_block_cache=False)
@@ -47,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         request = EditRequest(prompt="make the sky red", image=benchmark_input_image(width, height), width=width, height=height, seed=0)
         start = time.perf_counter()
         result = engine.edit(request)
-        rows.append({"width": width, "height": height, "edit_s": round(time.perf_counter() - start, 2), "median_step_ms": round(result.timings.median_step_s * 1e3, 2), "steps": result.steps})
+        rows.append(
+            {
+                "width": width,
+                "height": height,
+                "edit_s": round(time.perf_counter() - start, 2),
+                "median_step_ms": round(result.timings.median_step_s * 1e3, 2),
+                "steps": result.steps,
+            }
+        )
         print(rows[-1], flush=True)
     report = {
         "label": args.label,

@@ -13,39 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from engine import EditRequest, KontextEngine, OptimizationConfig
-from stages import cumulative_config
-
-from .roofline import median_cuda_ms
-from .stage_benchmark import benchmark_input_image, default_results_dir, environment_meta
+from engine.benchmark.kernels import capture_transformer_inputs, kernel_class
+from engine.benchmark.report import BenchmarkReport, default_results_dir
+from engine.benchmark.roofline import median_cuda_ms
+from engine.benchmark.runner import benchmark_input_image, environment_meta
+from engine.engine import KontextEngine
+from engine.requests import EditRequest
+from stages.config import OptimizationConfig, cumulative_config
 
 INDUCTOR_CANDIDATES = {
     "default": {},
     "coordinate_descent": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
     "max_autotune_no_cudagraphs": {"max_autotune": True, "max_autotune_gemm": True, "coordinate_descent_tuning": True},
 }
-
-
-def capture_transformer_inputs(engine: KontextEngine, request: EditRequest) -> dict:
-    captured = {}
-
-    def grab(module, args, kwargs):
-        if not captured:
-            captured.update({k: v for k, v in kwargs.items()})
-        return None
-
-    handle = engine.loaded.pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        engine.edit(EditRequest(**{**request.__dict__, "steps": 1}), OptimizationConfig())
-    finally:
-        handle.remove()
-    return captured
 
 
 def time_step_ms(transformer, inputs: dict, repeats: int = 10) -> tuple[float, float]:
@@ -55,15 +40,8 @@ def time_step_ms(transformer, inputs: dict, repeats: int = 10) -> tuple[float, f
         transformer(**inputs)
         torch.cuda.synchronize()
         first = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            transformer(**inputs)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-    return first, statistics.median(times)
+        median = median_cuda_ms(lambda: transformer(**inputs), warmup=0, repeats=repeats)
+    return first, median
 
 
 def _transformer_for(engine: KontextEngine, config: OptimizationConfig):
@@ -76,7 +54,7 @@ def experiment_inductor(engine: KontextEngine, inputs: dict, stages: list[int], 
     calls receive) for a fresh build and compile of each stage's variant."""
     import torch._dynamo
 
-    from stages import compile as compile_stage
+    from stages import compile as compile_stage  # its INDUCTOR_SETTINGS are swapped per candidate
 
     shipped = compile_stage.INDUCTOR_SETTINGS
     rows = []
@@ -88,22 +66,13 @@ def experiment_inductor(engine: KontextEngine, inputs: dict, stages: list[int], 
                 engine.variants._executions.clear()
                 config = cumulative_config(stage).with_changes(first_block_cache=False)
                 first, median = time_step_ms(_transformer_for(engine, config), inputs)
-                rows.append({"settings": name, "stage": stage, "compile_and_first_call_s": round(first, 1), "median_step_ms": round(median, 2)})
+                rows.append(
+                    {"settings": name, "stage": stage, "compile_and_first_call_s": round(first, 1), "median_step_ms": round(median, 2)}
+                )
                 print(rows[-1], flush=True)
     finally:
         compile_stage.INDUCTOR_SETTINGS = shipped
     return rows
-
-
-# Order matters: Inductor names fused kernels after the ops they contain ("triton_..._scaled_mm_..."),
-# so Triton kernels are classified first; those computing a row amax are the FP8 activation
-# quantizations (fused with whatever norm, modulation or GELU precedes them).
-KERNEL_CLASSES = (
-    ("inductor fused + FP8 quantization (triton)", ("amax",)),
-    ("inductor fused (triton)", ("triton",)),
-    ("attention", ("flash", "fmha")),
-    ("gemm", ("gemm", "xmma", "cutlass", "sm90_", "cublas", "nvjet", "scaled_mm", "matmul")),
-)
 
 
 def experiment_profile(engine: KontextEngine, inputs: dict, stages: list[int]) -> list[dict]:
@@ -124,13 +93,18 @@ def experiment_profile(engine: KontextEngine, inputs: dict, stages: list[int]) -
             cuda_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
             if cuda_us <= 0 or event.key.startswith("ProfilerStep"):
                 continue
-            lowered = event.key.lower()
-            kind = next((label for label, marks in KERNEL_CLASSES if any(m in lowered for m in marks)), "other")
+            kind = kernel_class(event.key)
             by_class[kind] = by_class.get(kind, 0.0) + cuda_us / 3 / 1000
             kernels.append((cuda_us / 3 / 1000, event.count // 3, kind, event.key[:120]))
         kernels.sort(reverse=True)
-        row = {"stage": stage, "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-               "top_kernels": [{"ms_per_step": round(ms, 2), "calls_per_step": calls, "class": kind, "name": name} for ms, calls, kind, name in kernels[:40]]}
+        row = {
+            "stage": stage,
+            "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [
+                {"ms_per_step": round(ms, 2), "calls_per_step": calls, "class": kind, "name": name}
+                for ms, calls, kind, name in kernels[:40]
+            ],
+        }
         from torch._dynamo.utils import counters
 
         row["inductor_counters"] = {key: dict(value) for key, value in counters.items() if key in ("inductor", "graph_break")}
@@ -161,9 +135,16 @@ def experiment_vae(engine: KontextEngine, size: int) -> list[dict]:
                 first = time.perf_counter() - start
                 encode = median_cuda_ms(lambda: model.encode(image).latent_dist.mode(), warmup=2, repeats=10)
                 decode = median_cuda_ms(lambda: model.decode(latents), warmup=2, repeats=10)
-            rows.append({"layout": layout, "compiled": compiled, "first_call_s": round(first, 1), "encode_ms": round(encode, 2), "decode_ms": round(decode, 2)})
+            rows.append(
+                {
+                    "layout": layout,
+                    "compiled": compiled,
+                    "first_call_s": round(first, 1),
+                    "encode_ms": round(encode, 2),
+                    "decode_ms": round(decode, 2),
+                }
+            )
             print(rows[-1], flush=True)
-            del model
     return rows
 
 
@@ -182,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_compile_cache()
     engine = KontextEngine.load(args.model, "cuda:0", max_variants=2)
     stages = [int(s) for s in args.stages.split(",")]
-    request = EditRequest(prompt="make the sky red", image=benchmark_input_image(args.size, args.size), width=args.size, height=args.size, seed=0)
+    request = EditRequest(
+        prompt="make the sky red", image=benchmark_input_image(args.size, args.size), width=args.size, height=args.size, seed=0
+    )
     if args.experiment == "vae":
         rows = experiment_vae(engine, args.size)
     else:
@@ -192,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = experiment_profile(engine, inputs, stages)
     meta = environment_meta(engine)
-    from .stage_benchmark import BenchmarkReport
-
     directory = args.out or default_results_dir(BenchmarkReport(meta, []))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"step_lab_{args.experiment}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -1,10 +1,7 @@
-"""The Kontext editing engine: model loading, optimization variants, and the edit call."""
+"""The Kontext editing engine: model loading, optimization variants, the edit call, the benchmark.
 
-__version__ = "0.1.0"
+Import what you need from its modules (engine.engine, engine.requests, engine.loading, ...): this
+file stays empty of imports so that the command line can start (and print --help) without torch.
+"""
 
-from .config import OptimizationConfig  # noqa: E402
-from .engine import EditCancelled, KontextEngine  # noqa: E402
-from .loading import ModelLoadError  # noqa: E402
-from .requests import EditRequest, EditResult  # noqa: E402
-
-__all__ = ["__version__", "EditCancelled", "EditRequest", "EditResult", "KontextEngine", "ModelLoadError", "OptimizationConfig"]
+__version__ = "0.2.0"

@@ -3,10 +3,10 @@
     engine = KontextEngine.load("tiny", device="cpu")
     result = engine.edit(EditRequest(prompt="make the sky red", image=img), OptimizationConfig(compile=True))
 
-The requested config is first resolved against this machine (unavailable stages are switched off
-and reported), then the matching built variant is fetched or built (engine.variants), per-request
-stage settings are applied (scheduler, cache threshold), and the pipeline runs with timing marks
-around text encoding, VAE encoding, every denoising step and VAE decoding.
+An edit has three parts. `prepare` resolves the config against this machine (unavailable stages are
+switched off and reported), fetches or builds the matching variant (engine/variants.py), and lets
+the stages set per-request state; `denoise` runs the pipeline to latents, with timing marks around
+text encoding, VAE encoding and every step; `decode` turns the latents into pictures.
 """
 
 from __future__ import annotations
@@ -16,27 +16,26 @@ import functools
 import logging
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+from diffusers import FluxKontextPipeline
 from PIL import Image
 
-import stages
-from stages import ResolvedConfig
+from stages.base import BuildContext, Phase, RequestContext
+from stages.config import LOAD_FIELDS, OptimizationConfig
+from stages.environment import Environment, current_environment
+from stages.registry import ResolvedConfig, resolve, stage_status, stages_in
+from stages.scheduler import DEFAULT_STEPS, build_scheduler
 
-from .config import OptimizationConfig
-from .environment import Environment, current_environment
 from .loading import LoadedModel, load_model
 from .requests import EditRequest, EditResult
 from .sizes import output_size
 from .timing import Clock, EditTimer
-from .variants import VariantCache
+from .variants import Variant, VariantCache
 
 log = logging.getLogger(__name__)
-
-EULER_DEFAULT_STEPS = 28
 
 
 class EditCancelled(Exception):
@@ -44,15 +43,20 @@ class EditCancelled(Exception):
 
 
 @dataclass
-class RequestRun:
-    """Per-request state that stages may set in `apply_request`."""
+class PreparedEdit:
+    """Everything decided before the GPU work starts."""
 
     request: EditRequest
-    scheduler: object
-    transformer: torch.nn.Module  # the variant's transformer that will run
-    default_steps: int = EULER_DEFAULT_STEPS
-    contexts: list = field(default_factory=list)  # entered around the pipeline call
-    extras: dict = field(default_factory=dict)  # reported in the result
+    resolved: ResolvedConfig
+    pipe: FluxKontextPipeline
+    variant: Variant
+    build_s: float
+    stage_state: RequestContext
+    steps: int
+    seed: int
+    width: int
+    height: int
+    image: Image.Image | None
 
 
 class KontextEngine:
@@ -63,39 +67,46 @@ class KontextEngine:
         self.variants = VariantCache(loaded.pipe, loaded.device, loaded.dtype, env, max_variants=max_variants)
         self.clock = Clock(loaded.device)
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
+        self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
+        self._apply_load_stages()
 
     @classmethod
     def load(
-        cls,
-        model: str,
-        device: str | None = None,
-        default_config: OptimizationConfig | None = None,
-        max_variants: int = 3,
-        t5_fp8: bool = False,
+        cls, model: str, device: str | None = None, default_config: OptimizationConfig | None = None, max_variants: int = 3
     ) -> "KontextEngine":
         env = current_environment(device)
         if env.has_cuda:
             torch.cuda.set_device(env.gpu.index)
-        loaded = load_model(model, env.device)
-        if t5_fp8:
-            _quantize_t5(loaded, env)
-        return cls(loaded, env, default_config, max_variants)
+        return cls(load_model(model, env.device), env, default_config, max_variants)
+
+    def _apply_load_stages(self) -> None:
+        """Load-scope stages (the T5 encoder's precision) act once, on the default config."""
+        resolved = self.resolve(self.default_config)
+        build = BuildContext(self.env, self.loaded.device, self.loaded.dtype)
+        for stage in stages_in(Phase.TEXT_ENCODER):
+            if stage.is_requested(resolved.effective):
+                stage.apply_text_encoder(self.loaded.pipe.text_encoder_2, resolved.effective, build)
+        self.loaded.notes.extend(build.notes)
+        self._loaded_knobs = {name: getattr(resolved.effective, name) for name in LOAD_FIELDS}
 
     # -- introspection ----------------------------------------------------------------------------
     @property
     def model_info(self) -> dict:
         info = {**self.loaded.spec.as_dict(), "dtype": str(self.loaded.dtype).replace("torch.", ""), "device": str(self.loaded.device)}
-        info["text_encoder_2"] = self.loaded.text_encoder_note
+        info["load_notes"] = list(self.loaded.notes)
         return info
 
     def resolve(self, config: OptimizationConfig | None = None) -> ResolvedConfig:
-        return _resolve_cached(config or self.default_config, self.env)
+        config = (config or self.default_config).with_changes(**self._loaded_knobs)
+        return _resolve_cached(config, self.env)
 
     def stage_status(self, config: OptimizationConfig | None = None) -> list[dict]:
         """Every stage: available on this machine (and why not), and active in `config` (default: the server's)."""
         resolved = self.resolve(config)
-        active = {report.name: report for report in resolved.reports}
-        return [{**row, "active": active[row["name"]].active, "active_detail": active[row["name"]].detail} for row in stages.stage_status(self.env)]
+        return [
+            {**row, "active": resolved.report(row["name"]).active, "active_detail": resolved.report(row["name"]).detail}
+            for row in stage_status(self.env)
+        ]
 
     def memory(self) -> dict:
         if not self.env.has_cuda:
@@ -119,79 +130,110 @@ class KontextEngine:
     ) -> EditResult:
         """Run one edit. `should_stop` is polled after every denoising step; when it returns True the
         edit raises EditCancelled there, so an abandoned request stops using the GPU."""
-        resolved = self.resolve(config)
-        effective = resolved.effective
         with self._lock:
-            pipe, variant, build_s = self.variants.pipeline_for(effective)
-            run = RequestRun(request, FlowMatchEulerDiscreteScheduler.from_config(self.loaded.pipe.scheduler.config), pipe.transformer)
-            for stage in stages.STAGES:
-                if stage.is_requested(effective):
-                    stage.apply_request(run, effective)
-            pipe.scheduler = run.scheduler
-            pipe.set_progress_bar_config(disable=not progress, leave=False)
-            steps = request.steps or effective.steps or run.default_steps
-            seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-            width, height = output_size(request.width, request.height, request.image.size if request.image else None, request.max_area or self.loaded.spec.default_max_area)
-            image = self._prepare_input(request.image, width, height)
-
+            prepared = self.prepare(request, config)
             timer = EditTimer(self.clock)
-            first_use = variant.first_call_s is None
-
-            def on_step_end(pipeline, index, timestep, tensors):
-                timer.step_finished()
-                if should_stop is not None and should_stop():
-                    raise EditCancelled(f"stopped after step {index + 1} of {steps}")
-                return {}
-
-            with torch.no_grad(), _instrumented(pipe, timer), contextlib.ExitStack() as stack:
-                for context in run.contexts:
-                    stack.enter_context(context)
-                packed = pipe(
-                    image=image,
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    true_cfg_scale=request.true_cfg_scale,
-                    width=width,
-                    height=height,
-                    max_area=width * height,  # diffusers re-derives the size from max_area; this keeps ours
-                    num_inference_steps=steps,
-                    guidance_scale=request.guidance_scale,
-                    num_images_per_prompt=request.num_images,
-                    generator=torch.Generator("cpu").manual_seed(seed),  # same noise on any device
-                    output_type="latent",
-                    callback_on_step_end=on_step_end,
-                    _auto_resize=self.loaded.spec.snap_input_to_kontext_resolutions,
-                ).images
-                with timer.span("vae_decode"):
-                    pixels = _decode(pipe, packed, width, height)
-                images = pipe.image_processor.postprocess(pixels, output_type="pil")
-            timings = timer.finish(variant_build_s=build_s)
+            first_use = prepared.variant.first_call_s is None
+            prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
+            with torch.no_grad():
+                latents = self.denoise(prepared, timer, should_stop)
+                images = self.decode(prepared, latents, timer)
+            timings = timer.finish(variant_build_s=prepared.build_s)
             if first_use:
-                variant.first_call_s = timings.total_s
-
+                prepared.variant.first_call_s = timings.total_s
         return EditResult(
             images=images,
-            seed=seed,
-            width=width,
-            height=height,
-            steps=steps,
-            scheduler=effective.scheduler,
+            seed=prepared.seed,
+            width=prepared.width,
+            height=prepared.height,
+            steps=prepared.steps,
+            scheduler=prepared.resolved.effective.scheduler,
             timings=timings,
-            stages=resolved.reports,
-            config=effective,
+            stages=prepared.resolved.reports,
+            config=prepared.resolved.effective,
             model=self.model_info,
-            variant={"first_use": first_use, "build_s": round(build_s, 3), "added_memory_mb": round(variant.added_bytes / 2**20, 1)},
-            extras=run.extras,
+            variant={
+                "first_use": first_use,
+                "build_s": round(prepared.build_s, 3),
+                "added_memory_mb": round(prepared.variant.added_bytes / 2**20, 1),
+            },
+            extras=prepared.stage_state.extras,
         )
 
-    def warm_up(self, config: OptimizationConfig | None = None, resolutions: list[tuple[int, int]] | None = None, steps: int = 2) -> list[dict]:
+    def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
+        """Resolve the config, fetch or build its variant, and decide size, seed, steps and sampler."""
+        resolved = self.resolve(config)
+        effective = resolved.effective
+        pipe, variant, build_s = self.variants.pipeline_for(effective)
+        pipe.scheduler = build_scheduler(effective.scheduler, self.loaded.pipe.scheduler.config)
+        state = RequestContext(pipe.transformer, true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None)
+        for stage in stages_in(Phase.REQUEST):
+            if stage.is_requested(effective):
+                stage.apply_request(state, effective)
+        input_size = request.image.size if request.image else None
+        width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
+        return PreparedEdit(
+            request=request,
+            resolved=resolved,
+            pipe=pipe,
+            variant=variant,
+            build_s=build_s,
+            stage_state=state,
+            steps=request.steps or DEFAULT_STEPS[effective.scheduler],
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+            width=width,
+            height=height,
+            image=self._conditioning_image(request.image, width, height),
+        )
+
+    def denoise(self, prepared: PreparedEdit, timer: EditTimer, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Text and VAE encoding and the denoising loop: the packed latents of the output."""
+        request, pipe, steps = prepared.request, prepared.pipe, prepared.steps
+
+        def on_step_end(pipeline, index, timestep, tensors):
+            timer.step_finished()
+            if should_stop is not None and should_stop():
+                raise EditCancelled(f"stopped after step {index + 1} of {steps}")
+            return {}
+
+        with _instrumented(pipe, timer), contextlib.ExitStack() as stack:
+            for context in prepared.stage_state.contexts:
+                stack.enter_context(context)
+            return pipe(
+                image=prepared.image,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                true_cfg_scale=request.true_cfg_scale,
+                width=prepared.width,
+                height=prepared.height,
+                max_area=prepared.width * prepared.height,  # diffusers re-derives the size from max_area; this keeps ours
+                num_inference_steps=steps,
+                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=request.num_images,
+                generator=torch.Generator("cpu").manual_seed(prepared.seed),  # same noise on any device
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                _auto_resize=self.loaded.spec.snap_input_to_kontext_resolutions,
+            ).images
+
+    def decode(self, prepared: PreparedEdit, latents: torch.Tensor, timer: EditTimer) -> list[Image.Image]:
+        """What FluxKontextPipeline does after denoising, done here so that it can be timed on its own."""
+        pipe = prepared.pipe
+        with timer.span("vae_decode"):
+            unpacked = pipe._unpack_latents(latents, prepared.height, prepared.width, pipe.vae_scale_factor)
+            unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            pixels = pipe.vae.decode(unpacked, return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+    def warm_up(
+        self, config: OptimizationConfig | None = None, resolutions: list[tuple[int, int]] | None = None, steps: int = 2
+    ) -> list[dict]:
         """Build and compile the variant for `config` before traffic arrives.
 
         Full-size models warm up at two Kontext resolutions: the first compiles graphs for its exact
         shapes; the second makes Dynamo recompile them with dynamic sequence lengths (its automatic
-        dynamic shapes), so that other Kontext resolutions run without a new compile. Measured on an
-        H200 with the full stack, cold: 228 s, then 569 s; a third resolution then took 3.37 s for
-        the whole edit (benchmarks/results/nvidia-h200-2026-11-22/startup.md)."""
+        dynamic shapes), so that other Kontext resolutions run without a new compile
+        (benchmarks/results/nvidia-h200-2026-11-22/startup.md)."""
         side = int(self.loaded.spec.default_max_area**0.5)
         if resolutions is None:
             resolutions = [(side, side)]
@@ -205,7 +247,7 @@ class KontextEngine:
             log.info("warm-up %dx%d: %.1f s", width, height, result.timings.total_s)
         return rows
 
-    def _prepare_input(self, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
+    def _conditioning_image(self, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
         if image is None:
             return None
         image = image.convert("RGB") if image.mode != "RGB" else image
@@ -215,19 +257,9 @@ class KontextEngine:
         return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
 
 
-def _quantize_t5(loaded: LoadedModel, env: Environment) -> None:
-    from stages.low_precision import quantize_text_encoder_fp8
-
-    if not (env.has_cuda and env.has_package("torchao")):
-        raise ValueError("--t5-fp8 needs a CUDA GPU and torchao")
-    saved = quantize_text_encoder_fp8(loaded.pipe.text_encoder_2)
-    loaded.text_encoder_note = f"T5 FP8 weight-only (saved {saved / 2**30:.1f} GB)"
-    log.info(loaded.text_encoder_note)
-
-
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(config: OptimizationConfig, env: Environment) -> ResolvedConfig:
-    return stages.resolve(config, env)
+    return resolve(config, env)
 
 
 @contextlib.contextmanager
@@ -249,10 +281,3 @@ def _instrumented(pipe: FluxKontextPipeline, timer: EditTimer):
         yield
     finally:
         hook.remove()
-
-
-def _decode(pipe: FluxKontextPipeline, packed: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """What FluxKontextPipeline does after denoising, done here so that it can be timed on its own."""
-    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.vae.decode(latents, return_dict=False)[0]

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import FluxKontextPipeline
 
 from .model_builders import TINY_TRANSFORMER_CONFIG, build_synthetic_full_pipeline, build_tiny_pipeline
-from .model_specs import HUB_DEFAULT, SYNTHETIC_FULL, TINY, ModelSpec
+from .model_specs import HUB_DEFAULT, MODEL_ENV_VAR, SYNTHETIC_FULL, TINY, ModelSpec
 
 log = logging.getLogger(__name__)
 
-MODEL_ENV_VAR = "FLUX_KONTEXT_MODEL"
 FULL_MAX_AREA = 1024 * 1024
 TINY_MAX_AREA = 256 * 256
 
@@ -38,8 +38,7 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
-    load_seconds: float = 0.0
-    text_encoder_note: str = "as loaded"  # "T5 FP8 weight-only" when --t5-fp8
+    notes: list[str] = field(default_factory=list)  # what load-scope stages changed (T5 precision)
 
 
 def default_model_name(device: str) -> str:
@@ -53,8 +52,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str, device: str) -> LoadedModel:
-    import time
-
     device_obj = torch.device(device)
     dtype = compute_dtype(device_obj)
     start = time.perf_counter()
@@ -68,12 +65,15 @@ def load_model(name: str, device: str) -> LoadedModel:
                 "Use --model tiny here, or run on a CUDA machine."
             )
         pipe = build_synthetic_full_pipeline(device=device, dtype=dtype)
-        spec = ModelSpec(SYNTHETIC_FULL, SYNTHETIC_FULL, random_weights=True, default_max_area=FULL_MAX_AREA, snap_input_to_kontext_resolutions=True)
+        spec = ModelSpec(
+            SYNTHETIC_FULL, SYNTHETIC_FULL, random_weights=True, default_max_area=FULL_MAX_AREA, snap_input_to_kontext_resolutions=True
+        )
     else:
         pipe, spec = _load_pretrained(name, dtype)
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    loaded = LoadedModel(pipe, spec, device_obj, dtype, time.perf_counter() - start)
+    loaded = LoadedModel(pipe, spec, device_obj, dtype)
+    log.info("%s loaded in %.1f s", name, time.perf_counter() - start)
     if spec.warning:
         log.warning("=" * 78)
         log.warning("MODEL %s: %s", spec.name, spec.warning)
@@ -93,10 +93,14 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[FluxKontextPipeline
         raise ModelLoadError(f"{local} has no model_index.json: point --model at a directory written by save_pretrained.")
     token = os.environ.get("HF_TOKEN") or None
     try:
-        pipe = FluxKontextPipeline.from_pretrained(str(local) if is_local else name, torch_dtype=dtype, token=token, local_files_only=is_local)
+        pipe = FluxKontextPipeline.from_pretrained(
+            str(local) if is_local else name, torch_dtype=dtype, token=token, local_files_only=is_local
+        )
     except (OSError, ValueError) as error:  # hub errors are OSErrors; diffusers wraps them in more OSErrors
         raise ModelLoadError(_explain_load_failure(name, token, error)) from error
-    spec = ModelSpec(name, "local" if is_local else "hub", random_weights=False, default_max_area=FULL_MAX_AREA, snap_input_to_kontext_resolutions=True)
+    spec = ModelSpec(
+        name, "local" if is_local else "hub", random_weights=False, default_max_area=FULL_MAX_AREA, snap_input_to_kontext_resolutions=True
+    )
     if is_local:
         spec = _maybe_mark_tiny_copy(local, spec)
     return pipe, spec
@@ -137,6 +141,9 @@ def _maybe_mark_tiny_copy(directory: Path, spec: ModelSpec) -> ModelSpec:
     import json
 
     config = json.loads((directory / "transformer" / "config.json").read_text())
-    if all(config.get(key) == list(value) if isinstance(value, tuple) else config.get(key) == value for key, value in TINY_TRANSFORMER_CONFIG.items()):
+    if all(
+        config.get(key) == list(value) if isinstance(value, tuple) else config.get(key) == value
+        for key, value in TINY_TRANSFORMER_CONFIG.items()
+    ):
         return ModelSpec(spec.name, "local", random_weights=True, default_max_area=TINY_MAX_AREA, snap_input_to_kontext_resolutions=False)
     return spec

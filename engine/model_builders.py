@@ -54,7 +54,13 @@ TINY_TRANSFORMER_CONFIG = dict(
     guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
 )
-TINY_VAE_CONFIG = {**FLUX_VAE_CONFIG, "block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 256}
+TINY_VAE_CONFIG = {
+    **FLUX_VAE_CONFIG,
+    "block_out_channels": (16, 32, 32, 32),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+}
 TINY_SEED = 20260101
 
 
@@ -83,7 +89,9 @@ def _assemble(transformer, vae, text_encoder, text_encoder_2) -> FluxKontextPipe
     )
 
 
-def build_tiny_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", transformer_overrides: dict | None = None) -> FluxKontextPipeline:
+def build_tiny_pipeline(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", transformer_overrides: dict | None = None
+) -> FluxKontextPipeline:
     """A small random-weight Kontext pipeline; the same weights every time (fixed seed).
 
     `transformer_overrides` changes the transformer's config (GPU tests use FLUX's real head size,

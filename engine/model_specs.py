@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 HUB_DEFAULT = "black-forest-labs/FLUX.1-Kontext-dev"
+MODEL_ENV_VAR = "FLUX_KONTEXT_MODEL"
 TINY = "tiny"
 SYNTHETIC_FULL = "synthetic-full"
 

@@ -19,45 +19,26 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import FluxKontextPipeline
 
-from engine.config import OptimizationConfig
-from stages import STAGES
-from stages.base import Stage
+from stages.base import BuildContext, Phase
+from stages.config import OptimizationConfig
+from stages.environment import Environment
+from stages.registry import stages_in
 from stages.tensors import leaf_tensors
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BuildContext:
-    device: torch.device
-    dtype: torch.dtype
-    env: object
-    notes: list[str] = field(default_factory=list)
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        log.info("variant build: %s", text)
-
-
-def _overrides(stage: Stage, phase: str) -> bool:
-    """Whether `stage` does anything in `phase` (the base class's hooks are no-ops)."""
-    return getattr(type(stage), phase) is not getattr(Stage, phase)
-
-
-def phase_key(config: OptimizationConfig, phase: str) -> tuple:
+def phase_key(config: OptimizationConfig, phase: Phase) -> tuple:
     """The config fields that decide what `phase` builds (empty: nothing to build)."""
-    key = []
-    for stage in STAGES:
-        if stage.is_requested(config) and _overrides(stage, phase):
-            key.extend((name, getattr(config, name)) for name in stage.build_fields or (stage.name,))
-    return tuple(key)
+    return tuple(item for stage in stages_in(phase) if stage.is_requested(config) for item in stage.build_key(config))
 
 
 def clone_sharing_tensors(module: torch.nn.Module) -> torch.nn.Module:
@@ -90,9 +71,7 @@ class Variant:
     added_bytes: int
     build_s: float
     notes: list[str]
-    created: float = field(default_factory=time.time)
     uses: int = 0
-    last_used: float = 0.0
     first_call_s: float | None = None  # the first edit on a compiled variant includes compilation
     parent_key: tuple = ()  # the weight variant an execution variant was cloned from
 
@@ -111,7 +90,7 @@ class Variant:
 class VariantCache:
     """Builds variants on first use, keeps the most recent ones, and manages base-weight residency."""
 
-    def __init__(self, pipe: FluxKontextPipeline, device: torch.device, dtype: torch.dtype, env, max_variants: int = 3):
+    def __init__(self, pipe: FluxKontextPipeline, device: torch.device, dtype: torch.dtype, env: Environment, max_variants: int = 3):
         self.base = pipe
         self.device, self.dtype, self.env = device, dtype, env
         self.max_variants = max_variants
@@ -119,6 +98,7 @@ class VariantCache:
         self._vaes: OrderedDict[tuple, Variant] = OrderedDict()
         self._executions: OrderedDict[tuple, Variant] = OrderedDict()
         self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
+        self._report_lock = threading.Lock()  # /health reads the report while the GPU worker changes the cache
 
     # -- public -----------------------------------------------------------------------------------
     def pipeline_for(self, config: OptimizationConfig) -> tuple[FluxKontextPipeline, Variant, float]:
@@ -126,21 +106,22 @@ class VariantCache:
         and the seconds spent building variants for it (0 when everything was cached)."""
         start = time.perf_counter()
         built = False
-        weights_key, execution_key = phase_key(config, "apply_weights"), phase_key(config, "apply_execution")
+        weights_key, execution_key = phase_key(config, Phase.WEIGHTS), phase_key(config, Phase.EXECUTION)
         exec_key = weights_key + execution_key
         execution = self._executions.get(exec_key)
         if execution is None:
             weights = self._weight_variant(config, weights_key)
-            execution = self._build(exec_key, weights.module, config, "apply_execution", clone=bool(execution_key))
+            execution = self._build(exec_key, weights.module, config, Phase.EXECUTION, clone=bool(execution_key))
             execution.parent_key = weights_key
-            self._executions[exec_key] = execution
-            self._evict()
+            with self._report_lock:
+                self._executions[exec_key] = execution
+                self._evict()
             self._settle_base_residency()
             built = True
-        self._executions.move_to_end(exec_key)
+        with self._report_lock:
+            self._executions.move_to_end(exec_key)
+            execution.uses += 1
         vae, vae_built = self._vae_variant(config)
-        execution.uses += 1
-        execution.last_used = time.time()
         pipe = FluxKontextPipeline(
             scheduler=self.base.scheduler,
             vae=vae.module if vae else self.base.vae,
@@ -154,18 +135,17 @@ class VariantCache:
         return pipe, execution, (time.perf_counter() - start) if (built or vae_built) else 0.0
 
     def report(self) -> list[dict]:
-        # Copies of the dicts: /health may read while the GPU worker builds or evicts.
-        rows = [variant.summary("weights") for variant in list(self._weights.values())]
-        rows += [variant.summary("vae") for variant in list(self._vaes.values())]
-        rows += [variant.summary("execution") for variant in list(self._executions.values())]
+        """Every built variant with its memory, build time and uses; safe to call from any thread."""
+        with self._report_lock:
+            rows = [variant.summary("weights") for variant in self._weights.values()]
+            rows += [variant.summary("vae") for variant in self._vaes.values()]
+            rows += [variant.summary("execution") for variant in self._executions.values()]
         return rows
 
-    @property
-    def offloaded_tensors(self) -> int:
-        return len(self._offloaded)
-
     # -- building ---------------------------------------------------------------------------------
-    def _build(self, key: tuple, source: torch.nn.Module, config: OptimizationConfig, phase: str, clone: bool, own_tensors: bool = False) -> Variant:
+    def _build(
+        self, key: tuple, source: torch.nn.Module, config: OptimizationConfig, phase: Phase, clone: bool, own_tensors: bool = False
+    ) -> Variant:
         """Apply every requested stage's `phase` hook, in registry order, to a clone of `source`.
         With nothing to apply, the variant is `source` itself. `own_tensors` gives the clone private
         copies of every tensor, for stages that convert tensors in place (channels_last)."""
@@ -173,11 +153,11 @@ class VariantCache:
             return Variant(key, source, 0, 0.0, [])
         start = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        build = BuildContext(self.device, self.dtype, self.env)
+        build = BuildContext(self.env, self.device, self.dtype)
         module = copy.deepcopy(source) if own_tensors else clone_sharing_tensors(source)
-        for stage in STAGES:
-            if stage.is_requested(config) and _overrides(stage, phase):
-                getattr(stage, phase)(module, config, build)
+        for stage in stages_in(phase):
+            if stage.is_requested(config):
+                getattr(stage, phase.value)(module, config, build)
         extra = added_bytes(module, source)
         if self.device.type == "cuda":
             build.note(f"GPU memory allocated by the build: {(torch.cuda.memory_allocated(self.device) - allocated_before) / 2**20:.0f} MB")
@@ -187,27 +167,30 @@ class VariantCache:
         variant = self._weights.get(key)
         if variant is None:
             self._restore_base()  # new weights are derived from the full bf16 model
-            variant = self._build(key, self.base.transformer, config, "apply_weights", clone=bool(key))
-            self._weights[key] = variant
+            variant = self._build(key, self.base.transformer, config, Phase.WEIGHTS, clone=bool(key))
+            with self._report_lock:
+                self._weights[key] = variant
         return variant
 
     def _vae_variant(self, config: OptimizationConfig) -> tuple[Variant | None, bool]:
-        key = phase_key(config, "apply_vae")
+        key = phase_key(config, Phase.VAE)
         if not key:
             return None, False
         variant, built = self._vaes.get(key), False
         if variant is None:
             # The VAE is small (about 1% of the model): a private copy is simpler than tracking in-place conversions.
-            variant, built = self._build(key, self.base.vae, config, "apply_vae", clone=True, own_tensors=True), True
+            variant, built = self._build(key, self.base.vae, config, Phase.VAE, clone=True, own_tensors=True), True
+        with self._report_lock:
             self._vaes[key] = variant
             while len(self._vaes) > self.max_variants:
                 self._vaes.popitem(last=False)
-        self._vaes.move_to_end(key)
-        variant.uses += 1
+            self._vaes.move_to_end(key)
+            variant.uses += 1
         return variant, built
 
     # -- memory -----------------------------------------------------------------------------------
     def _evict(self) -> None:
+        """Under the report lock: drop the least recently used execution variants and orphaned weights."""
         while len(self._executions) > self.max_variants:
             key, _ = self._executions.popitem(last=False)
             log.info("evicting the least recently used variant %s", key)

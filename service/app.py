@@ -20,7 +20,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
-from engine import KontextEngine, __version__
+from engine import __version__
+from engine.engine import KontextEngine
 
 from . import inference, openai_images, operations
 from .auth import ApiKeyMiddleware
@@ -31,7 +32,7 @@ from .runtime import EngineLoader, Service
 from .schemas import InferenceForm, InferenceRequest
 from .settings import ServiceSettings
 
-DESCRIPTION = "FLUX.1-Kontext image editing with per-request optimization stages. Errors: {\"error\": {\"type\", \"field\", \"message\"}}."
+DESCRIPTION = 'FLUX.1-Kontext image editing with per-request optimization stages. Errors: {"error": {"type", "field", "message"}}.'
 
 
 def create_app(engine: KontextEngine | None = None, settings: ServiceSettings | None = None, loader: EngineLoader | None = None) -> FastAPI:
@@ -46,7 +47,7 @@ def create_app(engine: KontextEngine | None = None, settings: ServiceSettings | 
             yield
         finally:
             service.begin_drain()
-            await run_in_threadpool(service.stop, settings.drain_s)
+            await run_in_threadpool(service.stop)
 
     middleware = []
     if settings.cors_origins:
@@ -54,19 +55,23 @@ def create_app(engine: KontextEngine | None = None, settings: ServiceSettings | 
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "DELETE"],
+                allow_methods=["GET", "HEAD", "POST", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
                 expose_headers=["X-Request-ID", "X-Seed", "Retry-After", "Server-Timing", "X-Model-Random-Weights"],
             )
         )
-    middleware += [Middleware(RequestTrackingMiddleware, service=service), Middleware(ApiKeyMiddleware, api_key=settings.api_key)]
+    routers = (inference.router, openai_images.router, operations.router)
+    route_paths = frozenset(route.path for router in routers for route in router.routes)
+    middleware += [
+        Middleware(RequestTrackingMiddleware, service=service, route_paths=route_paths),
+        Middleware(ApiKeyMiddleware, api_key=settings.api_key),
+    ]
 
     app = FastAPI(title="FLUX.1-Kontext optimized", version=__version__, description=DESCRIPTION, lifespan=lifespan, middleware=middleware)
     app.state.service = service
     install_error_handlers(app, settings.max_body_bytes)
-    app.include_router(inference.router)
-    app.include_router(openai_images.router)
-    app.include_router(operations.router)
+    for router in routers:
+        app.include_router(router)
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -77,7 +82,9 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    _, definitions = models_json_schema([(InferenceRequest, "validation"), (InferenceForm, "validation")], ref_template="#/components/schemas/{model}")
+    _, definitions = models_json_schema(
+        [(InferenceRequest, "validation"), (InferenceForm, "validation")], ref_template="#/components/schemas/{model}"
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(definitions.get("$defs", {}))
     service = app.state.service
@@ -99,7 +106,12 @@ def _apply_limits(components: dict, service) -> None:
                 target.update(limits)
 
     edits_form = next((name for name in components if name.startswith("Body_images_edits")), None)
-    for name, images in (("InferenceRequest", "num_images"), ("InferenceForm", "num_images"), ("OpenAIGenerationRequest", "n"), (edits_form, "n")):
+    for name, images in (
+        ("InferenceRequest", "num_images"),
+        ("InferenceForm", "num_images"),
+        ("OpenAIGenerationRequest", "n"),
+        (edits_form, "n"),
+    ):
         properties = components.get(name, {}).get("properties", {})
         bound(properties, "width", minimum=service.min_side(), maximum=settings.max_size)
         bound(properties, "height", minimum=service.min_side(), maximum=settings.max_size)

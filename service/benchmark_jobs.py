@@ -1,39 +1,28 @@
-"""GET /benchmark as a job: the stage benchmark (the CLI's own code) runs on the GPU worker, in the
-same queue as edits, so it never overlaps a request; the HTTP side reports its progress and keeps
-the latest finished table.
+"""Benchmark runs as a job: the stage benchmark (the CLI's own code, engine/benchmark) runs on the
+GPU worker, so it never overlaps an edit; the HTTP side reports its progress and keeps the latest
+finished table.
 
-    GET /benchmark            -> 200 with the latest table for these stages, or 202 with progress
-                                 (starting a run when none is running and none has finished)
-    GET /benchmark?force=true -> start a new run even when a table exists
-    DELETE /benchmark         -> cancel the run (between two edits; compilation is not interruptible)
+A run takes minutes, so it yields: after each of its edits it lets every user request that queued
+up meanwhile run first, so no request waits longer than one benchmark edit.
+
+    POST /benchmark    -> start a run (when the server's policy allows clients to)
+    GET /benchmark     -> 200 with the latest table, or 202 with progress
+    DELETE /benchmark  -> cancel the run (between two edits; compilation is not interruptible)
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from pathlib import Path
 
-from benchmarks.stage_benchmark import BenchmarkSettings, run_benchmark, write_results
+from engine.benchmark.report import json_safe, write_results
+from engine.benchmark.runner import BenchmarkSettings, run_benchmark
 
 from .queue import Job, JobCancelled, JobFailed
 
 log = logging.getLogger("flux_kontext.service.benchmark")
-
-
-def json_safe(value):
-    """inf/nan (stage 0's PSNR against itself is infinite) become null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 class BenchmarkCancelled(JobCancelled):
@@ -59,10 +48,6 @@ class BenchmarkJobs:
                 "last_failure": dict(self.last_failure) if self.last_failure else None,
             }
 
-    def latest_for(self, stages: list[int]) -> dict | None:
-        with self._lock:
-            return self.latest if self.latest and self.latest["stages"] == stages else None
-
     @property
     def running(self) -> dict | None:
         with self._lock:
@@ -81,7 +66,14 @@ class BenchmarkJobs:
             if self.current is not None:
                 return dict(self.current)
             self._cancel.clear()
-            record = {"status": "queued", "stages": stages, "message": "waiting for the GPU worker", "fraction": 0.0, "queued_at": time.time(), "started_at": None}
+            record = {
+                "status": "queued",
+                "stages": stages,
+                "message": "waiting for the GPU worker",
+                "fraction": 0.0,
+                "queued_at": time.time(),
+                "started_at": None,
+            }
             self.current = record
         try:
             self._job = self.service.worker.submit("benchmark", lambda: self._run(bench), on_done=self._finished)
@@ -108,18 +100,22 @@ class BenchmarkJobs:
         with self._lock:
             self.current.update(status="running", started_at=time.time(), message="starting")
         report = run_benchmark(engine, bench, on_progress=self._progress)
-        self.service.refresh_variants()
         directory = self.service.settings.benchmark_results_dir
         if directory:
             write_results(report, Path(directory))
         return report
 
     def _progress(self, message: str, fraction: float) -> None:
+        """After every benchmark edit, on the worker thread: report, stop if cancelled, and let the
+        user requests that arrived meanwhile run before the next edit."""
         with self._lock:
             if self.current is not None:
                 self.current.update(message=message, fraction=round(fraction, 4))
         if self._cancel.is_set():
             raise BenchmarkCancelled(message)
+        served = self.service.worker.run_waiting(exclude_kinds=("benchmark",))
+        if served:
+            log.info("benchmark paused after %s for %d user request(s)", message, served)
 
     def _finished(self, job: Job) -> None:
         error = job.error.original if isinstance(job.error, JobFailed) else job.error

@@ -11,28 +11,56 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from engine import EditRequest, EditResult, OptimizationConfig
+from engine.requests import EditRequest, EditResult
 from engine.sizes import output_size
 
 from .errors import APIError, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
+from .optimizations import MergedConfig, merge
 from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
 from .runtime import Service
+from .schemas import InferenceRequest
 
 log = logging.getLogger("flux_kontext.service")
 
+# How the OpenAI routes name the request fields, for error messages that point at what the client sent.
+OPENAI_FIELD_NAMES = {"width": "size", "height": "size", "num_images": "n"}
 
 
 @dataclass
 class PreparedEdit:
     edit: EditRequest
-    config: OptimizationConfig
-    requested: OptimizationConfig
+    merged: MergedConfig
     output_format: str = "png"
     quality: int = 90
     warnings: list[str] = field(default_factory=list)
-    ignored: dict[str, str] = field(default_factory=dict)  # stages the server's policy switched off
     decode_s: float = 0.0
+
+
+async def prepare(service: Service, body: InferenceRequest, image: bytes | None, field_names: dict[str, str] | None = None) -> PreparedEdit:
+    """The one way every editing endpoint turns a validated body into an engine request: decode the
+    input, merge the optimizations, apply the server's default steps and check its limits."""
+    names = {**{name: name for name in ("width", "height", "num_images")}, **(field_names or {})}
+    decoded, decode_s = await decode_input(service, image)
+    overrides = body.optimizations.model_dump(exclude_none=True) if body.optimizations else {}
+    merged = merge(service.engine.default_config, body.legacy_flags(), overrides, service.settings.per_request_variants)
+    edit = EditRequest(
+        prompt=body.prompt,
+        image=decoded.image if decoded else None,
+        negative_prompt=body.negative_prompt,
+        width=body.width,
+        height=body.height,
+        steps=body.steps if body.steps is not None else service.settings.default_steps,
+        guidance_scale=body.guidance_scale,
+        true_cfg_scale=body.true_cfg_scale,
+        seed=body.seed,
+        num_images=body.num_images,
+    )
+    check_limits(service, edit, names)
+    warnings = (decoded.notes if decoded else []) + merged.warnings
+    if body.true_cfg_scale > 1 and not body.negative_prompt:
+        warnings.append("true_cfg_scale > 1 has no effect without a negative_prompt")
+    return PreparedEdit(edit, merged, body.output_format, body.output_quality, warnings, decode_s)
 
 
 async def decode_input(service: Service, data: bytes | None, field_name: str = "image") -> tuple[DecodedImage | None, float]:
@@ -49,40 +77,44 @@ async def decode_input(service: Service, data: bytes | None, field_name: str = "
     return decoded, time.perf_counter() - started
 
 
-def check_limits(
-    service: Service,
-    edit: EditRequest,
-    config: OptimizationConfig,
-    size_fields: tuple[str, str] = ("width", "height"),
-    images_field: str = "num_images",
-) -> tuple[int, int]:
-    """Apply the server's default steps, check its own bounds (tighter than the schema's); returns the output size."""
+def check_limits(service: Service, edit: EditRequest, names: dict[str, str]) -> tuple[int, int]:
+    """The server's own bounds (tighter than the schema's); returns the output size."""
     settings, engine = service.settings, service.engine
-    if edit.steps is None and config.steps is None and settings.default_steps is not None:
-        edit.steps = settings.default_steps
-    width_field, height_field = size_fields
     if (edit.width is None) != (edit.height is None):
-        missing = width_field if edit.width is None else height_field
-        raise invalid(missing, f"give both {width_field} and {height_field}, or neither (then Kontext picks the size from the input's aspect ratio)")
+        missing = names["width"] if edit.width is None else names["height"]
+        raise invalid(
+            missing,
+            f"give both {names['width']} and {names['height']}, or neither (then Kontext picks the size from the input's aspect ratio)",
+        )
     low, high = service.min_side(), settings.max_size
-    for name, value in ((width_field, edit.width), (height_field, edit.height)):
+    for name, value in (("width", edit.width), ("height", edit.height)):
         if value is not None and not low <= value <= high:
-            raise invalid(name, f"{value} is outside this server's range {low}..{high}")
+            raise invalid(names[name], f"{value} is outside this server's range {low}..{high} (serve --min-size/--max-size)")
         if value is not None and value % 16:
-            raise invalid(name, f"{value} is not a multiple of 16")
-    for name, value in (("steps", edit.steps), ("optimizations.steps", config.steps)):
-        if value is not None and value > settings.max_steps:
-            raise invalid(name, f"{value} is over this server's limit of {settings.max_steps} steps")
+            raise invalid(names[name], f"{value} is not a multiple of 16")
+    if edit.steps is not None and edit.steps > settings.max_steps:
+        raise invalid("steps", f"{edit.steps} is over this server's limit of {settings.max_steps} steps")
     if edit.num_images > settings.max_images:
-        raise invalid(images_field, f"{edit.num_images} is over this server's limit of {settings.max_images} images per request")
-    width, height = output_size(edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or engine.loaded.spec.default_max_area)
+        raise invalid(names["num_images"], f"{edit.num_images} is over this server's limit of {settings.max_images} images per request")
+    width, height = output_size(
+        edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or engine.loaded.spec.default_max_area
+    )
     pixels = width * height * edit.num_images
     if pixels > settings.max_output_pixels:
         raise invalid(
-            width_field if edit.width else images_field,
-            f"{width}x{height} x {edit.num_images} image(s) is {pixels / 1e6:.1f} MP, over this server's {settings.max_output_pixels / 1e6:.1f} MP per request",
+            names["width"] if edit.width else names["num_images"],
+            f"{width}x{height} x {edit.num_images} image(s) is {pixels / 1e6:.1f} MP, "
+            f"over this server's {settings.max_output_pixels / 1e6:.1f} MP per request",
         )
     return width, height
+
+
+def run_warnings(result: EditResult, prepared: PreparedEdit) -> list[str]:
+    """The request's warnings, plus one line per requested stage this machine did not run and the
+    model's own warning (random weights)."""
+    skipped = [f"{name} requested but not run: {reason}" for name, reason in result.skipped_stages.items()]
+    model = [result.model["warning"]] if result.model.get("warning") else []
+    return prepared.warnings + skipped + model
 
 
 async def run_edit(service: Service, request: Request, prepared: PreparedEdit, arrived: float) -> tuple[EditResult, Job]:
@@ -92,10 +124,7 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
 
     def on_worker() -> EditResult:
         # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
-        result = service.engine.edit(prepared.edit, prepared.config, should_stop=lambda: time.monotonic() > deadline)
-        if result.variant.get("first_use"):
-            service.refresh_variants()
-        return result
+        return service.engine.edit(prepared.edit, prepared.merged.config, should_stop=lambda: time.monotonic() > deadline)
 
     try:
         result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
@@ -103,29 +132,47 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
         raise APIError(
             429,
             "queue_full",
-            f"the server is busy: {full.waiting} requests are already waiting (serve --queue-size {settings.queue_size}); retry after {full.retry_after} s",
+            f"the server is busy: {full.waiting} requests are already waiting (serve --queue-size {settings.queue_size}); "
+            f"retry after {full.retry_after} s",
             headers={"Retry-After": str(full.retry_after)},
         ) from None
     except WorkerStopped:
-        raise APIError(503, "shutting_down", "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}) from None
+        raise APIError(
+            503, "shutting_down", "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}
+        ) from None
     except JobTimeout as timeout:
-        where = "while its edit was running (stopped at the next step)" if timeout.was_running else "while waiting in the queue (it never reached the GPU)"
-        raise APIError(504, "timeout", f"no result within the {settings.request_timeout_s:g} s request timeout (serve --request-timeout); it timed out {where}") from None
+        where = (
+            "while its edit was running (stopped at the next step)"
+            if timeout.was_running
+            else "while waiting in the queue (it never reached the GPU)"
+        )
+        raise APIError(
+            504,
+            "timeout",
+            f"no result within the {settings.request_timeout_s:g} s request timeout (serve --request-timeout); it timed out {where}",
+        ) from None
     except ClientGone:
-        raise APIError(499, "client_disconnected", "the client disconnected while waiting; the job was dropped before reaching the GPU") from None
+        raise APIError(
+            499, "client_disconnected", "the client disconnected while waiting; the job was dropped before reaching the GPU"
+        ) from None
     except GpuOutOfMemory as oom:
         edit = prepared.edit
         raise APIError(
             503,
             "gpu_out_of_memory",
-            f"the GPU ran out of memory on this request ({edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)): {oom}. "
+            f"the GPU ran out of memory on this request "
+            f"({edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)): {oom}. "
             "The memory was released and the server keeps serving; retry, or ask for a smaller size or fewer images",
             headers={"Retry-After": "1"},
         ) from None
     except JobFailed as failed:
         request_id = getattr(request.state, "request_id", None)
         log.error("edit failed (request %s): %r", request_id, failed.original)
-        raise APIError(500, "edit_failed", f"the edit failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}") from None
+        raise APIError(
+            500,
+            "edit_failed",
+            f"the edit failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}",
+        ) from None
     service.metrics.record_edit(result)
     return result, job
 

@@ -16,9 +16,14 @@ from typing import Any, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from stages.config import OptimizationConfig
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never sent, only counted
 
 log = logging.getLogger("flux_kontext.service")
 
@@ -29,6 +34,7 @@ _TYPES_BY_STATUS = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "body_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
@@ -68,7 +74,9 @@ def error_body(error_type: str, message: str, field: str | None = None, request_
     return {"error": {"type": error_type, "field": field, "message": message, **extra, "request_id": request_id}}
 
 
-def error_response(request: Request, status_code: int, error_type: str, message: str, field: str | None = None, headers=None, **extra) -> JSONResponse:
+def error_response(
+    request: Request, status_code: int, error_type: str, message: str, field: str | None = None, headers=None, **extra
+) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     return JSONResponse(error_body(error_type, message, field, request_id, **extra), status_code=status_code, headers=headers)
 
@@ -90,9 +98,8 @@ def _problem(error: dict, field: str) -> str:
         name = field.rsplit(".", 1)[-1]
         parent = field.rsplit(".", 1)[0] if "." in field else None
         if parent == "optimizations":
-            from .optimizations import OPTIMIZATION_FIELDS
-
-            return f"unknown optimization {name!r}; known: {', '.join(OPTIMIZATION_FIELDS)}"
+            known = ", ".join(OptimizationConfig.model_fields)
+            return f"unknown optimization {name!r}; known: {known} (request settings such as steps go at the top level)"
         return f"unknown field {name!r}"
     if kind == "missing":
         return "required"
@@ -153,6 +160,15 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         error = validation_error(exc.errors())
         return error_response(request, error.status_code, error.error_type, error.message, error.field, **error.extra)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # The client closed the connection while sending its body: nobody will read an answer, and
+        # it is not the server's fault. The status only reaches the logs and /metrics.
+        log.info(
+            "client disconnected during %s %s (request %s)", request.method, request.url.path, getattr(request.state, "request_id", None)
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

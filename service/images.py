@@ -54,7 +54,7 @@ def bytes_from_text(text: str, field_name: str = "image") -> bytes:
         match = _DATA_URL.match(text)
         if not match or not match.group("b64"):
             raise invalid(field_name, "a data: URL must look like data:image/png;base64,<base64 data>")
-        text = text[match.end():]
+        text = text[match.end() :]
     compact = re.sub(r"\s+", "", text)
     if not compact:
         raise invalid(field_name, "is empty")
@@ -108,13 +108,21 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, field_name: str = 
     except Exception as error:  # noqa: BLE001
         raise invalid(field_name, f"cannot convert colour mode {image.mode} to RGB ({error})", "invalid_image") from None
     if decoded.source_mode != "RGB":
-        decoded.notes.append(f"{field_name}: colour mode {decoded.source_mode} converted to 8-bit RGB" + (", alpha composited over white" if had_alpha else ""))
+        decoded.notes.append(
+            f"{field_name}: colour mode {decoded.source_mode} converted to 8-bit RGB"
+            + (", alpha composited over white" if had_alpha else "")
+        )
     return decoded
 
 
 def _too_large(field_name: str, size: tuple[int, int] | None, max_pixels: int) -> APIError:
     what = f"{size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} MP)" if size else "the declared size"
-    return APIError(422, "image_too_large", f"{field_name}: {what} is over the {max_pixels / 1e6:.1f} MP input limit (serve --max-input-pixels)", field=field_name)
+    return APIError(
+        422,
+        "image_too_large",
+        f"{field_name}: {what} is over the {max_pixels / 1e6:.1f} MP input limit (serve --max-input-pixels)",
+        field=field_name,
+    )
 
 
 def _has_alpha(image: Image.Image) -> bool:

@@ -16,27 +16,30 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from engine import EditRequest, EditResult
+from engine.requests import EditResult
 
-from .edits import PreparedEdit, check_limits, decode_input, encode_outputs, negotiate, run_edit, server_timing
+from .edits import PreparedEdit, encode_outputs, negotiate, prepare, run_edit, run_warnings, server_timing
 from .errors import APIError, from_pydantic, invalid
 from .images import MEDIA_TYPES, bytes_from_text
-from .optimizations import merge
 from .schemas import ErrorResponse, InferenceRequest, InferenceResponse
 
 router = APIRouter()
 
-_ERRORS = {status: {"model": ErrorResponse, "description": why} for status, why in {
-    400: "malformed JSON or multipart body",
-    401: "missing or wrong API key (when the server has one)",
-    406: "raw image asked for with num_images > 1",
-    413: "body over the size cap",
-    415: "neither JSON nor a form",
-    422: "a field is invalid; `error.field` names it",
-    429: "queue full; retry after Retry-After seconds",
-    503: "loading, shutting down, or the GPU ran out of memory on this request",
-    504: "no result within the request timeout (queued time counts)",
-}.items()}
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in {
+        400: "malformed JSON or multipart body",
+        401: "missing or wrong API key (when the server has one)",
+        406: "raw image asked for with num_images > 1",
+        413: "body over the size cap",
+        408: "the body did not arrive within the body timeout",
+        415: "neither JSON nor a form, or a compressed body",
+        422: "a field is invalid; `error.field` names it",
+        429: "queue full; retry after Retry-After seconds",
+        503: "loading, shutting down, or the GPU ran out of memory on this request",
+        504: "no result within the request timeout (queued time counts)",
+    }.items()
+}
 
 OPENAPI_BODY = {
     "requestBody": {
@@ -55,17 +58,29 @@ IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for m
     summary="Edit an image (or generate one from text)",
     response_model=None,
     openapi_extra=OPENAPI_BODY,
-    responses={200: {"model": InferenceResponse, "description": "The images and the run's metadata; the raw image when Accept asks for image/*", "content": IMAGE_CONTENT}, **_ERRORS},
+    responses={
+        200: {
+            "model": InferenceResponse,
+            "description": "The images and the run's metadata; the raw image when Accept asks for image/*",
+            "content": IMAGE_CONTENT,
+        },
+        **_ERRORS,
+    },
 )
 async def inference(request: Request) -> Response:
     arrived = time.monotonic()
     service = request.app.state.service
     service.require_ready()  # before reading a possibly large body
     body, image_bytes = await _read_body(request)
-    prepared = await _prepare(service, body, image_bytes)
+    prepared = await prepare(service, body, image_bytes)
     accept = negotiate(request.headers.get("accept"))
     if accept and prepared.edit.num_images > 1:
-        raise APIError(406, "not_acceptable", f"a raw {accept} answer carries one image; ask for num_images=1 or Accept: application/json", field="num_images")
+        raise APIError(
+            406,
+            "not_acceptable",
+            f"a raw {accept} answer carries one image; ask for num_images=1 or Accept: application/json",
+            field="num_images",
+        )
     output_format = prepared.output_format if accept in (None, "image/*") else accept.split("/")[1]
 
     result, job = await run_edit(service, request, prepared, arrived)
@@ -83,7 +98,12 @@ async def _read_body(request: Request) -> tuple[InferenceRequest, bytes | None]:
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _read_form(request)
     if content_type and content_type != "application/json" and not content_type.endswith("+json"):
-        raise APIError(415, "unsupported_media_type", f"Content-Type {content_type} is not accepted; send application/json or multipart/form-data", field="Content-Type")
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type} is not accepted; send application/json or multipart/form-data",
+            field="Content-Type",
+        )
     raw = await request.body()
     if not raw.strip():
         raise APIError(400, "invalid_json", "the body is empty; send a JSON object with at least a prompt", field="body")
@@ -91,7 +111,7 @@ async def _read_body(request: Request) -> tuple[InferenceRequest, bytes | None]:
         body = InferenceRequest.model_validate_json(raw, strict=True)
     except ValidationError as error:
         raise from_pydantic(error) from None
-    image = bytes_from_text(body.image) if body.image else None
+    image = bytes_from_text(body.image) if body.image is not None else None  # "" is refused, never read as "no image"
     return body, image
 
 
@@ -111,7 +131,7 @@ async def _read_form(request: Request) -> tuple[InferenceRequest, bytes | None]:
             image = await value.read()
             continue
         if key == "image":
-            image = bytes_from_text(value) if value.strip() else None
+            image = bytes_from_text(value)  # an empty field is refused: leave it out to generate from text
             continue
         if value != "":  # an empty form field means "not given"
             fields[key] = value
@@ -120,6 +140,8 @@ async def _read_form(request: Request) -> tuple[InferenceRequest, bytes | None]:
             fields["optimizations"] = json.loads(fields["optimizations"])
         except json.JSONDecodeError as error:
             raise invalid("optimizations", f"must be a JSON object ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise invalid("optimizations", "must be a flat JSON object of stage settings; this one is nested too deeply to read") from None
     try:
         body = InferenceRequest.model_validate(fields)
     except ValidationError as error:
@@ -127,42 +149,14 @@ async def _read_form(request: Request) -> tuple[InferenceRequest, bytes | None]:
     return body, image
 
 
-async def _prepare(service, body: InferenceRequest, image_bytes: bytes | None) -> PreparedEdit:
-    decoded, decode_s = await decode_input(service, image_bytes)
-    overrides = body.optimizations.model_dump(exclude_none=True) if body.optimizations else {}
-    config, requested, warnings, ignored = merge(service.engine.default_config, body.legacy_flags(), overrides, service.settings.per_request_variants)
-    edit = EditRequest(
-        prompt=body.prompt,
-        image=decoded.image if decoded else None,
-        negative_prompt=body.negative_prompt,
-        width=body.width,
-        height=body.height,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        true_cfg_scale=body.true_cfg_scale,
-        seed=body.seed,
-        num_images=body.num_images,
-    )
-    check_limits(service, edit, config)
-    if body.true_cfg_scale > 1 and not body.negative_prompt:
-        warnings.append("true_cfg_scale > 1 has no effect without a negative_prompt")
-    return PreparedEdit(
-        edit=edit,
-        config=config,
-        requested=requested,
-        output_format=body.output_format,
-        quality=body.output_quality,
-        warnings=(decoded.notes if decoded else []) + warnings,
-        ignored=ignored,
-        decode_s=decode_s,
-    )
-
-
-def _response(result: EditResult, prepared: PreparedEdit, output_format: str, blobs: list[bytes], queue_s: float, encode_s: float, total_s: float) -> dict:
+def _response(
+    result: EditResult, prepared: PreparedEdit, output_format: str, blobs: list[bytes], queue_s: float, encode_s: float, total_s: float
+) -> dict:
     timings = result.timings
-    skipped = {report.name: report.reason for report in result.stages if report.requested and not report.active}
-    skipped.update(prepared.ignored)
-    quantization = next((report.detail or result.config.quantization for report in result.stages if report.name == "quantization" and report.active), None)
+    skipped = {**result.skipped_stages, **prepared.merged.ignored}
+    quantization = next(
+        (report.detail or result.config.quantization for report in result.stages if report.name == "quantization" and report.active), None
+    )
     payload = InferenceResponse(
         images=[base64.b64encode(blob).decode("ascii") for blob in blobs],
         output_format=output_format,
@@ -191,11 +185,11 @@ def _response(result: EditResult, prepared: PreparedEdit, output_format: str, bl
         stages=[report.as_dict() for report in result.stages],
         quantization=quantization,
         optimizations=result.config.model_dump(),
-        requested_optimizations=prepared.requested.model_dump(),
+        requested_optimizations=prepared.merged.requested.model_dump(),
         model=result.model,
         variant=result.variant,
         extras=result.extras,
-        warnings=prepared.warnings + ([result.model["warning"]] if result.model.get("warning") else []),
+        warnings=run_warnings(result, prepared),
     )
     return payload.model_dump(mode="json")
 
@@ -204,7 +198,7 @@ def _metadata_headers(result: EditResult, timing_header: str) -> dict[str, str]:
     def ascii_only(text: str) -> str:
         return text.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace("\n", " ")
 
-    skipped = "; ".join(f"{r.name}: {r.reason}" for r in result.stages if r.requested and not r.active)
+    skipped = "; ".join(f"{name}: {reason}" for name, reason in result.skipped_stages.items())
     return {
         "Server-Timing": timing_header,
         "X-Seed": str(result.seed),

@@ -16,6 +16,7 @@ def outcome_for_status(status: int) -> str:
         return "ok"
     return {
         401: "unauthorized",
+        408: "body_timeout",
         413: "too_large",
         429: "rejected_queue_full",
         499: "client_disconnected",
@@ -30,10 +31,22 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("kontext_http_requests_total", "HTTP requests by endpoint and outcome", ["endpoint", "method", "outcome"], registry=r)
-        self.latency = Histogram("kontext_http_request_duration_seconds", "End-to-end request time as the server sees it", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("kontext_queue_wait_seconds", "Time a job waited for the GPU worker", ["kind"], buckets=QUEUE_BUCKETS, registry=r)
-        self.job_duration = Histogram("kontext_job_duration_seconds", "Time a job ran on the GPU worker", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "kontext_http_requests_total", "HTTP requests by endpoint and outcome", ["endpoint", "method", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "kontext_http_request_duration_seconds",
+            "End-to-end request time as the server sees it",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "kontext_queue_wait_seconds", "Time a job waited for the GPU worker", ["kind"], buckets=QUEUE_BUCKETS, registry=r
+        )
+        self.job_duration = Histogram(
+            "kontext_job_duration_seconds", "Time a job ran on the GPU worker", ["kind"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.jobs = Counter("kontext_jobs_total", "GPU jobs by kind and outcome", ["kind", "outcome"], registry=r)
         self.images = Counter("kontext_images_generated_total", "Images produced", registry=r)
         self.running = Gauge("kontext_jobs_running", "Jobs running on the GPU worker (0 or 1)", registry=r)
@@ -54,7 +67,9 @@ class ServiceMetrics:
             self.cache_calls.labels("computed").inc(cache.get("computed", 0))
             self.cache_calls.labels("skipped").inc(cache.get("skipped", 0))
 
-    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float], memory: Callable[[], dict[str, int]]) -> None:
+    def bind(
+        self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float], memory: Callable[[], dict[str, int]]
+    ) -> None:
         """Read live values at scrape time instead of updating gauges from every code path."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)

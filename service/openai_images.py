@@ -17,18 +17,27 @@ import re
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
-from engine import EditRequest
-
-from .edits import PreparedEdit, check_limits, decode_input, encode_outputs, run_edit, server_timing
-from .errors import invalid
-from .schemas import HARD_MAX_IMAGES, HARD_MAX_STEPS, MAX_PROMPT_CHARS, SIZE_PATTERN, ErrorResponse, OpenAIGenerationRequest, OpenAIImagesResponse, OutputFormat, _check_text
+from .edits import OPENAI_FIELD_NAMES, encode_outputs, prepare, run_edit, server_timing
+from .errors import APIError, from_pydantic, invalid
+from .schemas import (
+    HARD_MAX_IMAGES,
+    HARD_MAX_STEPS,
+    MAX_PROMPT_CHARS,
+    SIZE_PATTERN,
+    ErrorResponse,
+    InferenceRequest,
+    OpenAIGenerationRequest,
+    OpenAIImagesResponse,
+    OutputFormat,
+)
 
 router = APIRouter(prefix="/v1/images", tags=["OpenAI-compatible"])
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 408, 413, 415, 422, 429, 503, 504)}
 
 
 def _size(size: str | None) -> tuple[int | None, int | None]:
@@ -37,25 +46,41 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
     match = _SIZE.match(size)
     if not match:
         raise invalid("size", f"{size!r}: write WIDTHxHEIGHT with multiples of 16 (e.g. 1024x1024) or auto")
-    return int(match.group(1)), int(match.group(2))
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 16 or height % 16 or min(width, height) < 16:
+        raise invalid("size", f"{size!r}: both sides must be multiples of 16 (e.g. 1024x1024)")
+    return width, height
 
 
-def _prompt(prompt: str) -> str:
+def _as_inference_request(
+    prompt: str, size: str | None, n: int | None, steps: int | None, seed: int | None, output_format: str | None, compression: int | None
+) -> InferenceRequest:
+    """The OpenAI fields in the shape every editing endpoint shares (service/edits.py:prepare)."""
+    width, height = _size(size)
+    fields = {
+        "prompt": prompt,
+        "width": width,
+        "height": height,
+        "num_images": n or 1,
+        "steps": steps,
+        "seed": seed,
+        "output_format": output_format or "png",
+    }
+    if compression is not None:
+        fields["output_quality"] = min(100, max(1, compression))
     try:
-        _check_text(prompt)
-    except ValueError as error:
-        raise invalid("prompt", str(error)) from None
-    if not prompt.strip():
-        raise invalid("prompt", "must not be blank")
-    return prompt
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as error:
+        raise from_pydantic(error) from None
 
 
-async def _answer(request: Request, service, prepared: PreparedEdit, arrived: float) -> JSONResponse:
-    check_limits(service, prepared.edit, prepared.config, size_fields=("size", "size"), images_field="n")
+async def _answer(request: Request, body: InferenceRequest, image: bytes | None, arrived: float) -> JSONResponse:
+    service = request.app.state.service
+    prepared = await prepare(service, body, image, OPENAI_FIELD_NAMES)
     result, job = await run_edit(service, request, prepared, arrived)
     blobs, encode_s = await encode_outputs(result, prepared.output_format, prepared.quality)
     total_s = time.monotonic() - arrived
-    body = OpenAIImagesResponse(
+    response = OpenAIImagesResponse(
         created=int(time.time()),
         data=[{"b64_json": base64.b64encode(blob).decode("ascii")} for blob in blobs],
         output_format=prepared.output_format,
@@ -64,13 +89,16 @@ async def _answer(request: Request, service, prepared: PreparedEdit, arrived: fl
         model=result.model,
     )
     headers = {"Server-Timing": server_timing(job.queue_s, result, prepared.decode_s, encode_s, total_s), "X-Seed": str(result.seed)}
-    return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=headers)
+    return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
 
-def _prepared(service, edit: EditRequest, output_format: str, compression: int | None, decode_s: float = 0.0, notes: list[str] | None = None) -> PreparedEdit:
-    config = service.engine.default_config
-    quality = min(100, max(1, compression)) if compression is not None else 90
-    return PreparedEdit(edit=edit, config=config, requested=config, output_format=output_format, quality=quality, warnings=notes or [], decode_s=decode_s)
+def require_json(request: Request) -> None:
+    """A JSON-only route: anything else is a 415 (FastAPI would call it an invalid body). Dependencies
+    run before the body is validated."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        problem = f"Content-Type {content_type or '(none)'} is not accepted; send application/json"
+        raise APIError(415, "unsupported_media_type", problem, field="Content-Type")
 
 
 def _refuse_url(response_format: str | None) -> None:
@@ -87,7 +115,9 @@ async def images_edits(
     mask: Annotated[UploadFile, File(description="Refused: Kontext edits from the instruction, not a mask.")] = None,
     model: Annotated[str, Form(max_length=200, description="Accepted for compatibility; the server's model answers.")] = None,
     n: Annotated[int, Form(ge=1, le=HARD_MAX_IMAGES)] = 1,
-    size: Annotated[str, Form(max_length=20, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT or auto (Kontext picks from the input's aspect ratio).")] = "auto",
+    size: Annotated[
+        str, Form(max_length=20, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT or auto (Kontext picks from the input's aspect ratio).")
+    ] = "auto",
     response_format: Annotated[Literal["b64_json", "url"], Form()] = "b64_json",
     output_format: Annotated[OutputFormat, Form()] = "png",
     output_compression: Annotated[int, Form(ge=0, le=100, description="Used as the JPEG/WebP quality.")] = None,
@@ -106,18 +136,17 @@ async def images_edits(
         raise invalid("image", "required: send the image to edit as a multipart file")
     if len(files) > 1:
         raise invalid("image", f"{len(files)} images given; FLUX.1-Kontext edits one image per request")
-    width, height = _size(size)
-    decoded, decode_s = await decode_input(service, await files[0].read())
-    edit = EditRequest(prompt=_prompt(prompt), image=decoded.image, width=width, height=height, steps=steps, seed=seed, num_images=n)
-    return await _answer(request, service, _prepared(service, edit, output_format or "png", output_compression, decode_s, decoded.notes), arrived)
+    body = _as_inference_request(prompt, size, n, steps, seed, output_format, output_compression)
+    return await _answer(request, body, await files[0].read(), arrived)
 
 
-@router.post("/generations", summary="Generate an image from text (OpenAI Images API shape)", response_model=OpenAIImagesResponse, responses=_ERRORS)
-async def images_generations(request: Request, body: OpenAIGenerationRequest):
+@router.post(
+    "/generations", summary="Generate an image from text (OpenAI Images API shape)", response_model=OpenAIImagesResponse, responses=_ERRORS
+)
+async def images_generations(request: Request, body: OpenAIGenerationRequest, _json: None = Depends(require_json)):
     arrived = time.monotonic()
     service = request.app.state.service
     service.require_ready()
     _refuse_url(body.response_format)
-    width, height = _size(body.size)
-    edit = EditRequest(prompt=_prompt(body.prompt), width=width, height=height, steps=body.steps, seed=body.seed, num_images=body.n or 1)
-    return await _answer(request, service, _prepared(service, edit, body.output_format or "png", body.output_compression), arrived)
+    inference = _as_inference_request(body.prompt, body.size, body.n, body.steps, body.seed, body.output_format, body.output_compression)
+    return await _answer(request, inference, None, arrived)

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from engine import EditCancelled
+from engine.engine import EditCancelled
 
 from .metrics import ServiceMetrics
 
@@ -98,7 +98,7 @@ class Job:
 
     @property
     def queue_s(self) -> float:
-        return ((self.started_at or time.monotonic()) - self.enqueued_at)
+        return (self.started_at or time.monotonic()) - self.enqueued_at
 
     @property
     def run_s(self) -> float:
@@ -251,24 +251,48 @@ class GpuWorker:
                 if not self._jobs:  # stopping and nothing left
                     return
                 job = self._jobs.popleft()
-                job.state = "running"
-                job.started_at = time.monotonic()
-                self._running = job
-            if self.metrics:
-                self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
-            outcome = self._execute(job)
+                self._begin(job)
+            self._run(job, outer=None)
+
+    def run_waiting(self, exclude_kinds: tuple[str, ...] = ()) -> int:
+        """Called by a long job on the worker thread, between two of its pieces of work: run the
+        jobs waiting now (except those of `exclude_kinds`) before going on; returns how many ran."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("run_waiting belongs to the worker thread")
+        outer, served = self._running, 0
+        while True:
             with self._cond:
-                job.finished_at = time.monotonic()
-                job.state = "done" if job.error is None else "failed"
-                self._running = None
-                self.completed += 1
-            if self.metrics:
-                self.metrics.jobs.labels(job.kind, outcome).inc()
-                self.metrics.job_duration.labels(job.kind).observe(job.run_s)
-            if job.kind in ("inference", "edit") and job.error is None:
-                run_s = job.run_s
-                self._seconds_per_job = run_s if self._seconds_per_job is None else 0.8 * self._seconds_per_job + 0.2 * run_s
-            self._notify(job)
+                job = next((waiting for waiting in self._jobs if waiting.kind not in exclude_kinds), None)
+                if job is None or self._stopping:
+                    return served
+                self._jobs.remove(job)
+                self._begin(job)
+            self._run(job, outer)
+            served += 1
+
+    def _begin(self, job: Job) -> None:
+        """Under the lock: `job` leaves the queue and runs."""
+        job.state = "running"
+        job.started_at = time.monotonic()
+        self._running = job
+
+    def _run(self, job: Job, outer: Job | None) -> None:
+        """Run a job that `_begin` started, record it, then hand the worker back to `outer`."""
+        if self.metrics:
+            self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
+        outcome = self._execute(job)
+        with self._cond:
+            job.finished_at = time.monotonic()
+            job.state = "done" if job.error is None else "failed"
+            self._running = outer
+            self.completed += 1
+        if self.metrics:
+            self.metrics.jobs.labels(job.kind, outcome).inc()
+            self.metrics.job_duration.labels(job.kind).observe(job.run_s)
+        if job.kind in ("inference", "edit") and job.error is None:
+            run_s = job.run_s
+            self._seconds_per_job = run_s if self._seconds_per_job is None else 0.8 * self._seconds_per_job + 0.2 * run_s
+        self._notify(job)
 
     def _execute(self, job: Job) -> str:
         try:

@@ -14,8 +14,11 @@ from typing import Callable
 
 import torch
 
-from engine import KontextEngine, ModelLoadError, __version__
+from engine import __version__
+from engine.engine import KontextEngine
+from engine.loading import ModelLoadError
 
+from .benchmark_jobs import BenchmarkJobs
 from .errors import APIError
 from .metrics import ServiceMetrics
 from .queue import GpuWorker
@@ -31,8 +34,6 @@ class Service:
     def __init__(self, settings: ServiceSettings, engine: KontextEngine | None = None, loader: EngineLoader | None = None):
         if engine is None and loader is None:
             raise ValueError("give an engine or a loader")
-        from .benchmark_jobs import BenchmarkJobs
-
         self.settings = settings
         self.version = __version__
         self.metrics = ServiceMetrics()
@@ -42,9 +43,9 @@ class Service:
         self.phase = "starting"  # starting -> loading -> warming -> ready | failed
         self.error: str | None = None
         self.draining = False
+        self.drain_deadline: float | None = None  # monotonic time by which the process must have exited
         self.started_at = time.time()
         self.in_flight = 0  # work requests between arrival and response
-        self.variants_report: list[dict] = []  # refreshed by the worker, which owns the engine
         self.on_fatal: Callable[[str], None] | None = None  # set by the server runner: exit when loading fails
         self.benchmarks = BenchmarkJobs(self)
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -74,7 +75,6 @@ class Service:
                 started = time.perf_counter()
                 self.engine = self._loader()
                 log.info("model loaded in %.1f s: %s", time.perf_counter() - started, self.engine.model_info.get("name"))
-            self.refresh_variants()
             if self.settings.warmup:
                 self.phase = "warming"
                 started = time.perf_counter()
@@ -82,7 +82,6 @@ class Service:
                 # that a request at another Kontext resolution finds dynamic-shape graphs ready.
                 self.engine.warm_up()
                 log.info("warm-up with the default config done in %.1f s", time.perf_counter() - started)
-                self.refresh_variants()
             self.phase = "ready"
         except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
             self.phase = "failed"
@@ -95,15 +94,22 @@ class Service:
     def begin_drain(self) -> None:
         if not self.draining:
             self.draining = True
+            self.drain_deadline = time.monotonic() + self.settings.drain_s
             if self.benchmarks.cancel():  # a background job nobody waits on: stop it after its current edit
                 log.info("draining: the running benchmark is cancelled")
-            log.info("draining: new work is refused with 503; %d waiting, %s running", self.worker.waiting, self.worker.running.kind if self.worker.running else "nothing")
+            log.info(
+                "draining: new work is refused with 503; %d waiting, %s running",
+                self.worker.waiting,
+                self.worker.running.kind if self.worker.running else "nothing",
+            )
 
     def drained(self) -> bool:
         return self.in_flight == 0 and self.worker.idle
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        self.worker.stop(timeout)
+    def stop(self) -> None:
+        """Stop the worker, waiting for its running job at most until the drain deadline."""
+        remaining = (self.drain_deadline - time.monotonic()) if self.drain_deadline is not None else self.settings.drain_s
+        self.worker.stop(max(0.0, remaining))
 
     # -- state ----------------------------------------------------------------------------------------
     @property
@@ -118,24 +124,34 @@ class Service:
         """The engine, or a 503 that says why there is none to use yet."""
         self.start()
         if self.draining:
-            raise APIError(503, "shutting_down", "the server is shutting down and takes no new work; retry on another instance", headers={"Retry-After": "5", "Connection": "close"})
+            raise APIError(
+                503,
+                "shutting_down",
+                "the server is shutting down and takes no new work; retry on another instance",
+                headers={"Retry-After": "5", "Connection": "close"},
+            )
         if self.phase == "failed":
             raise APIError(503, "model_unavailable", f"the model failed to load: {self.error}")
         if self.phase != "ready":
-            raise APIError(503, "model_loading", f"the model is {self.phase}; retry shortly (GET /ready turns 200 when it can serve)", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "model_loading",
+                f"the model is {self.phase}; retry shortly (GET /ready turns 200 when it can serve)",
+                headers={"Retry-After": "5"},
+            )
         return self.engine
-
-    def refresh_variants(self) -> None:
-        """Called on the worker thread only: the variant cache is not safe to read while it changes."""
-        if self.engine is not None:
-            self.variants_report = self.engine.variants.report()
 
     def gpu_memory_bytes(self) -> dict[str, int]:
         if self.engine is None or not self.engine.env.has_cuda:
             return {}
         index = self.engine.env.gpu.index
         free, total = torch.cuda.mem_get_info(index)
-        return {"allocated": torch.cuda.memory_allocated(index), "reserved": torch.cuda.memory_reserved(index), "free": free, "total": total}
+        return {
+            "allocated": torch.cuda.memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+            "free": free,
+            "total": total,
+        }
 
     def health(self) -> dict:
         engine = self.engine
@@ -151,12 +167,14 @@ class Service:
             "memory": engine.memory() if engine else None,
             "default_optimizations": engine.default_config.model_dump() if engine else None,
             "stages": engine.stage_status() if engine else [],
-            "variants": self.variants_report,
+            "variants": engine.variants.report() if engine else [],
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
             "limits": {
                 "queue_size": self.settings.queue_size,
                 "request_timeout_s": self.settings.request_timeout_s,
+                "body_timeout_s": self.settings.body_timeout_s,
+                "drain_timeout_s": self.settings.drain_s,
                 "max_body_bytes": self.settings.max_body_bytes,
                 "max_input_pixels": self.settings.max_input_pixels,
                 "max_output_pixels": self.settings.max_output_pixels,
@@ -165,6 +183,7 @@ class Service:
                 "default_steps": self.settings.default_steps,
                 "max_images": self.settings.max_images,
                 "per_request_variants": self.settings.per_request_variants,
+                "benchmark_runs_allowed": self.settings.benchmark_runs_allowed,
             },
             "auth": "api key" if self.settings.api_key else "off",
         }

@@ -7,20 +7,20 @@ as schemathesis', from asking for absurd work); each server can tighten them fur
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import typing
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from engine.requests import DEFAULT_GUIDANCE
-
-from .optimizations import LEGACY_FLAG_HELP, Optimizations
+from stages.config import LEGACY_FLAGS, OptimizationConfig
 
 MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens (~2000 characters of English); CLIP reads 77 of them
-HARD_MAX_SIDE = 4096
 HARD_MAX_STEPS = 100
 HARD_MAX_IMAGES = 8
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE_PATTERN = r"^\s*(auto|\d{1,5}\s*[xX]\s*\d{1,5})?\s*$"
+# Sizes have no upper bound here: each server checks its own (serve --max-size) and names it.
 
 
 def _no_bool(cls, value: Any) -> Any:
@@ -30,9 +30,7 @@ def _no_bool(cls, value: Any) -> Any:
     return value
 
 
-
-
-def _check_text(value: str | None) -> str | None:
+def check_text(value: str | None) -> str | None:
     if value is None:
         return value
     try:
@@ -44,27 +42,39 @@ def _check_text(value: str | None) -> str | None:
     return value
 
 
-def _check_prompt(value: str) -> str:
-    if not _check_text(value).strip():
+def check_prompt(value: str) -> str:
+    if not check_text(value).strip():
         raise ValueError("must not be blank")
     return value
 
 
-class _LegacyFlags(BaseModel):
-    """The flat switches of the original API (each optional; see `optimizations` for the full set)."""
+def _optional(field):
+    annotation = field.annotation
+    for item in field.metadata:  # keep the bounds (ge/le) but not the knob declaration
+        annotation = Annotated[annotation, item]
+    return Optional[annotation], Field(None, description=field.description)
 
-    use_flash_attention: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_flash_attention"])
-    use_mxfp4: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_mxfp4"])
-    use_fp8: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_fp8"])
-    use_dpm_solver: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_dpm_solver"])
-    use_cuda_graphs: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_cuda_graphs"])
-    use_compile: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_compile"])
-    use_first_block_cache: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_first_block_cache"])
-    use_qkv_fusion: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_qkv_fusion"])
-    use_channels_last: Optional[bool] = Field(None, description=LEGACY_FLAG_HELP["use_channels_last"])
 
-    def legacy_flags(self) -> dict[str, bool | None]:
-        return {name: getattr(self, name) for name in _LegacyFlags.model_fields}
+# Every OptimizationConfig field, optional: a field left out keeps the server's default. Generated
+# from the config, so that a new knob shows up in the API without an edit here.
+Optimizations = create_model(
+    "Optimizations",
+    __config__=ConfigDict(
+        extra="forbid", json_schema_extra={"description": "Per-request stage overrides over the server's default config."}
+    ),
+    **{name: _optional(field) for name, field in OptimizationConfig.model_fields.items()},
+)
+
+
+def _legacy_help(name: str) -> str:
+    field, flag = LEGACY_FLAGS[name]
+    return f"true: {field} = {flag.on}; false: {field} = {flag.off}"
+
+
+# The flat switches of the original API, generated from the knobs that declare one.
+_LegacyFlags = create_model(
+    "_LegacyFlags", **{name: (Optional[bool], Field(None, description=_legacy_help(name))) for name in LEGACY_FLAGS}
+)
 
 
 class InferenceRequest(_LegacyFlags):
@@ -74,17 +84,32 @@ class InferenceRequest(_LegacyFlags):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The edit instruction, or the description when there is no image.")
-    image: Optional[str] = Field(None, description="Input image as base64 or a data: URL (PNG, JPEG, WebP, GIF, BMP, TIFF). Omit to generate from the prompt alone.")
+    prompt: str = Field(
+        ..., min_length=1, max_length=MAX_PROMPT_CHARS, description="The edit instruction, or the description when there is no image."
+    )
+    image: Optional[str] = Field(
+        None, description="Input image as base64 or a data: URL (PNG, JPEG, WebP, GIF, BMP, TIFF). Omit to generate from the prompt alone."
+    )
     negative_prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS, description="Used with true_cfg_scale > 1.")
     width: Optional[int] = Field(
-        None, ge=16, le=HARD_MAX_SIDE, multiple_of=16,
-        description="Output width (multiple of 16). Give both sizes or neither: then Kontext picks its preferred resolution closest to the input's aspect ratio.",
+        None,
+        ge=16,
+        multiple_of=16,
+        description="Output width (multiple of 16). Give both sizes or neither: "
+        "then Kontext picks its preferred resolution closest to the input's aspect ratio.",
     )
-    height: Optional[int] = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16, description="Output height (multiple of 16).")
-    steps: Optional[int] = Field(None, ge=1, le=HARD_MAX_STEPS, description="Denoising steps; default: the scheduler's (28 Euler, 14 DPM-Solver++).")
+    height: Optional[int] = Field(None, ge=16, multiple_of=16, description="Output height (multiple of 16).")
+    steps: Optional[int] = Field(
+        None, ge=1, le=HARD_MAX_STEPS, description="Denoising steps; default: the scheduler's (28 Euler, 14 DPM-Solver++)."
+    )
     guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0.0, le=20.0, allow_inf_nan=False, description="Distilled guidance.")
-    true_cfg_scale: float = Field(1.0, ge=1.0, le=20.0, allow_inf_nan=False, description="True CFG scale; > 1 with a negative_prompt runs two transformer passes per step.")
+    true_cfg_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=20.0,
+        allow_inf_nan=False,
+        description="True CFG scale; > 1 with a negative_prompt runs two transformer passes per step.",
+    )
     seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Random seed; default: random, returned in the response.")
     num_images: int = Field(1, ge=1, le=HARD_MAX_IMAGES, description="Images to produce from this prompt.")
     output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
@@ -93,44 +118,46 @@ class InferenceRequest(_LegacyFlags):
         None, description="Per-stage overrides over the server's default config (wins over the use_* flags)."
     )
 
-    _prompt = field_validator("prompt")(_check_prompt)
+    _prompt = field_validator("prompt")(check_prompt)
 
     @field_validator("negative_prompt")
     @classmethod
     def _negative_prompt(cls, value: str | None) -> str | None:
-        value = _check_text(value)
+        value = check_text(value)
         return value if value and value.strip() else None
 
-    _numbers = field_validator("width", "height", "steps", "seed", "num_images", "output_quality", "guidance_scale", "true_cfg_scale", mode="before")(_no_bool)
+    _numbers = field_validator(
+        "width", "height", "steps", "seed", "num_images", "output_quality", "guidance_scale", "true_cfg_scale", mode="before"
+    )(_no_bool)
+
+    def legacy_flags(self) -> dict[str, bool | None]:
+        return {name: getattr(self, name) for name in LEGACY_FLAGS}
 
 
+def _form_field(name: str, field):
+    """The multipart form's view of a field: no null (leave it out instead), files and JSON as text."""
+    if name == "image":
+        return bytes, Field(None, json_schema_extra={"format": "binary"}, description="The input image file (or base64 text).")
+    if name == "optimizations":
+        return str, Field(None, description="JSON object with per-stage overrides, as in the JSON body.")
+    annotation = field.annotation
+    if getattr(annotation, "__origin__", None) is typing.Union:  # Optional[X] -> X
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation, Field(
+        None,
+        description=field.description,
+        **{
+            key: getattr(item, key)
+            for item in field.metadata
+            for key in ("ge", "le", "multiple_of", "max_length", "min_length")
+            if getattr(item, key, None) is not None
+        },
+    )
 
-class InferenceForm(BaseModel):
-    """POST /inference as multipart/form-data (documentation model; validated as InferenceRequest).
-    Form fields have no null: leave a field out to keep its default."""
 
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    image: bytes = Field(None, json_schema_extra={"format": "binary"}, description="The input image file (or base64 text).")
-    negative_prompt: str = Field(None, max_length=MAX_PROMPT_CHARS)
-    width: int = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16)
-    height: int = Field(None, ge=16, le=HARD_MAX_SIDE, multiple_of=16)
-    steps: int = Field(None, ge=1, le=HARD_MAX_STEPS)
-    guidance_scale: float = Field(None, ge=0.0, le=20.0)
-    true_cfg_scale: float = Field(None, ge=1.0, le=20.0)
-    seed: int = Field(None, ge=0, le=2**32 - 1)
-    num_images: int = Field(None, ge=1, le=HARD_MAX_IMAGES)
-    output_format: OutputFormat = None
-    output_quality: int = Field(None, ge=1, le=100)
-    optimizations: str = Field(None, description="JSON object with per-stage overrides, as in the JSON body.")
-    use_flash_attention: bool = Field(None, description=LEGACY_FLAG_HELP["use_flash_attention"])
-    use_mxfp4: bool = Field(None, description=LEGACY_FLAG_HELP["use_mxfp4"])
-    use_fp8: bool = Field(None, description=LEGACY_FLAG_HELP["use_fp8"])
-    use_dpm_solver: bool = Field(None, description=LEGACY_FLAG_HELP["use_dpm_solver"])
-    use_cuda_graphs: bool = Field(None, description=LEGACY_FLAG_HELP["use_cuda_graphs"])
-    use_compile: bool = Field(None, description=LEGACY_FLAG_HELP["use_compile"])
-    use_first_block_cache: bool = Field(None, description=LEGACY_FLAG_HELP["use_first_block_cache"])
-    use_qkv_fusion: bool = Field(None, description=LEGACY_FLAG_HELP["use_qkv_fusion"])
-    use_channels_last: bool = Field(None, description=LEGACY_FLAG_HELP["use_channels_last"])
+# POST /inference as multipart/form-data: a documentation model generated from InferenceRequest
+# (the route validates a form as InferenceRequest).
+InferenceForm = create_model("InferenceForm", **{name: _form_field(name, field) for name, field in InferenceRequest.model_fields.items()})
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -212,7 +239,9 @@ class OpenAIGenerationRequest(BaseModel):
     model: Optional[str] = Field(None, max_length=200, description="Accepted for compatibility; the server's model answers.")
     n: Optional[int] = Field(1, ge=1, le=HARD_MAX_IMAGES)
     size: Optional[str] = Field("auto", max_length=20, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (multiples of 16) or auto.")
-    response_format: Optional[Literal["b64_json", "url"]] = Field("b64_json", description="b64_json only (url is refused: this server keeps no files).")
+    response_format: Optional[Literal["b64_json", "url"]] = Field(
+        "b64_json", description="b64_json only (url is refused: this server keeps no files)."
+    )
     output_format: Optional[OutputFormat] = "png"
     output_compression: Optional[int] = Field(None, ge=0, le=100, description="Used as the JPEG/WebP quality.")
     user: Optional[str] = Field(None, max_length=500)
@@ -221,7 +250,7 @@ class OpenAIGenerationRequest(BaseModel):
 
     _numbers = field_validator("n", "output_compression", "seed", "steps", mode="before")(_no_bool)
 
-    _prompt = field_validator("prompt")(_check_prompt)
+    _prompt = field_validator("prompt")(check_prompt)
 
 
 class OpenAIImage(BaseModel):

@@ -1,43 +1,81 @@
-"""The small interface every stage implements.
+"""The small contract every stage implements, and the typed contexts it receives.
 
-A stage declares what it needs (`Requirements`), says whether this machine meets it
-(`availability`), and applies itself at one or more points of a variant's construction:
+A stage declares what it needs (`requirements`), says whether this machine meets it
+(`availability`), declares the phases it acts in (`phases`), and implements one hook per phase:
 
-    apply_weights(transformer)   once per weight variant (QKV fusion, quantization)
-    apply_vae(vae)               once per VAE variant (fusion, channels_last, compile)
-    apply_execution(transformer) once per execution variant (attention kernel, cache, compile, graphs)
-    apply_request(run)           on every request (scheduler, cache threshold)
+    WEIGHTS       apply_weights(transformer, config, build)   once per weight variant (fusion, quantization)
+    VAE           apply_vae(vae, config, build)               once per VAE variant (fusion, channels_last, compile)
+    EXECUTION     apply_execution(transformer, config, build) once per execution variant (kernels, cache, compile, graphs)
+    TEXT_ENCODER  apply_text_encoder(encoder, config, build)  once, when the model loads
+    REQUEST       apply_request(run, config)                  on every request (cache state)
 
-`resolve` turns a requested config into the config that will actually run on this machine: a
-requested stage that cannot run here is switched off (or replaced by its fallback) and the report
-says why, so a request never crashes for asking too much.
+`resolve` says what a requested stage will do on this machine: switched off (or replaced by its
+fallback) with the reason when it cannot run, so a request never fails for asking too much. Rules
+between two stages live in stages/registry.py, not here. Nothing in this package imports the
+engine: the contexts below are all a stage sees of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, ContextManager
 
-if TYPE_CHECKING:
-    from engine.config import OptimizationConfig
-    from engine.environment import Environment
+import torch
+
+from .config import KNOBS, OptimizationConfig
+from .environment import Environment
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    WEIGHTS = "apply_weights"
+    VAE = "apply_vae"
+    EXECUTION = "apply_execution"
+    TEXT_ENCODER = "apply_text_encoder"
+    REQUEST = "apply_request"
+
+
+@dataclass
+class BuildContext:
+    """What a stage may use while it builds: the machine, where the model lives, and a build log."""
+
+    env: Environment
+    device: torch.device
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        log.info("build: %s", text)
+
+
+@dataclass
+class RequestContext:
+    """Per-request state a stage may use or add to in `apply_request`."""
+
+    transformer: torch.nn.Module  # the variant's transformer that will run
+    true_cfg: bool  # two transformer calls per step (conditional and unconditional)
+    contexts: list[ContextManager] = field(default_factory=list)  # entered around the pipeline call
+    extras: dict[str, Any] = field(default_factory=dict)  # per-stage statistics, reported in the result
 
 
 @dataclass(frozen=True)
 class Requirements:
     cuda: bool = False
     min_compute_capability: tuple[int, int] | None = None
-    packages: tuple[str, ...] = ()  # import names, see engine.environment.OPTIONAL_PACKAGES
+    packages: tuple[str, ...] = ()  # import names, see environment.OPTIONAL_PACKAGES
 
-    def unmet(self, env: "Environment") -> str | None:
+    def unmet(self, env: Environment) -> str | None:
         """A plain-words reason this machine falls short, or None when everything is there."""
         if self.cuda and not env.has_cuda:
             return "needs a CUDA GPU; this machine has none"
-        if self.min_compute_capability and env.has_cuda:
-            if env.compute_capability < self.min_compute_capability:
-                need = ".".join(map(str, self.min_compute_capability))
-                have = ".".join(map(str, env.compute_capability))
-                return f"needs compute capability {need} or newer; {env.gpu.name} is {have}"
+        if self.min_compute_capability and env.has_cuda and env.compute_capability < self.min_compute_capability:
+            need = ".".join(map(str, self.min_compute_capability))
+            have = ".".join(map(str, env.compute_capability))
+            return f"needs compute capability {need} or newer; {env.gpu.name} is {have}"
         missing = [name for name in self.packages if not env.has_package(name)]
         if missing:
             return "needs the package(s) " + ", ".join(missing) + " (run setup_flux_optimized.sh on a GPU machine)"
@@ -64,64 +102,66 @@ class StageReport:
     def as_dict(self) -> dict:
         return {"name": self.name, "requested": self.requested, "active": self.active, "detail": self.detail, "reason": self.reason}
 
+    def switched_off(self, reason: str) -> "StageReport":
+        return StageReport(self.name, self.requested, False, reason=reason)
+
 
 class Stage:
     name: ClassVar[str]
-    benchmark_stage: ClassVar[int]  # the cumulative benchmark stage that introduces it
-    summary: ClassVar[str]
+    benchmark_stage: ClassVar[int | None]  # the cumulative preset that introduces it (None: an option)
+    title: ClassVar[str]  # a few words for tables: "Inductor compile"
+    summary: ClassVar[str]  # one sentence for doctor and /health
     requirements: ClassVar[Requirements] = Requirements()
-    # Set while a stage exists only as a declared slot; its issue fills it in.
-    not_implemented: ClassVar[str | None] = None
-    # For stages that only work inside compiled code: the reason reported when compile is off.
-    needs_compile: ClassVar[str | None] = None
-    # Config fields that change what the stage builds (default: the field named like the stage).
-    build_fields: ClassVar[tuple[str, ...] | None] = None
+    phases: ClassVar[frozenset[Phase]] = frozenset()
 
     # -- what the config asks for -------------------------------------------------------------
-    def is_requested(self, config: "OptimizationConfig") -> bool:
+    def is_requested(self, config: OptimizationConfig) -> bool:
         raise NotImplementedError
 
-    def switched_off(self, config: "OptimizationConfig") -> "OptimizationConfig":
+    def switched_off(self, config: OptimizationConfig) -> OptimizationConfig:
         raise NotImplementedError
+
+    def build_key(self, config: OptimizationConfig) -> tuple:
+        """The (field, value) pairs that decide what this stage builds: its variant-scope knobs."""
+        return tuple((name, getattr(config, name)) for name, knob in KNOBS.items() if knob.stage == self.name and knob.scope == "variant")
 
     # -- what the machine allows ----------------------------------------------------------------
-    def availability(self, env: "Environment") -> Availability:
+    def availability(self, env: Environment) -> Availability:
         unmet = self.requirements.unmet(env)
         if unmet:
             return Availability(False, unmet)
-        if self.not_implemented:
-            return Availability(False, f"not implemented yet ({self.not_implemented})")
         return Availability(True, detail=self.describe_available(env))
 
-    def describe_available(self, env: "Environment") -> str:
+    def describe_available(self, env: Environment) -> str:
         return ""
 
-    def resolve(self, config: "OptimizationConfig", env: "Environment") -> tuple["OptimizationConfig", StageReport]:
-        """The config this stage lets run here, and the report for the response."""
+    def resolve(self, config: OptimizationConfig, env: Environment) -> tuple[OptimizationConfig, StageReport]:
+        """This stage alone on this machine: the config it lets run, and the report for the response."""
         if not self.is_requested(config):
             return config, StageReport(self.name, requested=False, active=False)
         availability = self.availability(env)
         if not availability.available:
             return self.switched_off(config), StageReport(self.name, True, False, reason=availability.reason)
-        if self.needs_compile and not config.compile:
-            return self.switched_off(config), StageReport(self.name, True, False, reason=self.needs_compile)
         return config, StageReport(self.name, True, True, detail=self.active_detail(config, env))
 
-    def active_detail(self, config: "OptimizationConfig", env: "Environment") -> str:
+    def active_detail(self, config: OptimizationConfig, env: Environment) -> str:
         return ""
 
-    # -- where it acts (each a no-op unless the stage overrides it) ----------------------------
-    def apply_weights(self, transformer, config: "OptimizationConfig", build) -> None:
-        pass
+    # -- the phases (a stage implements exactly the hooks of the phases it declares) ------------
+    def apply_weights(self, transformer: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
+        raise NotImplementedError
 
-    def apply_vae(self, vae, config: "OptimizationConfig", build) -> None:
-        pass
+    def apply_vae(self, vae: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
+        raise NotImplementedError
 
-    def apply_execution(self, transformer, config: "OptimizationConfig", build) -> None:
-        pass
+    def apply_execution(self, transformer: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
+        raise NotImplementedError
 
-    def apply_request(self, run, config: "OptimizationConfig") -> None:
-        pass
+    def apply_text_encoder(self, encoder: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
+        raise NotImplementedError
+
+    def apply_request(self, run: RequestContext, config: OptimizationConfig) -> None:
+        raise NotImplementedError
 
 
 class FlagStage(Stage):
@@ -134,3 +174,16 @@ class FlagStage(Stage):
 
     def switched_off(self, config):
         return config.with_changes(**{self.flag: False})
+
+
+class ChoiceStage(Stage):
+    """A stage selected by one multiple-choice field; `off` is the value that means "stage 0"."""
+
+    field_name: ClassVar[str]
+    off: ClassVar[str]
+
+    def is_requested(self, config):
+        return getattr(config, self.field_name) != self.off
+
+    def switched_off(self, config):
+        return config.with_changes(**{self.field_name: self.off})

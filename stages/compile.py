@@ -2,16 +2,14 @@
 
 Regional compilation (`compile_repeated_blocks`) compiles one FluxTransformerBlock and one
 FluxSingleTransformerBlock graph and reuses them for all 57 blocks, so the first call costs one to
-two minutes on the full model (H200) instead of compiling 57 blocks' worth of graph. Python between the blocks (the first-block cache decision, timing hooks) stays eager.
+two minutes on the full model (H200) instead of compiling 57 blocks' worth of graph. Python between
+the blocks (the first-block cache decision, timing hooks) stays eager.
 """
 
 from __future__ import annotations
 
-import shutil
-
-import torch
-
-from .base import Availability, FlagStage
+from .base import Availability, FlagStage, Phase
+from .rules import diffusers_cache_in_blocks
 
 # Kontext snaps inputs to 17 preferred resolutions, each a distinct shape for the compiled graphs;
 # the default limit (8) would silently fall back to eager after a few resolutions.
@@ -53,12 +51,14 @@ class Compile(FlagStage):
     name = "compile"
     flag = "compile"
     benchmark_stage = 1
+    title = "Inductor compile"
     summary = "torch.compile (Inductor) of the transformer blocks (regional) and the VAE encoder/decoder."
+    phases = frozenset({Phase.EXECUTION, Phase.VAE})
 
     def availability(self, env):
         if env.has_cuda and not env.has_package("triton"):
             return Availability(False, "Inductor on a GPU needs the triton package")
-        if not env.has_cuda and shutil.which("g++") is None and shutil.which("c++") is None:
+        if not env.has_cuda and not env.has_cxx_compiler:
             return Availability(False, "Inductor on the CPU needs a C++ compiler (g++) on PATH")
         return Availability(True, detail="Inductor, regional (repeated blocks) + VAE")
 
@@ -67,9 +67,7 @@ class Compile(FlagStage):
 
     def apply_execution(self, transformer, config, build):
         configure_dynamo()
-        # diffusers' first-block cache decides inside each block, behind torch.compiler.disable: that
-        # is a graph break, so those blocks cannot compile as one full graph.
-        fullgraph = not (config.first_block_cache and config.cache_backend == "diffusers")
+        fullgraph = not diffusers_cache_in_blocks(config)  # stages/rules.py says why
         # CUDA graphs come from Inductor's cudagraph trees: one graph per block call and shape.
         options = transformer_compile_options(config.cuda_graphs, build.env)
         transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)

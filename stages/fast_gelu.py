@@ -12,8 +12,8 @@ compiled, bf16 in):
     GELU + FP8 row-wise quantization  295 us      195 us
     GELU alone (bf16 out)             116 us       97 us
 
-In fp32 both forms are within 5.2e-7 of float64 GELU (tanh form: 4.3e-7). Applied only with compile:
-in eager mode the identity runs as several kernels instead of one.
+In fp32 both forms are within 5.2e-7 of float64 GELU (tanh form: 4.3e-7). Applied only with compile
+(a rule in stages/rules.py): in eager mode the identity runs as several kernels instead of one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FlagStage
+from .base import FlagStage, Phase
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -76,8 +76,9 @@ class FastGelu(FlagStage):
     name = "fast_gelu"
     flag = "fast_gelu"
     benchmark_stage = 1
+    title = "sigmoid-form GELU"
     summary = "tanh GELU computed as x*sigmoid(2z) (same function; cheaper fused kernels under compile)."
-    needs_compile = "not applied: the sigmoid form only pays off inside compiled (fused) kernels; turn on compile"
+    phases = frozenset({Phase.EXECUTION})
 
     def apply_execution(self, transformer, config, build):
         build.note(f"transformer: {replace_tanh_gelus(transformer)} tanh GELUs computed in sigmoid form")

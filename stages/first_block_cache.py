@@ -24,40 +24,37 @@ calls that were fully computed and skipped (with true CFG a step is two calls).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
-from .base import FlagStage, StageReport
-
-
-def para_attn_installed() -> bool:
-    return importlib.util.find_spec("para_attn") is not None
+from .base import FlagStage, Phase, StageReport
 
 
 class FirstBlockCache(FlagStage):
     name = "first_block_cache"
     flag = "first_block_cache"
     benchmark_stage = 1
+    title = "first-block cache"
     summary = "First-block cache: skip the other blocks when the first block's residual changed less than the threshold."
-    build_fields = ("first_block_cache", "cache_backend")
+    phases = frozenset({Phase.EXECUTION, Phase.REQUEST})
 
     def describe_available(self, env):
-        return f"backends: {'para_attn (patched), ' if para_attn_installed() else ''}diffusers"
+        return f"backends: {'para_attn (patched), ' if env.has_package('para_attn') else ''}diffusers"
 
     def resolve(self, config, env):
         if not config.first_block_cache:
             return config, StageReport(self.name, requested=False, active=False)
         backend, reason = config.cache_backend, ""
         if backend == "auto":
-            backend = "para_attn" if para_attn_installed() else "diffusers"
-        elif backend == "para_attn" and not para_attn_installed():
+            backend = "para_attn" if env.has_package("para_attn") else "diffusers"
+        elif backend == "para_attn" and not env.has_package("para_attn"):
             backend, reason = "diffusers", "para-attn is not installed; diffusers' cache ran instead"
         detail = f"{backend} backend, threshold {config.cache_threshold:g}"
         return config.with_changes(cache_backend=backend), StageReport(self.name, True, True, detail=detail, reason=reason)
 
     def apply_execution(self, transformer, config, build):
         if config.cache_backend == "para_attn":
-            import patches.para_attn_first_block_cache  # noqa: F401  (version-checked runtime fix)
             from para_attn.first_block_cache.diffusers_adapters.flux import apply_cache_on_transformer
+
+            import patches.para_attn_first_block_cache  # noqa: F401  (version-checked runtime fix)
 
             apply_cache_on_transformer(transformer)
         else:
@@ -68,11 +65,10 @@ class FirstBlockCache(FlagStage):
 
     def apply_request(self, run, config):
         stats = run.extras.setdefault("first_block_cache", {"backend": config.cache_backend, "threshold": config.cache_threshold})
-        true_cfg = run.request.true_cfg_scale > 1 and run.request.negative_prompt is not None
         if config.cache_backend == "para_attn":
-            run.contexts.append(_para_attn_request(config.cache_threshold, true_cfg, stats))
+            run.contexts.append(_para_attn_request(config.cache_threshold, run.true_cfg, stats))
         else:
-            run.contexts.append(_diffusers_request(run.transformer, config.cache_threshold, true_cfg, stats))
+            run.contexts.append(_diffusers_request(run.transformer, config.cache_threshold, run.true_cfg, stats))
 
 
 @contextlib.contextmanager

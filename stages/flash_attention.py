@@ -9,7 +9,7 @@ through diffusers' own `_native_cudnn` backend and says so; `cudnn` asks for tha
 from __future__ import annotations
 
 from .attention_kernels import FA3_MODULE, KERNELS
-from .base import Availability, Stage, StageReport
+from .base import Availability, ChoiceStage, Phase, StageReport
 from .flux_attention_processor import flux_attention_modules, set_attention_kernel
 
 HOPPER = (9, 0)
@@ -26,16 +26,14 @@ def _fa3_unavailable_reason(env) -> str | None:
     return None
 
 
-class FlashAttention(Stage):
+class FlashAttention(ChoiceStage):
     name = "attention"
+    field_name = "attention"
+    off = "sdpa"
     benchmark_stage = 2
+    title = "FlashAttention 3"
     summary = "FlashAttention 3 (bf16, or FP8 with per-head scales) for the joint attention; cuDNN SDPA fallback."
-
-    def is_requested(self, config):
-        return config.attention != "sdpa"
-
-    def switched_off(self, config):
-        return config.with_changes(attention="sdpa")
+    phases = frozenset({Phase.EXECUTION})
 
     def availability(self, env):
         reason = _fa3_unavailable_reason(env)
@@ -53,7 +51,9 @@ class FlashAttention(Stage):
         if config.attention in ("fa3", "fa3_fp8"):
             reason = _fa3_unavailable_reason(env)
             if reason:
-                return config.with_changes(attention="cudnn"), StageReport(self.name, True, True, detail="cuDNN SDPA (fallback)", reason=reason)
+                return config.with_changes(attention="cudnn"), StageReport(
+                    self.name, True, True, detail="cuDNN SDPA (fallback)", reason=reason
+                )
             precision = "FP8 e4m3 Q/K/V, per-head descales" if config.attention == "fa3_fp8" else "bf16"
             return config, StageReport(self.name, True, True, detail=f"FlashAttention 3 ({precision})")
         return config, StageReport(self.name, True, True, detail="cuDNN SDPA")
@@ -64,5 +64,5 @@ class FlashAttention(Stage):
                 module.set_attention_backend("_native_cudnn")  # per module: no global backend switch
             build.note("attention: cuDNN SDPA")
             return
-        count = set_attention_kernel(transformer, KERNELS[config.attention], config.attention)
+        count = set_attention_kernel(transformer, KERNELS[config.attention])
         build.note(f"attention: {config.attention} in {count} joint-attention modules")

@@ -21,9 +21,8 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 class KontextAttnProcessor:
     """Joint attention for FluxAttention modules, with `kernel(q, k, v)` on (B, S, H, D) tensors."""
 
-    def __init__(self, kernel: AttentionKernel, kernel_name: str):
+    def __init__(self, kernel: AttentionKernel):
         self.kernel = kernel
-        self.kernel_name = kernel_name
 
     def __call__(
         self,
@@ -67,8 +66,8 @@ def flux_attention_modules(model: torch.nn.Module) -> list[FluxAttention]:
     return [module for module in model.modules() if isinstance(module, FluxAttention)]
 
 
-def set_attention_kernel(model: torch.nn.Module, kernel: AttentionKernel, kernel_name: str) -> int:
+def set_attention_kernel(model: torch.nn.Module, kernel: AttentionKernel) -> int:
     modules = flux_attention_modules(model)
     for module in modules:
-        module.set_processor(KontextAttnProcessor(kernel, kernel_name))
+        module.set_processor(KontextAttnProcessor(kernel))
     return len(modules)

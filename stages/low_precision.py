@@ -21,8 +21,7 @@ import logging
 
 import torch
 
-from .base import Availability, Requirements, Stage, StageReport
-from .tensors import tensor_bytes
+from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,11 @@ def _plan(requested: str, capability: tuple[int, int]) -> tuple[str | None, str,
         return "nvfp4", "", ""
     # mxfp8 / mxfp4
     if capability < MX_NATIVE:
-        return requested, f"{requested} EMULATED: no MX tensor cores on {cc}; weights are dequantized to bf16 for every GEMM (slower than bf16)", ""
+        return (
+            requested,
+            f"{requested} EMULATED: no MX tensor cores on {cc}; weights are dequantized to bf16 for every GEMM (slower than bf16)",
+            "",
+        )
     return requested, "", ""
 
 
@@ -95,17 +98,15 @@ def torchao_config(fmt: str, capability: tuple[int, int]):
     raise ValueError(f"unknown low-precision format {fmt!r}")
 
 
-class LowPrecision(Stage):
+class LowPrecision(ChoiceStage):
     name = "quantization"
+    field_name = "quantization"
+    off = "none"
     benchmark_stage = 3
+    title = "low-precision GEMMs (best native format)"
     summary = "Low-precision GEMMs through torchao: FP8 row-wise on Ada/Hopper, MXFP8/MXFP4/NVFP4 on Blackwell."
     requirements = Requirements(cuda=True, packages=("torchao",))
-
-    def is_requested(self, config):
-        return config.quantization != "none"
-
-    def switched_off(self, config):
-        return config.with_changes(quantization="none")
+    phases = frozenset({Phase.WEIGHTS})
 
     def availability(self, env):
         unmet = self.requirements.unmet(env)
@@ -134,14 +135,6 @@ class LowPrecision(Stage):
         capability = build.env.compute_capability
         before = sum(1 for name, module in transformer.named_modules() if is_quantized_linear(module, name))
         quantize_(transformer, torchao_config(config.quantization, capability), filter_fn=is_quantized_linear)
-        build.note(f"quantization: {config.quantization} weights in {before} block Linears (embedders, modulation and final projection stay bf16)")
-
-
-def quantize_text_encoder_fp8(text_encoder: torch.nn.Module) -> int:
-    """FP8 weight-only T5: halves its memory (about 9.5 -> 4.8 GB for T5-XXL); returns bytes saved."""
-    from torchao.quantization import Float8WeightOnlyConfig, quantize_
-
-    before = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
-    quantize_(text_encoder, Float8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
-    after = sum(tensor_bytes(p) for p in text_encoder.parameters())
-    return before - after
+        build.note(
+            f"quantization: {config.quantization} weights in {before} block Linears (embedders, modulation and final projection stay bf16)"
+        )

@@ -3,14 +3,14 @@
 diffusers' `fuse_qkv_projections()` builds the fused Linear by concatenation but keeps the unfused
 ones; on FLUX that is about 4.3 GB of bf16 weights held twice. In a variant we drop the variant's
 references to the unfused projections, so they cost memory only while another variant still uses
-them (see engine.variants: unreferenced base weights are moved off the GPU).
+them (engine/variants.py moves base weights that no variant references off the GPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import FlagStage
+from .base import FlagStage, Phase
 
 # Fused module -> the unfused projections it replaces.
 _REPLACED = {
@@ -40,7 +40,9 @@ class QkvFusion(FlagStage):
     name = "fuse_qkv"
     flag = "fuse_qkv"
     benchmark_stage = 1
+    title = "QKV fusion"
     summary = "Fused Q/K/V projections (one GEMM instead of three) in the transformer and the VAE."
+    phases = frozenset({Phase.WEIGHTS, Phase.VAE})
 
     def apply_weights(self, transformer, config, build):
         transformer.fuse_qkv_projections()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .base import Stage
+from .base import ChoiceStage
 from .flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepScheduler
 
 # Default denoising steps per scheduler, from benchmarks/solver_fidelity.py: DPM-Solver++ 2M Karras
@@ -18,10 +18,6 @@ from .flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepSch
 # measured output sizes; UniPC (diffusers' flow mode, same cost per step) needs 20 for that at
 # 1024x1024 (at 14 it trails Euler-28 there), so it defaults to 20.
 DEFAULT_STEPS: dict[str, int] = {"euler": 28, "dpmpp_2m_karras": 14, "unipc": 20}
-
-# What `use_dpm_solver: true` selects: the configuration with the smallest error at 14 steps on both
-# fidelity problems (Karras beats the plain shifted spacing there; see the README's stage 4 section).
-BEST_SOLVER_AT_14_STEPS = "dpmpp_2m_karras"
 
 _DESCRIPTIONS = {
     "euler": "FlowMatch Euler",
@@ -47,24 +43,19 @@ def build_scheduler(name: str, base_config, **overrides):
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(DEFAULT_STEPS)}")
 
 
-class Scheduler(Stage):
+class Scheduler(ChoiceStage):
+    """The sampler itself is built for every request by `build_scheduler` (the engine asks for
+    `config.scheduler`, Euler included); this stage reports the choice and its default steps."""
+
     name = "scheduler"
+    field_name = "scheduler"
+    off = "euler"
     benchmark_stage = 4
+    title = "DPM-Solver++ 2M Karras, 14 steps"
     summary = "DPM-Solver++ 2M Karras at 14 steps instead of FlowMatch Euler at 28."
-
-    def is_requested(self, config):
-        return config.scheduler != "euler"
-
-    def switched_off(self, config):
-        return config.with_changes(scheduler="euler")
 
     def describe_available(self, env):
         return ", ".join(f"{name} ({steps} steps)" for name, steps in DEFAULT_STEPS.items())
 
     def active_detail(self, config, env):
-        steps = config.steps or DEFAULT_STEPS[config.scheduler]
-        return f"{_DESCRIPTIONS[config.scheduler]}, {steps} steps" + ("" if config.steps else " (default)")
-
-    def apply_request(self, run, config):
-        run.scheduler = build_scheduler(config.scheduler, run.scheduler.config)
-        run.default_steps = DEFAULT_STEPS[config.scheduler]
+        return f"{_DESCRIPTIONS[config.scheduler]}, {DEFAULT_STEPS[config.scheduler]} steps unless the request says otherwise"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import KontextEngine
-from engine.environment import current_environment
+from engine.engine import KontextEngine
+from stages.environment import current_environment
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,20 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix=f"kontext-{name}-", suffix=".log")[1])
-        command = [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "serve", "--model", "tiny", "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        command = [
+            sys.executable,
+            str(ROOT / "flux_kontext_optimized.py"),
+            "serve",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
@@ -121,9 +134,30 @@ def guarded_server(pytestconfig) -> ServerProcess:
     requests must stay cheap: no per-request variants (so no compile), at most 64x64 and 4 steps,
     a one-edit benchmark. (Requests without a size ask for the tiny model's 256x256: refused here.)"""
     args = [
-        "--queue-size", "4", "--request-timeout", "60", "--no-per-request-variants",
-        "--max-size", "64", "--max-pixels", "8192", "--max-steps", "4", "--default-steps", "2", "--max-images", "2",
-        "--benchmark-stages", "0", "--benchmark-warmup", "0", "--benchmark-repeats", "1", "--benchmark-size", "16",
-        "--api-key-env", "KONTEXT_TEST_API_KEY",
+        "--queue-size",
+        "4",
+        "--request-timeout",
+        "60",
+        "--no-per-request-variants",
+        "--max-size",
+        "64",
+        "--max-pixels",
+        "8192",
+        "--max-steps",
+        "4",
+        "--default-steps",
+        "2",
+        "--max-images",
+        "2",
+        "--benchmark-stages",
+        "0",
+        "--benchmark-warmup",
+        "0",
+        "--benchmark-repeats",
+        "1",
+        "--benchmark-size",
+        "16",
+        "--api-key-env",
+        "KONTEXT_TEST_API_KEY",
     ]
     return shared_server(pytestconfig, "guarded", args, env={"KONTEXT_TEST_API_KEY": API_KEY})

@@ -19,7 +19,7 @@ def test_processor_matches_diffusers_in_double_and_single_blocks(tiny_engine):
         tokens = 40 + (12 if encoder is not None else 0)
         rope = transformer.pos_embed(torch.rand(tokens, 3) * 16)
         reference = attention.processor(attention, hidden, encoder, None, rope)
-        ours = KontextAttnProcessor(sdpa, "sdpa")(attention, hidden, encoder, None, rope)
+        ours = KontextAttnProcessor(sdpa)(attention, hidden, encoder, None, rope)
         reference = reference if isinstance(reference, tuple) else (reference,)
         ours = ours if isinstance(ours, tuple) else (ours,)
         for expected, got in zip(reference, ours):
@@ -35,7 +35,7 @@ def test_processor_matches_diffusers_with_fused_projections(tiny_engine):
     hidden, encoder = torch.randn(2, 24, attention.query_dim), torch.randn(2, 8, attention.query_dim)
     reference = attention.processor(attention, hidden, encoder, None, None)
     attention.fuse_projections()
-    ours = KontextAttnProcessor(sdpa, "sdpa")(attention, hidden, encoder, None, None)
+    ours = KontextAttnProcessor(sdpa)(attention, hidden, encoder, None, None)
     for expected, got in zip(reference, ours):
         assert torch.allclose(expected, got, atol=1e-5, rtol=1e-4)
 

@@ -10,20 +10,39 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import stages
+from stages import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "flux_kontext_optimized.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "flux_kontext_optimized.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_explains_every_command_and_option():
     top = run_cli("--help")
     assert top.returncode == 0 and all(cmd in top.stdout for cmd in ("serve", "edit", "benchmark", "doctor"))
     edit = run_cli("edit", "--help")
-    for option in ("--image", "--prompt", "--out", "--seed", "--steps", "--num-images", "--aspect-ratio", "--output-dir", "--device", "--model", "--compile", "--attention", "--quantization", "--scheduler", "--cuda-graphs", "--preset"):
+    for option in (
+        "--image",
+        "--prompt",
+        "--out",
+        "--seed",
+        "--steps",
+        "--num-images",
+        "--aspect-ratio",
+        "--output-dir",
+        "--device",
+        "--model",
+        "--compile",
+        "--attention",
+        "--quantization",
+        "--scheduler",
+        "--cuda-graphs",
+        "--preset",
+    ):
         assert option in edit.stdout, option
 
 
@@ -31,7 +50,7 @@ def test_doctor_lists_every_stage_with_its_availability():
     result = run_cli("doctor")
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout and "device        cpu" in result.stdout
-    for name in stages.STAGE_NAMES:
+    for name in registry.STAGE_NAMES:
         assert name in result.stdout
     assert "needs a CUDA GPU" in result.stdout
 
@@ -40,7 +59,9 @@ def test_edit_writes_valid_images(tmp_path, photo):
     source = tmp_path / "in.png"
     photo.save(source)
     out = tmp_path / "out.png"
-    result = run_cli("edit", "--image", str(source), "--prompt", "make the sky red", "--out", str(out), "--seed", "4", "--steps", "3", "--fuse-qkv")
+    result = run_cli(
+        "edit", "--image", str(source), "--prompt", "make the sky red", "--out", str(out), "--seed", "4", "--steps", "3", "--fuse-qkv"
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["seed"] == 4 and summary["steps"] == 3 and summary["active_stages"] == ["fuse_qkv"]
@@ -52,7 +73,21 @@ def test_edit_writes_valid_images(tmp_path, photo):
 
 
 def test_edit_several_images_into_an_output_dir_with_an_aspect_ratio(tmp_path):
-    result = run_cli("edit", "--prompt", "a red sky", "--output-dir", str(tmp_path), "--num-images", "2", "--steps", "2", "--aspect-ratio", "16:9", "--seed", "9")
+    result = run_cli(
+        "edit",
+        "--prompt",
+        "a red sky",
+        "--output-dir",
+        str(tmp_path),
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--aspect-ratio",
+        "16:9",
+        "--seed",
+        "9",
+    )
     assert result.returncode == 0, result.stderr
     outputs = [Path(p) for p in json.loads(result.stdout)["outputs"]]
     assert len(outputs) == 2 and all(p.exists() and p.parent == tmp_path for p in outputs)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import EditRequest, OptimizationConfig
+from engine.requests import EditRequest
+from stages.config import OptimizationConfig
 
 
 def test_same_seed_same_pixels_and_different_seed_different_pixels(tiny_engine, photo):
@@ -83,7 +84,7 @@ def test_unavailable_stages_are_skipped_with_reasons_not_errors(tiny_engine, pho
 def test_should_stop_ends_an_edit_at_a_step_boundary_and_the_engine_serves_on(tiny_engine, photo):
     import pytest
 
-    from engine import EditCancelled
+    from engine.engine import EditCancelled
 
     calls = []
 
@@ -92,7 +93,9 @@ def test_should_stop_ends_an_edit_at_a_step_boundary_and_the_engine_serves_on(ti
         return len(calls) >= 3
 
     with pytest.raises(EditCancelled, match="after step 3 of 10"):
-        tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=10), OptimizationConfig(first_block_cache=True), should_stop=stop_after_three)
+        tiny_engine.edit(
+            EditRequest(prompt="x", image=photo, seed=1, steps=10), OptimizationConfig(first_block_cache=True), should_stop=stop_after_three
+        )
     assert len(calls) == 3
     again = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=4), OptimizationConfig(first_block_cache=True))
     assert again.extras["first_block_cache"]["transformer_calls"] == 4  # fresh cache state, nothing left over

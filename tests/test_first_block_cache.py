@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import EditRequest, OptimizationConfig
+from engine.requests import EditRequest
+from stages.config import OptimizationConfig
 from tests.conftest import image_distance
 
 BACKENDS = ["para_attn", "diffusers"]
@@ -66,8 +67,9 @@ def test_a_hand_computed_residual_change_decides_the_skip(tiny_engine, photo, ba
 
 
 def test_para_attn_rule_on_constructed_tensors():
-    import patches.para_attn_first_block_cache  # noqa: F401
     from para_attn.first_block_cache.utils import are_two_tensors_similar
+
+    import patches.para_attn_first_block_cache  # noqa: F401
 
     previous = torch.ones(1, 64, 8)
     current = previous * 1.1  # relative mean absolute change: exactly 0.1

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EditRequest, KontextEngine, OptimizationConfig
-from engine.environment import current_environment
+from engine.engine import KontextEngine
 from engine.loading import LoadedModel
 from engine.model_builders import build_tiny_pipeline
 from engine.model_specs import ModelSpec
-from stages import cumulative_config
+from engine.requests import EditRequest
+from stages.config import OptimizationConfig, cumulative_config
+from stages.environment import current_environment
 from tests.conftest import image_distance, requires_cuda
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
@@ -50,7 +51,7 @@ def test_fa3_kernels_match_sdpa():
 def test_every_cumulative_stage_runs_and_stays_close(gpu_engine, photo):
     baseline = _edit(gpu_engine, OptimizationConfig(), photo)
     for stage in range(1, 6):
-        config = cumulative_config(stage).with_changes(first_block_cache=False, steps=6)
+        config = cumulative_config(stage).with_changes(first_block_cache=False)
         first = _edit(gpu_engine, config, photo)
         again = _edit(gpu_engine, config, photo)
         assert not again.variant["first_use"]
@@ -82,7 +83,9 @@ def test_mxfp4_on_hopper_runs_emulated_and_says_so(gpu_engine, photo):
     result = _edit(gpu_engine, OptimizationConfig(quantization="mxfp4"), photo, steps=3)
     report = next(r for r in result.stages if r.name == "quantization")
     assert report.active and "EMULATED" in report.detail
-    assert result.images[0].getbbox() is not None
+    baseline = _edit(gpu_engine, OptimizationConfig(), photo, steps=3)
+    rel, _ = image_distance(result.images[0], baseline.images[0])
+    assert 0 < rel < 0.5  # 4-bit weights move the picture, but it is the same picture
 
 
 def test_cudnn_attention_backend(gpu_engine, photo):
@@ -93,7 +96,7 @@ def test_cudnn_attention_backend(gpu_engine, photo):
 
 
 def test_cache_with_cuda_graphs_decides_every_step(gpu_engine, photo):
-    config = cumulative_config(5).with_changes(cache_threshold=1e-9, steps=6)
+    config = cumulative_config(5).with_changes(cache_threshold=1e-9)
     result = _edit(gpu_engine, config, photo)
     again = _edit(gpu_engine, config, photo)
     assert again.extras["first_block_cache"]["computed"] == 6
@@ -104,7 +107,7 @@ def test_cache_with_cuda_graphs_decides_every_step(gpu_engine, photo):
 
 
 def test_t5_fp8_weight_only_saves_memory_and_keeps_embeddings():
-    from stages.low_precision import quantize_text_encoder_fp8
+    from stages.text_encoder_fp8 import quantize_text_encoder_fp8
 
     pipe = build_tiny_pipeline(dtype=torch.bfloat16, device="cuda:0")
     tokens = pipe.tokenizer_2(["make the sky red"], return_tensors="pt").input_ids.to("cuda:0")

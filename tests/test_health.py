@@ -6,9 +6,9 @@ import time
 
 from fastapi.testclient import TestClient
 
-import stages
 from service.app import create_app
 from service.settings import ServiceSettings
+from stages import registry
 
 
 def test_health_reports_model_stages_queue_and_version(tiny_engine):
@@ -22,7 +22,7 @@ def test_health_reports_model_stages_queue_and_version(tiny_engine):
     assert body["model"]["name"] == "tiny" and body["model"]["random_weights"] is True and body["model"]["warning"]
     assert body["device"] == "cpu" and body["memory"] == {"device": "cpu"}
     names = [row["name"] for row in body["stages"]]
-    assert names == list(stages.STAGE_NAMES)
+    assert names == list(registry.STAGE_NAMES)
     attention = next(row for row in body["stages"] if row["name"] == "attention")
     assert attention["available"] is False and "CUDA" in attention["reason"] and attention["active"] is False
     assert body["queue"]["waiting"] == 0 and body["queue"]["capacity"] == 16

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import EditRequest, KontextEngine, ModelLoadError
-from engine.loading import _explain_load_failure, load_model
+from engine.engine import KontextEngine
+from engine.loading import ModelLoadError, _explain_load_failure, load_model
 from engine.model_builders import build_synthetic_full_pipeline
+from engine.requests import EditRequest
 
 
 def test_tiny_model_is_marked_as_random_weights():

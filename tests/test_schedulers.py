@@ -11,13 +11,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
-import stages
 from benchmarks.solver_fidelity import GaussianFlow
-from engine import EditRequest, OptimizationConfig
-from engine.config import SchedulerName
 from engine.model_builders import FLUX_SCHEDULER_CONFIG
+from engine.requests import EditRequest
+from stages.config import LEGACY_FLAGS, OptimizationConfig, SchedulerName, cumulative_config
 from stages.flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepScheduler, flow_lambda
-from stages.scheduler import BEST_SOLVER_AT_14_STEPS, DEFAULT_STEPS, build_scheduler
+from stages.scheduler import DEFAULT_STEPS, build_scheduler
 
 BASE = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG).config
 MU_1024 = calculate_shift(4096, 256, 4096, 0.5, 1.15)  # a 1024x1024 output
@@ -45,7 +44,9 @@ def test_first_order_dpm_solver_step_is_flow_match_euler():
     flow, noise = _gaussian(), torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     sigmas = np.linspace(1.0, 1 / 9, 9)
     euler = _run(FlowMatchEulerDiscreteScheduler.from_config(BASE), flow.velocity, noise, sigmas, MU_1024)
-    ddim = _run(FlowDPMSolverMultistepScheduler.from_config(BASE, solver_order=1, sigma_spacing="shifted"), flow.velocity, noise, sigmas, MU_1024)
+    ddim = _run(
+        FlowDPMSolverMultistepScheduler.from_config(BASE, solver_order=1, sigma_spacing="shifted"), flow.velocity, noise, sigmas, MU_1024
+    )
     assert torch.allclose(ddim, euler, atol=1e-5)
 
 
@@ -135,7 +136,9 @@ def test_shifted_spacing_is_flow_match_schedule_and_short_schedules_work():
     flow, noise = _gaussian(), torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
     for steps in (1, 2, 3):
         for name in ("dpmpp_2m_karras", "unipc"):
-            assert torch.isfinite(_run(build_scheduler(name, BASE), flow.velocity, noise, np.linspace(1.0, 1 / steps, steps), MU_1024)).all()
+            assert torch.isfinite(
+                _run(build_scheduler(name, BASE), flow.velocity, noise, np.linspace(1.0, 1 / steps, steps), MU_1024)
+            ).all()
 
 
 def test_every_scheduler_keeps_the_kontext_shift_config():
@@ -151,10 +154,10 @@ def test_every_scheduler_keeps_the_kontext_shift_config():
 
 
 def test_use_dpm_solver_constants_agree_with_config_and_preset():
+    _, use_dpm_solver = LEGACY_FLAGS["use_dpm_solver"]
     assert set(DEFAULT_STEPS) == set(typing.get_args(SchedulerName))
-    assert BEST_SOLVER_AT_14_STEPS in DEFAULT_STEPS and DEFAULT_STEPS[BEST_SOLVER_AT_14_STEPS] == 14
-    assert DEFAULT_STEPS["euler"] == 28
-    assert stages.cumulative_config(4).scheduler == BEST_SOLVER_AT_14_STEPS
+    assert DEFAULT_STEPS[use_dpm_solver.on] == 14 and DEFAULT_STEPS[use_dpm_solver.off] == 28
+    assert cumulative_config(4).scheduler == use_dpm_solver.on
 
 
 # -- through the engine and the real FluxKontextPipeline -----------------------------------------------
@@ -180,7 +183,11 @@ def test_each_scheduler_runs_end_to_end_with_its_default_steps(tiny_engine, phot
     assert pixels.std() > 0
     report = next(r for r in result.stages if r.name == "scheduler")
     assert report.active == (name != "euler")
-    expected = {"euler": FlowMatchEulerDiscreteScheduler, "dpmpp_2m_karras": FlowDPMSolverMultistepScheduler, "unipc": FlowUniPCMultistepScheduler}
+    expected = {
+        "euler": FlowMatchEulerDiscreteScheduler,
+        "dpmpp_2m_karras": FlowDPMSolverMultistepScheduler,
+        "unipc": FlowUniPCMultistepScheduler,
+    }
     expected = expected[name]
     assert [type(scheduler) for scheduler in schedulers_used] == [expected]
 
@@ -189,8 +196,8 @@ def test_request_steps_override_the_scheduler_default(tiny_engine, photo):
     request = EditRequest(prompt="x", image=photo, seed=1, steps=5, width=128, height=96)
     result = tiny_engine.edit(request, OptimizationConfig(scheduler="dpmpp_2m_karras"))
     assert result.steps == 5 and len(result.timings.step_s) == 5
-    result = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, width=128, height=96), OptimizationConfig(scheduler="unipc", steps=6))
-    assert result.steps == 6 and len(result.timings.step_s) == 6
+    result = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, width=128, height=96), OptimizationConfig(scheduler="unipc"))
+    assert result.steps == DEFAULT_STEPS["unipc"] and len(result.timings.step_s) == DEFAULT_STEPS["unipc"]
 
 
 def test_seeded_dpm_solver_run_is_reproducible(tiny_engine, photo):

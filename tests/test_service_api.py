@@ -15,14 +15,15 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-import stages
+from stages import registry
 from tests.service_server import api_server
 
 pytestmark = pytest.mark.slow
 
 README_INFERENCE = (
-    'curl -X POST http://localhost:8000/inference -H "Content-Type: application/json" -d \'{"prompt": "A majestic mountain landscape at sunset", '
-    '"width": 1024, "height": 1024, "steps": 14, "num_images": 1, "use_flash_attention": true, "use_mxfp4": true, "use_dpm_solver": true, "use_cuda_graphs": true}\''
+    'curl -X POST http://localhost:8000/inference -H "Content-Type: application/json" '
+    '-d \'{"prompt": "A majestic mountain landscape at sunset", "width": 1024, "height": 1024, "steps": 14, "num_images": 1, '
+    '"use_flash_attention": true, "use_mxfp4": true, "use_dpm_solver": true, "use_cuda_graphs": true}\''
 )
 README_BENCHMARK = "curl http://localhost:8000/benchmark"
 README_HEALTH = "curl http://localhost:8000/health"
@@ -87,22 +88,22 @@ def test_readme_health_curl(server):
     body = json.loads(run_literal(README_HEALTH, server.port))
     assert body["status"] == "ready" and body["version"]
     assert body["model"]["name"] == "tiny" and body["model"]["random_weights"] is True
-    assert [row["name"] for row in body["stages"]] == list(stages.STAGE_NAMES)
+    assert [row["name"] for row in body["stages"]] == list(registry.STAGE_NAMES)
     assert all({"available", "active", "reason"} <= set(row) for row in body["stages"])
     assert {"waiting", "running", "capacity"} <= set(body["queue"])
     assert body["device"] == "cpu" and "memory" in body
 
 
-def test_readme_benchmark_curl_starts_a_run_and_reports_progress(server, client):
+def test_readme_benchmark_curl_starts_the_default_run_on_a_local_server(server, client):
+    """The design card's GET works on a loopback server: the first one starts the default run."""
     body = json.loads(run_literal(README_BENCHMARK, server.port, timeout=60))
-    assert body["status"] in ("queued", "running", "done"), body
-    if body["status"] != "done":
-        assert body["progress"]["stages"] == [0, 1, 2, 3, 4, 5] and 0.0 <= body["progress"]["fraction"] <= 1.0
-        # The full run compiles (minutes on this CPU); the table itself is tested with ?stages=0.
-        assert client.delete("/benchmark").json()["status"] in ("cancelled", "cancelling")
-        wait_benchmark_idle(client)
-        failure = client.get("/health").json()["benchmark"]["last_failure"]
-        assert failure["status"] == "cancelled"
+    assert body["status"] in ("queued", "running"), body
+    assert body["progress"]["stages"] == [0, 1, 2, 3, 4, 5] and 0.0 <= body["progress"]["fraction"] <= 1.0
+    # The full run compiles (minutes on this CPU); the table itself is tested with POST ?stages=0.
+    assert client.delete("/benchmark").json()["status"] in ("cancelled", "cancelling")
+    wait_benchmark_idle(client)
+    assert client.get("/health").json()["benchmark"]["last_failure"]["status"] == "cancelled"
+    assert client.get("/benchmark").json()["status"] == "not_run"  # a later GET starts nothing
 
 
 # -- /ready, /inference ---------------------------------------------------------------------------
@@ -113,7 +114,9 @@ def test_ready(client):
 
 def test_json_edit_with_a_data_url_follows_the_input_aspect_ratio(client, photo):
     data_url = "data:image/png;base64," + base64.b64encode(png(photo)).decode()
-    response = client.post("/inference", json={"prompt": "make the sky red", "image": data_url, "steps": 2, "seed": 5, "output_format": "jpeg"})
+    response = client.post(
+        "/inference", json={"prompt": "make the sky red", "image": data_url, "steps": 2, "seed": 5, "output_format": "jpeg"}
+    )
     body = response.json()
     assert response.status_code == 200, body
     image = decode(body["images"][0])
@@ -133,8 +136,15 @@ def test_same_seed_gives_the_same_image_and_num_images_gives_several(client):
 
 def test_structured_optimizations_override_flags_and_cover_every_stage(client):
     optimizations = {
-        "compile": False, "fuse_qkv": True, "channels_last": True, "first_block_cache": True, "cache_threshold": 0.2,
-        "attention": "sdpa", "quantization": "fp8", "scheduler": "dpmpp_2m_karras", "cuda_graphs": True,
+        "compile": False,
+        "fuse_qkv": True,
+        "channels_last": True,
+        "first_block_cache": True,
+        "cache_threshold": 0.2,
+        "attention": "sdpa",
+        "quantization": "fp8",
+        "scheduler": "dpmpp_2m_karras",
+        "cuda_graphs": True,
     }
     response = client.post("/inference", json={**SMALL, "use_flash_attention": True, "optimizations": optimizations})
     body = response.json()
@@ -143,12 +153,18 @@ def test_structured_optimizations_override_flags_and_cover_every_stage(client):
     assert body["requested_optimizations"]["cache_threshold"] == 0.2
     assert {"fuse_qkv", "channels_last"} <= set(body["active_stages"])
     assert set(body["skipped_stages"]) >= {"quantization", "cuda_graphs"}
-    assert {row["name"] for row in body["stages"]} == set(stages.STAGE_NAMES)
+    assert {row["name"] for row in body["stages"]} == set(registry.STAGE_NAMES)
 
 
 def test_multipart_upload(client, photo):
     files = {"image": ("photo.png", png(photo), "image/png")}
-    data = {"prompt": "make the sky red", "steps": "2", "seed": "9", "use_dpm_solver": "true", "optimizations": json.dumps({"cache_threshold": 0.3})}
+    data = {
+        "prompt": "make the sky red",
+        "steps": "2",
+        "seed": "9",
+        "use_dpm_solver": "true",
+        "optimizations": json.dumps({"cache_threshold": 0.3}),
+    }
     response = client.post("/inference", files=files, data=data)
     body = response.json()
     assert response.status_code == 200, body
@@ -169,7 +185,13 @@ def test_raw_image_when_accept_asks_for_one(client):
 # -- OpenAI-compatible ----------------------------------------------------------------------------
 def test_openai_client_edit_and_generate(server, photo):
     client = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", timeout=120, max_retries=0)
-    edited = client.images.edit(image=("photo.png", png(photo), "image/png"), prompt="make the sky red", size="64x64", response_format="b64_json", extra_body={"steps": 2})
+    edited = client.images.edit(
+        image=("photo.png", png(photo), "image/png"),
+        prompt="make the sky red",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"steps": 2},
+    )
     assert edited.data and decode(edited.data[0].b64_json).size == (64, 64) and edited.size == "64x64"
     generated = client.images.generate(prompt="a mountain at sunset", n=2, size="48x32", extra_body={"steps": 1})
     assert len(generated.data) == 2 and decode(generated.data[1].b64_json).size == (48, 32) and generated.output_format == "png"
@@ -201,12 +223,13 @@ def test_first_block_cache_counts_reach_the_response_and_metrics(client):
     assert 'kontext_first_block_cache_calls_total{outcome="skipped"}' in text
 
 
-def test_benchmark_job_table_markdown_force_and_cancel(client):
+def test_benchmark_runs_are_started_by_post_and_read_by_get(client):
     wait_benchmark_idle(client)
-    started = client.get("/benchmark", params={"stages": "0"})
-    assert started.status_code in (200, 202), started.text
+    started = client.post("/benchmark", params={"stages": "0"})
+    assert started.status_code == 202, started.text
+    assert client.post("/benchmark", params={"stages": "0"}).status_code == 409  # one run at a time
     deadline = time.monotonic() + 240
-    while (response := client.get("/benchmark", params={"stages": "0"})).status_code == 202:
+    while (response := client.get("/benchmark")).status_code == 202:
         assert 0.0 <= response.json()["progress"]["fraction"] <= 1.0
         assert time.monotonic() < deadline
         time.sleep(0.5)
@@ -216,14 +239,19 @@ def test_benchmark_job_table_markdown_force_and_cancel(client):
     for column in ("text_encode_s", "denoise_s", "vae_decode_s", "total_s", "speedup_vs_stage0", "peak_memory_gb", "deviation_rel_l2"):
         assert column in row
     assert row["stage"] == 0 and row["total_s"] > 0 and row["speedup_vs_stage0"] == 1.0
-    markdown = client.get("/benchmark", params={"stages": "0", "format": "md"})
+    markdown = client.get("/benchmark", params={"format": "md"})
     assert markdown.headers["content-type"].startswith("text/markdown") and "| stage |" in markdown.text
-    assert "| stage |" in client.get("/benchmark?stages=0", headers={"Accept": "text/markdown"}).text
-    forced = client.get("/benchmark", params={"stages": "0", "force": "true"})
-    assert forced.status_code == 202 and forced.json()["latest"]["stages"] == [0]
+    assert "| stage |" in client.get("/benchmark", headers={"Accept": "text/markdown"}).text
+    # Reading never starts work: the old ways of forcing a run through GET do nothing.
+    for params in ({"stages": "0,1"}, {"force": "true"}):
+        again = client.get("/benchmark", params=params)
+        assert again.status_code == 200 and client.get("/health").json()["benchmark"]["running"] is None
+    restarted = client.post("/benchmark", params={"stages": "0"})
+    assert restarted.status_code == 202 and restarted.json()["latest"]["stages"] == [0]
     assert client.delete("/benchmark").status_code == 200
     wait_benchmark_idle(client)
     assert client.delete("/benchmark").status_code == 404
+    assert client.post("/benchmark", params={"stages": "7"}).status_code == 422
 
 
 def test_unknown_endpoint_and_method_answer_json_errors(client):
@@ -231,4 +259,7 @@ def test_unknown_endpoint_and_method_answer_json_errors(client):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
     wrong = client.get("/inference")
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
-    assert client.get("/openapi.json").json()["paths"]["/inference"]["post"]["requestBody"]["content"].keys() >= {"application/json", "multipart/form-data"}
+    assert client.get("/openapi.json").json()["paths"]["/inference"]["post"]["requestBody"]["content"].keys() >= {
+        "application/json",
+        "multipart/form-data",
+    }

@@ -43,8 +43,10 @@ def b64(data: bytes) -> str:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A valid PNG header that declares a huge canvas, with almost no data: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
 
@@ -71,7 +73,12 @@ def assert_error(response: httpx.Response, status: int, field: str | None, *word
 
 # -- images that must be refused ------------------------------------------------------------------
 def test_non_image_bytes(client):
-    assert_error(client.post("/inference", json={**BASE, "image": b64(b"just some text, not a picture" * 20)}), 422, "image", "not a recognised image")
+    assert_error(
+        client.post("/inference", json={**BASE, "image": b64(b"just some text, not a picture" * 20)}),
+        422,
+        "image",
+        "not a recognised image",
+    )
     files = {"image": ("x.png", b"%PDF-1.7 not an image", "image/png")}
     assert_error(client.post("/inference", files=files, data={"prompt": "x"}), 422, "image", "not a recognised image")
 
@@ -79,18 +86,28 @@ def test_non_image_bytes(client):
 def test_truncated_images(client):
     for fmt in ("PNG", "JPEG"):
         data = encoded(gradient((256, 256)), fmt)
-        assert_error(client.post("/inference", json={**BASE, "image": b64(data[: len(data) // 2])}), 422, "image", "truncated or corrupt", error_type="invalid_image")
+        assert_error(
+            client.post("/inference", json={**BASE, "image": b64(data[: len(data) // 2])}),
+            422,
+            "image",
+            "truncated or corrupt",
+            error_type="invalid_image",
+        )
 
 
 def test_decompression_bomb_and_huge_dimensions(client):
-    bomb = assert_error(client.post("/inference", json={**BASE, "image": b64(png_claiming(100_000, 100_000))}), 422, "image", "MP input limit")
+    bomb = assert_error(
+        client.post("/inference", json={**BASE, "image": b64(png_claiming(100_000, 100_000))}), 422, "image", "MP input limit"
+    )
     assert bomb["type"] == "image_too_large"
     huge = encoded(Image.new("L", (5000, 5000), 128))  # 25 MP, a few kB compressed
     assert_error(client.post("/inference", json={**BASE, "image": b64(huge)}), 422, "image", "MP input limit", error_type="image_too_large")
 
 
 def test_one_pixel_image(client):
-    assert_error(client.post("/inference", json={**BASE, "image": b64(encoded(Image.new("RGB", (1, 1))))}), 422, "image", "1x1 is too small")
+    assert_error(
+        client.post("/inference", json={**BASE, "image": b64(encoded(Image.new("RGB", (1, 1))))}), 422, "image", "1x1 is too small"
+    )
 
 
 def test_base64_and_urls(client):
@@ -153,7 +170,13 @@ def test_animated_gif_uses_the_first_frame(client):
 # -- bodies and fields ----------------------------------------------------------------------------
 def test_body_over_the_size_cap(client):
     big = b'{"prompt": "x", "image": "' + b"A" * (5 * 2**20) + b'"}'
-    assert_error(client.post("/inference", content=big, headers={"content-type": "application/json"}), 413, "body", "4 MB limit", error_type="body_too_large")
+    assert_error(
+        client.post("/inference", content=big, headers={"content-type": "application/json"}),
+        413,
+        "body",
+        "4 MB limit",
+        error_type="body_too_large",
+    )
 
     def chunks():  # no Content-Length: counted while it arrives
         yield b'{"prompt": "x", "image": "'
@@ -166,13 +189,22 @@ def test_body_over_the_size_cap(client):
 
 def test_malformed_json_and_wrong_bodies(client):
     headers = {"content-type": "application/json"}
-    assert_error(client.post("/inference", content=b'{"prompt": "x", ', headers=headers), 400, "body", "malformed JSON", error_type="invalid_json")
+    assert_error(
+        client.post("/inference", content=b'{"prompt": "x", ', headers=headers), 400, "body", "malformed JSON", error_type="invalid_json"
+    )
     assert_error(client.post("/inference", content=b"", headers=headers), 400, "body", "empty")
     assert_error(client.post("/inference", content=b'["prompt"]', headers=headers), 422, "body")
-    assert_error(client.post("/inference", content=b'{"prompt": "\\ud800"}', headers=headers), 400, "body", "malformed JSON")  # a lone surrogate
+    assert_error(
+        client.post("/inference", content=b'{"prompt": "\\ud800"}', headers=headers), 400, "body", "malformed JSON"
+    )  # a lone surrogate
     assert_error(client.post("/inference", files={"image": ("a.png", b"x")}, data={"prompt": "a\x00b"}), 422, "prompt", "NUL")
     assert_error(client.post("/inference", content=b"prompt=x", headers={"content-type": "text/plain"}), 415, "Content-Type")
-    assert_error(client.post("/inference", files={"image": ("a.png", b"x")}, data={"prompt": "x", "optimizations": "{not json"}), 422, "optimizations", "JSON object")
+    assert_error(
+        client.post("/inference", files={"image": ("a.png", b"x")}, data={"prompt": "x", "optimizations": "{not json"}),
+        422,
+        "optimizations",
+        "JSON object",
+    )
 
 
 @pytest.mark.parametrize(

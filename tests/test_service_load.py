@@ -44,7 +44,13 @@ def wait_idle(server, timeout: float = 60) -> dict:
 def test_api_key_required_everywhere_but_health_and_ready(server):
     for path in ("/health", "/ready"):
         assert httpx.get(server.url + path, timeout=30).status_code == 200
-    for method, path in (("GET", "/metrics"), ("GET", "/benchmark"), ("GET", "/openapi.json"), ("POST", "/inference"), ("POST", "/v1/images/generations")):
+    for method, path in (
+        ("GET", "/metrics"),
+        ("GET", "/benchmark"),
+        ("GET", "/openapi.json"),
+        ("POST", "/inference"),
+        ("POST", "/v1/images/generations"),
+    ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             response = httpx.request(method, server.url + path, headers=headers, json=TINY, timeout=30)
             assert response.status_code == 401, (path, headers, response.text)
@@ -89,8 +95,12 @@ def test_32_clients_256_requests_all_answered_200_or_429(server):
     queue = wait_idle(server)
     assert queue["in_flight_requests"] == 0
     assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 200
-    assert metric(server, 'kontext_http_requests_total{endpoint="/inference",method="POST",outcome="ok"}') - ok_before == statuses.count(200)
-    assert metric(server, 'kontext_http_requests_total{endpoint="/inference",method="POST",outcome="rejected_queue_full"}') - rejected_before == statuses.count(429)
+    assert metric(server, 'kontext_http_requests_total{endpoint="/inference",method="POST",outcome="ok"}') - ok_before == statuses.count(
+        200
+    )
+    assert metric(
+        server, 'kontext_http_requests_total{endpoint="/inference",method="POST",outcome="rejected_queue_full"}'
+    ) - rejected_before == statuses.count(429)
 
 
 def test_a_client_that_disconnects_while_queued_never_reaches_the_gpu(pytestconfig):

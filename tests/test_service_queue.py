@@ -182,7 +182,9 @@ def test_without_per_request_variants_build_stages_follow_the_server(tiny_engine
 
     async def scenario():
         async with await _ready(app) as client:
-            return await client.post("/inference", json={**SMALL, "optimizations": {"compile": True, "cache_threshold": 0.3}, "use_qkv_fusion": True})
+            return await client.post(
+                "/inference", json={**SMALL, "optimizations": {"compile": True, "cache_threshold": 0.3}, "use_qkv_fusion": True}
+            )
 
     response = asyncio.run(scenario())
     app.state.service.stop()
@@ -192,3 +194,79 @@ def test_without_per_request_variants_build_stages_follow_the_server(tiny_engine
     assert body["optimizations"]["cache_threshold"] == 0.3  # per-request settings still apply
     assert "fixed optimization variant" in body["skipped_stages"]["compile"]
     assert any(warning.startswith("compile=True ignored") for warning in body["warnings"])
+
+
+def test_a_long_job_lets_waiting_user_jobs_run_between_its_pieces():
+    """What a benchmark does after each of its edits: the user jobs that queued up meanwhile run
+    first, so none waits for more than one piece of the long job."""
+    worker = GpuWorker(capacity=4, poll_s=0.05)
+    worker.start()
+    order: list[str] = []
+    piece_started = threading.Event()
+    piece_may_end = threading.Event()
+
+    def long_job():
+        for piece in range(3):
+            order.append(f"long {piece}")
+            if piece == 0:
+                piece_started.set()
+                piece_may_end.wait(5)
+            worker.run_waiting(exclude_kinds=("benchmark",))
+
+    async def scenario():
+        long = asyncio.create_task(worker.run("benchmark", long_job, deadline=time.monotonic() + 20))
+        while not piece_started.is_set():
+            await asyncio.sleep(0.01)
+        user = asyncio.create_task(worker.run("inference", lambda: order.append("user"), deadline=time.monotonic() + 20))
+        other_long = worker.submit("benchmark", lambda: order.append("second benchmark"))
+        await asyncio.sleep(0.1)
+        piece_may_end.set()
+        await user
+        await long
+        for _ in range(100):
+            if other_long.state == "done":
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    worker.stop(5)
+    # the user job ran right after the first piece; another benchmark waited for its turn
+    assert order == ["long 0", "user", "long 1", "long 2", "second benchmark"]
+    with pytest.raises(RuntimeError):
+        worker.run_waiting()  # only the worker thread itself may do this
+
+
+def test_a_benchmark_through_http_yields_to_an_edit(tiny_engine):
+    engine = ScriptedEngine(tiny_engine)
+    app = _app(engine, benchmark_stages=(0,), benchmark_repeats=3, benchmark_warmup=0, benchmark_size=32)
+    gate = threading.Event()
+    benchmark_edits = []
+    original_edit = engine.edit
+
+    def edit(request, config=None, progress=False, should_stop=None):
+        if request.prompt == "make the sky red" and request.width == 32 and request.seed == 0:  # the benchmark's request
+            benchmark_edits.append(time.monotonic())
+            if len(benchmark_edits) == 1:
+                gate.wait(10)
+        return original_edit(request, config, should_stop=should_stop)
+
+    engine.edit = edit
+
+    async def scenario():
+        async with await _ready(app) as client:
+            assert (await client.post("/benchmark")).status_code == 202
+            while not benchmark_edits:
+                await asyncio.sleep(0.02)
+            user = asyncio.create_task(client.post("/inference", json={**SMALL, "seed": 5}))
+            await asyncio.sleep(0.3)
+            gate.set()
+            answered = await user
+            progress = (await client.get("/health")).json()["benchmark"]["running"]
+            await client.delete("/benchmark")
+            return answered, progress
+
+    answered, progress = asyncio.run(scenario())
+    app.state.service.stop()
+    assert answered.status_code == 200
+    assert progress is not None  # the edit was answered while the benchmark still had edits to run
+    assert len(benchmark_edits) < 3 + 4 * 3 + 3 * 3  # and the benchmark did not run to its end before it

@@ -20,6 +20,7 @@ WORK = {"prompt": "make the sky red", "width": 128, "height": 128, "steps": 6}
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones():
     server = start_server("drain", ["--queue-size", "16"])
     try:
+
         async def scenario():
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
                 accepted = [asyncio.create_task(http.post("/inference", json={**WORK, "seed": seed})) for seed in range(8)]

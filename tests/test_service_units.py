@@ -11,35 +11,52 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from engine import OptimizationConfig
 from service.app import create_app
 from service.edits import negotiate
 from service.errors import APIError
 from service.images import bytes_from_text, decode_image, to_rgb
-from service.optimizations import BEST_SOLVER_AT_14_STEPS, legacy_changes, merge
+from service.optimizations import merge
 from service.settings import ServiceSettings
+from stages.config import LEGACY_FLAGS, ConflictingFlags, OptimizationConfig, legacy_changes
 
 
 def test_the_original_flat_flags_map_onto_stages():
-    changes = legacy_changes({"use_flash_attention": True, "use_mxfp4": True, "use_dpm_solver": True, "use_cuda_graphs": True, "use_compile": None})
-    assert changes == {"attention": "fa3", "quantization": "auto", "scheduler": BEST_SOLVER_AT_14_STEPS, "cuda_graphs": True}
+    changes = legacy_changes(
+        {"use_flash_attention": True, "use_mxfp4": True, "use_dpm_solver": True, "use_cuda_graphs": True, "use_compile": None}
+    )
+    dpm = LEGACY_FLAGS["use_dpm_solver"][1].on
+    assert changes == {"attention": "fa3", "quantization": "auto", "scheduler": dpm, "cuda_graphs": True}
     assert legacy_changes({"use_fp8": True, "use_mxfp4": False}) == {"quantization": "fp8"}  # a true flag wins
     assert legacy_changes({"use_flash_attention": False}) == {"attention": "sdpa"}
-    with pytest.raises(APIError):
-        legacy_changes({"use_fp8": True, "use_mxfp4": True})
+    with pytest.raises(ConflictingFlags) as conflict:
+        legacy_changes({"use_mxfp4": True, "use_fp8": True})
+    assert conflict.value.flag == "use_fp8"
+    with pytest.raises(APIError) as refused:  # the service names the flag in a 422
+        merge(OptimizationConfig(), {"use_mxfp4": True, "use_fp8": True}, {}, True)
+    assert refused.value.status_code == 422 and refused.value.field == "use_fp8"
 
 
 def test_the_optimizations_object_wins_over_flags_and_both_over_the_server_default():
     default = OptimizationConfig(compile=True)
-    config, requested, warnings, ignored = merge(default, {"use_flash_attention": True}, {"attention": "cudnn", "cache_threshold": 0.3}, True)
-    assert config == requested and config.attention == "cudnn" and config.compile is True and config.cache_threshold == 0.3
-    assert warnings == [] and ignored == {}
+    merged = merge(default, {"use_flash_attention": True}, {"attention": "cudnn", "cache_threshold": 0.3}, True)
+    config = merged.config
+    assert config == merged.requested and config.attention == "cudnn" and config.compile is True and config.cache_threshold == 0.3
+    assert merged.warnings == [] and merged.ignored == {}
 
 
 @pytest.mark.parametrize(
     "accept, expected",
-    [(None, None), ("*/*", None), ("application/json", None), ("image/*", "image/*"), ("image/webp", "image/webp"),
-     ("application/json, image/png", None), ("image/jpeg, application/json;q=0.5", "image/jpeg"), ("text/html,*/*;q=0.8", None), ("image/gif", None)],
+    [
+        (None, None),
+        ("*/*", None),
+        ("application/json", None),
+        ("image/*", "image/*"),
+        ("image/webp", "image/webp"),
+        ("application/json, image/png", None),
+        ("image/jpeg, application/json;q=0.5", "image/jpeg"),
+        ("text/html,*/*;q=0.8", None),
+        ("image/gif", None),
+    ],
 )
 def test_accept_negotiation_prefers_json_on_ties(accept, expected):
     assert negotiate(accept) == expected
@@ -74,7 +91,11 @@ def test_decoded_images_are_upright_rgb_with_notes():
 def test_cors_only_for_configured_origins_and_preflight_needs_no_key(tiny_engine):
     settings = ServiceSettings(warmup=False, api_key="k", cors_origins=("https://app.example",))
     with TestClient(create_app(tiny_engine, settings)) as client:
-        asks = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        asks = {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         preflight = client.options("/inference", headers=asks)
         allowed = client.get("/health", headers={"Origin": "https://app.example"})
         other = client.get("/health", headers={"Origin": "https://evil.example"})

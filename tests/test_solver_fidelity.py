@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from benchmarks import solver_fidelity as fidelity
-from stages.scheduler import BEST_SOLVER_AT_14_STEPS, DEFAULT_STEPS
+from stages.config import LEGACY_FLAGS
+from stages.scheduler import DEFAULT_STEPS
+
+BEST_SOLVER_AT_14_STEPS = LEGACY_FLAGS["use_dpm_solver"][1].on  # what use_dpm_solver selects
 
 SEQ_LENS = (4096, 256)  # 1024x1024 and 256x256 outputs
 
@@ -92,7 +95,10 @@ def test_unipc_default_steps_beat_euler_at_28(measured, problem, seq):
 
 def test_unipc_needs_more_than_14_steps_at_the_production_size(measured):
     """Why UniPC defaults to more steps than DPM-Solver++: at 14 it trails Euler-28 at 1024x1024."""
-    assert any(measured["errors"][problem, 4096]["unipc", 14] > measured["errors"][problem, 4096]["euler", 28] for problem in ("gaussian", "digits"))
+    assert any(
+        measured["errors"][problem, 4096]["unipc", 14] > measured["errors"][problem, 4096]["euler", 28]
+        for problem in ("gaussian", "digits")
+    )
 
 
 def test_benchmark_writes_table_csv_json_and_plot(tmp_path):

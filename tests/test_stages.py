@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stages
-from engine import EditRequest, OptimizationConfig
-from engine.environment import Environment, GpuInfo
+from engine.requests import EditRequest
+from stages import registry
+from stages.config import OptimizationConfig, cumulative_config
+from stages.environment import Environment, GpuInfo
 from tests.conftest import image_distance
 
 # fp32 on the CPU: fused GEMMs, NHWC convolutions and Inductor kernels only reorder floating-point sums.
@@ -15,9 +16,10 @@ TOLERANCE_REL_L2 = 1e-2
 TOLERANCE_MAX_ABS = 4 / 255
 
 
-def _fake_env(capability=None, packages=()):
+def _fake_env(capability=None, packages=(), cxx=True):
     gpu = GpuInfo(0, "Fake GPU", capability, 80 * 2**30) if capability else None
-    return Environment("3.11", "2.x", "13.0" if gpu else None, "cuda:0" if gpu else "cpu", gpu, {name: ("1.0" if name in packages else None) for name in ("torchao", "fa3_fwd_interface", "para_attn", "triton")})
+    installed = {name: ("1.0" if name in packages else None) for name in ("torchao", "fa3_fwd_interface", "para_attn", "triton")}
+    return Environment("3.11", "2.x", "13.0" if gpu else None, "cuda:0" if gpu else "cpu", gpu, installed, has_cxx_compiler=cxx)
 
 
 def _edit(engine, image, config, steps=8):
@@ -30,15 +32,15 @@ def _transformer_of(engine, config):
 
 
 def test_registry_order_and_presets():
-    names = list(stages.STAGE_NAMES)
+    names = list(registry.STAGE_NAMES)
     assert names.index("fuse_qkv") < names.index("quantization")  # fuse before quantizing
     assert names.index("attention") < names.index("compile") < names.index("cuda_graphs")
     assert names.index("first_block_cache") < names.index("compile")
-    assert stages.cumulative_config(0) == OptimizationConfig()
-    five = stages.cumulative_config(5)
+    assert cumulative_config(0) == OptimizationConfig()
+    five = cumulative_config(5)
     assert five.compile and five.fuse_qkv and five.channels_last and five.first_block_cache and five.cuda_graphs
     assert (five.attention, five.quantization, five.scheduler, five.cache_threshold) == ("fa3", "auto", "dpmpp_2m_karras", 0.12)
-    assert stages.cumulative_config(1).attention == "sdpa" and not stages.cumulative_config(4).cuda_graphs
+    assert cumulative_config(1).attention == "sdpa" and not cumulative_config(4).cuda_graphs
 
 
 def test_qkv_fusion_fuses_and_drops_unfused_and_keeps_outputs(tiny_engine, photo):
@@ -77,19 +79,23 @@ def test_sigmoid_form_gelu_is_the_tanh_gelu():
 
 
 def test_fast_gelu_replaces_every_tanh_gelu_only_when_compiled(tiny_engine):
-    config, report = stages.get_stage("fast_gelu").resolve(OptimizationConfig(fast_gelu=True), tiny_engine.env)
-    assert not config.fast_gelu and not report.active and "compile" in report.reason
+    resolved = registry.resolve(OptimizationConfig(fast_gelu=True), tiny_engine.env)
+    assert not resolved.effective.fast_gelu and not resolved.report("fast_gelu").active and "compile" in resolved.report("fast_gelu").reason
     pipe = _transformer_of(tiny_engine, OptimizationConfig(fast_gelu=True, compile=True))
     base = tiny_engine.loaded.pipe.transformer
     assert not any(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in pipe.transformer.modules())
     assert any(isinstance(m, torch.nn.GELU) and m.approximate == "tanh" for m in base.modules())  # the base model is untouched
     x = torch.randn(2, 5, base.inner_dim)
-    pairs = [(base.transformer_blocks[0].ff, pipe.transformer.transformer_blocks[0].ff),
-             (base.single_transformer_blocks[0].act_mlp, pipe.transformer.single_transformer_blocks[0].act_mlp)]
+    pairs = [
+        (base.transformer_blocks[0].ff, pipe.transformer.transformer_blocks[0].ff),
+        (base.single_transformer_blocks[0].act_mlp, pipe.transformer.single_transformer_blocks[0].act_mlp),
+    ]
     with torch.no_grad():
         for original, replaced in pairs:
             assert replaced is not original and torch.allclose(replaced(x), original(x), atol=1e-5, rtol=1e-5)
-    assert pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight is base.transformer_blocks[0].ff.net[0].proj.weight  # weights shared
+    assert (
+        pipe.transformer.transformer_blocks[0].ff.net[0].proj.weight is base.transformer_blocks[0].ff.net[0].proj.weight
+    )  # weights shared
 
 
 @pytest.mark.slow
@@ -109,7 +115,7 @@ def test_compile_compiles_blocks_and_vae_and_keeps_outputs(tiny_engine, photo):
 
 
 def test_gpu_stages_say_why_they_cannot_run_on_a_cpu(cpu_env):
-    rows = {row["name"]: row for row in stages.stage_status(cpu_env)}
+    rows = {row["name"]: row for row in registry.stage_status(cpu_env)}
     for name in ("attention", "quantization", "cuda_graphs"):
         assert not rows[name]["available"] and "CUDA GPU" in rows[name]["reason"]
     for name in ("fuse_qkv", "channels_last", "compile"):
@@ -118,11 +124,11 @@ def test_gpu_stages_say_why_they_cannot_run_on_a_cpu(cpu_env):
 
 def test_availability_follows_the_gpu_and_packages():
     ampere = _fake_env((8, 0), packages=("torchao", "fa3_fwd_interface", "triton"))
-    attention = stages.get_stage("attention")
+    attention = registry.get_stage("attention")
     assert "cuDNN SDPA only" in attention.availability(ampere).detail
     config, report = attention.resolve(OptimizationConfig(attention="fa3"), ampere)
     assert config.attention == "cudnn" and report.active and "compute capability 9.0" in report.reason and "8.0" in report.reason
-    quantization = stages.get_stage("quantization")
+    quantization = registry.get_stage("quantization")
     assert "no FP8" in quantization.availability(ampere).reason
     hopper = _fake_env((9, 0), packages=("torchao", "fa3_fwd_interface", "triton"))
     config, report = quantization.resolve(OptimizationConfig(quantization="auto"), hopper)
@@ -138,23 +144,23 @@ def test_availability_follows_the_gpu_and_packages():
 
 
 def test_resolve_switches_off_what_cannot_run_and_says_why(cpu_env):
-    resolved = stages.resolve(stages.cumulative_config(5), cpu_env)
+    resolved = registry.resolve(cumulative_config(5), cpu_env)
     assert resolved.effective.attention == "sdpa" and resolved.effective.quantization == "none" and not resolved.effective.cuda_graphs
     assert resolved.effective.compile and resolved.effective.fuse_qkv  # CPU-capable stages stay on
-    reasons = {report.name: report.reason for report in resolved.skipped}
+    reasons = resolved.skipped
     assert set(reasons) >= {"attention", "quantization", "cuda_graphs"} and all(reasons.values())
 
 
 def test_cuda_graphs_step_aside_for_the_diffusers_cache_backend_only():
     hopper = _fake_env((9, 0), packages=("torchao", "fa3_fwd_interface", "triton", "para_attn"))
-    five = stages.cumulative_config(5)
-    diffusers = stages.resolve(five.with_changes(cache_backend="diffusers"), hopper)
+    five = cumulative_config(5)
+    diffusers = registry.resolve(five.with_changes(cache_backend="diffusers"), hopper)
     assert not diffusers.effective.cuda_graphs and diffusers.effective.first_block_cache
-    assert "overwritten" in {r.name: r.reason for r in diffusers.skipped}["cuda_graphs"]
-    para_attn = stages.resolve(five.with_changes(cache_backend="para_attn"), hopper)
+    assert "overwritten" in diffusers.skipped["cuda_graphs"]
+    para_attn = registry.resolve(five.with_changes(cache_backend="para_attn"), hopper)
     assert para_attn.effective.cuda_graphs and "cuda_graphs" in para_attn.active_stages
 
 
 def test_unknown_stage_name_is_an_error():
     with pytest.raises(KeyError, match="known stages"):
-        stages.get_stage("warp_speed")
+        registry.get_stage("warp_speed")

@@ -6,8 +6,10 @@ import re
 
 import torch
 
-from engine import EditRequest, KontextEngine, OptimizationConfig
+from engine.engine import KontextEngine
+from engine.requests import EditRequest
 from engine.variants import clone_sharing_tensors, storage_bytes
+from stages.config import OptimizationConfig
 
 
 def test_clone_shares_every_tensor(tiny_engine):
@@ -29,6 +31,8 @@ def test_variant_built_once_and_reused():
     assert not second.variant["first_use"] and second.timings.variant_build_s == 0
     executions = [row for row in engine.variants.report() if row["kind"] == "execution"]
     assert len(executions) == 1 and executions[0]["uses"] == 2
+    engine.edit(request, fused)
+    assert [row["uses"] for row in engine.variants.report() if row["kind"] == "execution"] == [3]  # counted live, every use
 
 
 def test_fused_variant_reports_exactly_the_fused_weights():
@@ -55,9 +59,11 @@ def test_least_recently_used_variant_is_evicted():
     request = EditRequest(prompt="x", seed=1, steps=1)
     engine.edit(request, OptimizationConfig(fuse_qkv=True))
     engine.edit(request, OptimizationConfig())
-    kinds = [row["kind"] for row in engine.variants.report()]
-    assert kinds.count("execution") == 1
-    assert "weights" not in kinds or all(not row["key"] for row in engine.variants.report() if row["kind"] == "weights")
+    report = engine.variants.report()
+    executions = [row for row in report if row["kind"] == "execution"]
+    assert len(executions) == 1 and executions[0]["key"] == {}  # the fused variant went; the plain one stays
+    # the fused weights went with the only variant that used them
+    assert [row for row in report if row["kind"] == "weights" and row["key"]] == []
 
 
 def test_base_weights_untouched_by_variants(tiny_engine):

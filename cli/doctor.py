@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import stages
-
-from .config import OptimizationConfig
-from .environment import Environment
+from stages.config import OptimizationConfig
+from stages.environment import Environment
+from stages.registry import resolve, stage_status
 
 
 def render_doctor(env: Environment, config: OptimizationConfig) -> str:
@@ -24,13 +23,14 @@ def render_doctor(env: Environment, config: OptimizationConfig) -> str:
     for name, version in summary["packages"].items():
         lines.append(f"  {name:<20} {version or 'not installed'}")
     lines.append("")
-    resolved = stages.resolve(config, env)
-    active = {report.name: report for report in resolved.reports}
-    lines.append(f"stages (default config: {config.describe()})")
-    for row in stages.stage_status(env):
+    resolved = resolve(config, env)
+    lines.append(f"stages, in benchmark order (default config: {config.describe()})")
+    rows = sorted(stage_status(env), key=lambda row: (row["benchmark_stage"] is None, row["benchmark_stage"] or 0))
+    for row in rows:
+        report = resolved.report(row["name"])
         state = "available" if row["available"] else "unavailable"
-        report = active[row["name"]]
         use = "ON " if report.active else ("off" if not report.requested else "SKIPPED")
-        why = row["detail"] if row["available"] else row["reason"]
-        lines.append(f"  [{row['benchmark_stage']}] {row['name']:<18} {state:<12} {use:<8} {why}")
+        why = report.reason if report.requested and not report.active else (row["detail"] if row["available"] else row["reason"])
+        preset = "-" if row["benchmark_stage"] is None else row["benchmark_stage"]
+        lines.append(f"  [{preset}] {row['name']:<18} {state:<12} {use:<8} {why}")
     return "\n".join(lines)

@@ -17,8 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine import EditRequest, KontextEngine, OptimizationConfig
+from stages import attention_kernels
+from stages.config import OptimizationConfig
 from stages.low_precision import is_quantized_linear
+
+from ..engine import KontextEngine
+from ..requests import EditRequest
 
 
 @dataclass
@@ -89,8 +93,6 @@ def median_cuda_ms(fn, warmup: int = 3, repeats: int = 15) -> float:
 
 def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int = 8192) -> dict[str, float]:
     """TFLOP/s of the kernels the stages use, measured here and now on random data."""
-    from stages import attention_kernels
-
     ceilings: dict[str, float] = {}
     n = gemm_size
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -103,7 +105,6 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
         scale_b = torch.ones(1, n, device="cuda", dtype=torch.float32)
         fp8 = lambda: torch._scaled_mm(a8, b8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16, use_fast_accum=True)  # noqa: E731
         ceilings["gemm_fp8_rowwise"] = gemm_flops / median_cuda_ms(fp8) / 1e9
-    del a, b
 
     batch, tokens, heads, head_dim = attention_shape
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -131,8 +132,12 @@ def floor_ms(flops: StepFlops, ceilings: dict[str, float], config: OptimizationC
     """The fastest a step of `config` (as it ran) could be on these ceilings, in milliseconds."""
     gemm_bf16 = ceilings.get("gemm_bf16")
     gemm_quantized = ceilings.get("gemm_fp8_rowwise") if config.quantization == "fp8" else gemm_bf16
-    attention = ceilings.get({"sdpa": "attention_sdpa", "cudnn": "attention_cudnn", "fa3": "attention_fa3", "fa3_fp8": "attention_fa3_fp8"}[config.attention])
+    attention = ceilings.get(
+        {"sdpa": "attention_sdpa", "cudnn": "attention_cudnn", "fa3": "attention_fa3", "fa3_fp8": "attention_fa3_fp8"}[config.attention]
+    )
     if not (gemm_bf16 and gemm_quantized and attention):
         return None
-    seconds = flops.linear_quantizable / (gemm_quantized * 1e12) + flops.linear_other / (gemm_bf16 * 1e12) + flops.attention / (attention * 1e12)
+    seconds = (
+        flops.linear_quantizable / (gemm_quantized * 1e12) + flops.linear_other / (gemm_bf16 * 1e12) + flops.attention / (attention * 1e12)
+    )
     return seconds * 1e3

@@ -1,18 +1,22 @@
-"""What this machine offers: torch build, accelerator, compute capability and optional packages.
+"""What this machine offers: torch build, accelerator, compute capability, a C++ compiler and the
+optional packages.
 
-Stages ask this object whether their needs are met, and `doctor` prints it. It is computed once per
-process (`current_environment()`), because probing CUDA and importing packages is slow.
+Every machine probe lives here: stages ask this object whether their needs are met, and `doctor`
+and /health print it. It is computed once per process (`current_environment()`), because probing
+CUDA and importing packages is slow.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import importlib.util
 import platform
+import shutil
 from dataclasses import dataclass, field
 
 import torch
+
+from patches import installed_version as package_version
 
 # Import name -> distribution name, for every optional package a stage may need.
 OPTIONAL_PACKAGES = {
@@ -40,6 +44,7 @@ class Environment:
     device: str  # "cuda:N" or "cpu": where the engine runs
     gpu: GpuInfo | None
     packages: dict[str, str | None] = field(default_factory=dict)  # import name -> version or None
+    has_cxx_compiler: bool = True  # Inductor on the CPU compiles C++
 
     @property
     def has_cuda(self) -> bool:
@@ -68,19 +73,17 @@ class Environment:
             "device": self.device,
             "gpu": gpu,
             "packages": dict(self.packages),
+            "cxx_compiler": self.has_cxx_compiler,
         }
 
 
-def _package_version(import_name: str, dist_name: str) -> str | None:
+def _importable_version(import_name: str, dist_name: str) -> str | None:
     try:
         if importlib.util.find_spec(import_name) is None:
             return None
     except (ImportError, ValueError):
         return None
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown version"
+    return package_version(dist_name) or "unknown version"
 
 
 def default_device() -> str:
@@ -100,7 +103,7 @@ def current_environment(device: str | None = None) -> Environment:
         props = torch.cuda.get_device_properties(index)
         gpu = GpuInfo(index, props.name, (props.major, props.minor), props.total_memory)
         device = f"cuda:{index}"
-    packages = {name: _package_version(name, dist) for name, dist in OPTIONAL_PACKAGES.items()}
+    packages = {name: _importable_version(name, dist) for name, dist in OPTIONAL_PACKAGES.items()}
     return Environment(
         python=platform.python_version(),
         torch_version=torch.__version__,
@@ -108,4 +111,5 @@ def current_environment(device: str | None = None) -> Environment:
         device=device,
         gpu=gpu,
         packages=packages,
+        has_cxx_compiler=shutil.which("g++") is not None or shutil.which("c++") is not None,
     )

@@ -1,0 +1,133 @@
+"""What each command does. Heavy imports (torch, diffusers) happen here, inside the commands, so that
+the parser and --help stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .options import optimization_config_from_args, service_settings_from_args
+
+log = logging.getLogger("flux_kontext")
+
+
+def load_engine(args: argparse.Namespace):
+    from engine.compile_cache import configure_compile_cache
+    from engine.engine import KontextEngine
+    from engine.loading import default_model_name
+    from stages.environment import current_environment
+
+    configure_compile_cache(args.compile_cache)
+    env = current_environment(args.device)
+    config = optimization_config_from_args(args, env.has_cuda)
+    model = args.model or default_model_name(env.device)
+    log.info("loading %s on %s", model, env.device)
+    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants)
+    _log_stages(engine)
+    return engine
+
+
+def _log_stages(engine) -> None:
+    """Say what will run and, for every requested stage this machine cannot run, why not."""
+    resolved = engine.resolve()
+    log.info("stages on: %s", ", ".join(resolved.active_stages) or "none (stage 0)")
+    for name, reason in resolved.skipped.items():
+        log.warning("stage %s requested but will not run: %s", name, reason)
+
+
+def cmd_doctor(args) -> int:
+    from stages.environment import current_environment
+
+    from .doctor import render_doctor
+
+    env = current_environment(args.device)
+    print(render_doctor(env, optimization_config_from_args(args, env.has_cuda)))
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from PIL import Image
+
+    from engine.requests import EditRequest
+    from engine.sizes import parse_aspect_ratio, scale_to_area
+
+    image = Image.open(args.image) if args.image else None  # fail on a bad path before loading a model
+    engine = load_engine(args)
+    width, height = args.width, args.height
+    if args.aspect_ratio:
+        width, height = scale_to_area(*parse_aspect_ratio(args.aspect_ratio), engine.loaded.spec.default_max_area)
+    request = EditRequest(
+        prompt=args.prompt,
+        image=image,
+        negative_prompt=args.negative_prompt,
+        width=width,
+        height=height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        seed=args.seed,
+        num_images=args.num_images,
+    )
+    result = engine.edit(request, progress=True)
+    paths = _output_paths(args, result.seed, len(result.images))
+    for path, picture in zip(paths, result.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+    print(json.dumps({"outputs": [str(p) for p in paths], **result.metadata()}, indent=2))
+    return 0
+
+
+def _output_paths(args, seed: int, count: int) -> list[Path]:
+    if args.out is None:
+        return [args.output_dir / f"kontext-{seed}-{i}.png" for i in range(count)]
+    if count == 1:
+        return [args.out]
+    return [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix or '.png'}") for i in range(count)]
+
+
+def cmd_benchmark(args) -> int:
+    from engine.benchmark.report import write_results
+    from engine.benchmark.runner import BenchmarkSettings, parse_row_kinds, run_benchmark
+    from stages.config import parse_presets
+
+    settings = BenchmarkSettings(
+        stages=parse_presets(args.stages),
+        rows=parse_row_kinds(args.rows),
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        with_input_image=not args.text_to_image,
+        profile=args.profile,
+    )
+    engine = load_engine(args)
+    report = run_benchmark(engine, settings, show_progress=True)
+    directory = write_results(report, args.results_dir)
+    print(report.markdown())
+    print(f"\nresults written to {directory}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from service.app import create_app
+    from service.server import serve
+
+    settings = service_settings_from_args(args)
+    if settings.api_key:
+        log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
+    elif not settings.listens_on_loopback:
+        log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
+    # The model loads on the GPU worker after the server is up: /health answers at once, /ready
+    # turns 200 once the model is loaded and warm.
+    app = create_app(settings=settings, loader=lambda: load_engine(args))
+    status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+    if status:
+        print(f"error: {app.state.service.error}", file=sys.stderr)
+    return status
+
+
+HANDLERS = {"doctor": cmd_doctor, "edit": cmd_edit, "benchmark": cmd_benchmark, "serve": cmd_serve}

@@ -1,0 +1,113 @@
+"""The ordered stage registry, and `resolve`: what a requested config will run on this machine.
+
+Order matters: it is the order in which stages are applied when a variant is built (QKV fusion
+before quantization, because quantized weights cannot be concatenated; the attention kernel and the
+cache wrapper before compilation; compilation before CUDA graph capture).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .base import Availability, Phase, Stage, StageReport
+from .channels_last import ChannelsLast
+from .compile import Compile
+from .config import OptimizationConfig
+from .cuda_graphs import CudaGraphs
+from .environment import Environment
+from .fast_gelu import FastGelu
+from .first_block_cache import FirstBlockCache
+from .flash_attention import FlashAttention
+from .low_precision import LowPrecision
+from .qkv_fusion import QkvFusion
+from .rules import RULES
+from .scheduler import Scheduler
+from .text_encoder_fp8 import TextEncoderFp8
+
+STAGES: tuple[Stage, ...] = (
+    TextEncoderFp8(),
+    QkvFusion(),
+    ChannelsLast(),
+    LowPrecision(),
+    FlashAttention(),
+    FirstBlockCache(),
+    FastGelu(),
+    Compile(),
+    CudaGraphs(),
+    Scheduler(),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+BASELINE_TITLE = "eager diffusers (bf16 on a GPU), FlowMatch Euler, 28 steps"
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_NAMES)}")
+
+
+def stages_in(phase: Phase) -> tuple[Stage, ...]:
+    return tuple(stage for stage in STAGES if phase in stage.phases)
+
+
+def preset_title(preset: int) -> str:
+    """What cumulative preset `preset` adds, in words."""
+    if preset == 0:
+        return BASELINE_TITLE
+    return ", ".join(stage.title for stage in STAGES if stage.benchmark_stage == preset)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    requested: OptimizationConfig
+    effective: OptimizationConfig  # what will actually run on this machine
+    reports: tuple[StageReport, ...]
+
+    @property
+    def active_stages(self) -> list[str]:
+        return [report.name for report in self.reports if report.active]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Requested stages that will not run, with the reason."""
+        return {report.name: report.reason for report in self.reports if report.requested and not report.active}
+
+    def report(self, name: str) -> StageReport:
+        return next(report for report in self.reports if report.name == name)
+
+
+def resolve(config: OptimizationConfig, env: Environment) -> ResolvedConfig:
+    """Each stage on its own against the machine, then the rules between stages (stages/rules.py)."""
+    effective = config
+    reports: dict[str, StageReport] = {}
+    for stage in STAGES:  # a stage's own resolve reads only its own fields, so the order is free here
+        effective, reports[stage.name] = stage.resolve(effective, env)
+    for rule in RULES:
+        if not rule.applies(effective, env):
+            continue
+        if rule.switches_off:
+            effective = get_stage(rule.stage).switched_off(effective)
+            reports[rule.stage] = reports[rule.stage].switched_off(rule.reason)
+        else:
+            reports[rule.stage] = dataclasses.replace(reports[rule.stage], reason=rule.reason)
+    return ResolvedConfig(config, effective, tuple(reports[stage.name] for stage in STAGES))
+
+
+def stage_status(env: Environment) -> list[dict]:
+    """Every stage's availability on this machine, for doctor and /health."""
+    rows = []
+    for stage in STAGES:
+        availability: Availability = stage.availability(env)
+        rows.append(
+            {
+                "name": stage.name,
+                "benchmark_stage": stage.benchmark_stage,
+                "summary": stage.summary,
+                "available": availability.available,
+                "reason": availability.reason,
+                "detail": availability.detail,
+            }
+        )
+    return rows

@@ -1,0 +1,65 @@
+"""Every rule between two stages, in one place, in dependency order, each with its reason.
+
+`registry.resolve` first resolves each stage on its own against the machine (is triton there, is
+this a Hopper GPU, ...), then applies these rules top to bottom. A rule only ever switches a stage
+off (or notes how it adapted), never on, and no rule switches off a stage that an earlier rule
+depends on, so one pass in this order settles the config: compile is final before anything that
+needs compile is looked at, and the cache backend is concrete (not `auto`) before CUDA graphs are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import OptimizationConfig
+from .environment import Environment
+
+
+def diffusers_cache_in_blocks(config: OptimizationConfig) -> bool:
+    """diffusers' first-block cache decides inside every block, behind torch.compiler.disable."""
+    return config.first_block_cache and config.cache_backend == "diffusers"
+
+
+@dataclass(frozen=True)
+class Rule:
+    stage: str  # the stage this rule acts on
+    applies: Callable[[OptimizationConfig, Environment], bool]
+    reason: str
+    switches_off: bool = True  # False: the stage still runs, and the reason says how it adapted
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "fast_gelu",
+        lambda config, env: config.fast_gelu and not config.compile,
+        "not applied: the sigmoid form only pays off inside compiled (fused) kernels; turn on compile",
+    ),
+    # Measured on an H200 (benchmarks/results/nvidia-h200-2026-11-21/step_lab_vae.md): eager NHWC VAE
+    # convolutions are 40-50% slower; compiled, the decoder is slightly faster. On a CPU the stage
+    # runs as asked (the CPU is not a speed target; this keeps it testable there).
+    Rule(
+        "channels_last",
+        lambda config, env: config.channels_last and env.has_cuda and not config.compile,
+        "not applied: on a GPU NHWC VAE convolutions measured slower without compile (decode 128 vs 87 ms); turn on compile",
+    ),
+    Rule(
+        "cuda_graphs",
+        lambda config, env: config.cuda_graphs and not config.compile,
+        "CUDA graphs are captured through torch.compile here: turn on compile",
+    ),
+    # Measured on the H200 (benchmarks/results/nvidia-h200-2026-11-22/cache_backends.md): every edit
+    # failed with "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run".
+    Rule(
+        "cuda_graphs",
+        lambda config, env: config.cuda_graphs and diffusers_cache_in_blocks(config),
+        "not applied: diffusers' first-block cache subtracts block outputs across blocks, and under cudagraph "
+        "trees those outputs are overwritten by the next replay; use cache_backend=para_attn to keep CUDA graphs",
+    ),
+    Rule(
+        "compile",
+        lambda config, env: config.compile and diffusers_cache_in_blocks(config),
+        "blocks compile without fullgraph: diffusers' first-block cache decides inside every block (a graph break)",
+        switches_off=False,
+    ),
+)

@@ -1,0 +1,167 @@
+"""The config vocabulary, the stage contract and the resolve rules: one declaration per knob, every
+derived view agreeing with it, rules settled in dependency order."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import typing
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cli.options import add_optimization_options, optimization_config_from_args
+from service.schemas import InferenceRequest, Optimizations
+from stages import registry
+from stages.base import Phase, Stage
+from stages.config import KNOBS, LEGACY_FLAGS, LOAD_FIELDS, MAX_PRESET, VARIANT_FIELDS, OptimizationConfig, cumulative_config, parse_presets
+from stages.environment import Environment, GpuInfo
+
+
+def _env(capability=None, packages=("torchao", "fa3_fwd_interface", "para_attn", "triton"), cxx=True):
+    gpu = GpuInfo(0, "Fake GPU", capability, 80 * 2**30) if capability else None
+    installed = {name: ("1.0" if name in packages else None) for name in ("torchao", "fa3_fwd_interface", "para_attn", "triton")}
+    return Environment("3.11", "2.x", "13.0" if gpu else None, "cuda:0" if gpu else "cpu", gpu, installed, has_cxx_compiler=cxx)
+
+
+HOPPER_WITHOUT_TRITON = _env((9, 0), packages=("torchao", "fa3_fwd_interface", "para_attn"))
+
+
+# -- resolve ------------------------------------------------------------------------------------------
+def test_stages_that_need_compile_go_off_when_compile_cannot_run():
+    """The reported bug: on a Hopper-like machine without triton, compile resolves off, and the
+    stages that only pay off compiled (fast_gelu, channels_last on a GPU, CUDA graphs) must follow."""
+    resolved = registry.resolve(cumulative_config(MAX_PRESET), HOPPER_WITHOUT_TRITON)
+    effective = resolved.effective
+    assert not effective.compile and "triton" in resolved.skipped["compile"]
+    assert not effective.fast_gelu and not effective.channels_last and not effective.cuda_graphs
+    assert {"fast_gelu", "channels_last", "cuda_graphs"} <= set(resolved.skipped)
+    assert "compile" in resolved.skipped["fast_gelu"] and "compile" in resolved.skipped["cuda_graphs"]
+    assert effective.attention == "fa3" and effective.quantization == "fp8"  # what does not need compile stays
+
+
+def test_a_cpu_without_a_compiler_switches_compile_and_its_dependents_off():
+    resolved = registry.resolve(OptimizationConfig(compile=True, fast_gelu=True, channels_last=True), _env(cxx=False))
+    assert not resolved.effective.compile and "C++ compiler" in resolved.skipped["compile"]
+    assert not resolved.effective.fast_gelu
+    assert resolved.effective.channels_last  # on a CPU it does not depend on compile
+
+
+BOOLEAN_KNOBS = [name for name, field in OptimizationConfig.model_fields.items() if field.annotation is bool]
+
+
+@pytest.mark.parametrize("env", [_env(), _env(cxx=False), _env((9, 0)), HOPPER_WITHOUT_TRITON, _env((8, 0), packages=("triton",))], ids=str)
+def test_resolve_is_settled_in_one_pass(env):
+    """Resolving what resolve produced changes nothing, for every combination of switches: no rule
+    depends on a stage that a later rule switches off."""
+    for values in itertools.product([False, True], repeat=len(BOOLEAN_KNOBS)):
+        for backend in ("auto", "diffusers"):
+            config = OptimizationConfig(**dict(zip(BOOLEAN_KNOBS, values)), cache_backend=backend, attention="fa3", quantization="auto")
+            once = registry.resolve(config, env).effective
+            assert registry.resolve(once, env).effective == once, config
+
+
+def test_every_skipped_stage_has_a_reason_and_every_rule_names_a_stage():
+    from stages.rules import RULES
+
+    assert {rule.stage for rule in RULES} <= set(registry.STAGE_NAMES)
+    resolved = registry.resolve(cumulative_config(MAX_PRESET), _env())
+    assert resolved.skipped and all(resolved.skipped.values())
+
+
+# -- the contract -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", registry.STAGES, ids=lambda stage: stage.name)
+def test_each_stage_implements_exactly_the_phases_it_declares(stage):
+    for phase in Phase:
+        implemented = getattr(type(stage), phase.value) is not getattr(Stage, phase.value)
+        assert implemented == (phase in stage.phases), (stage.name, phase)
+    assert stage.title and stage.summary
+
+
+def test_every_knob_belongs_to_a_registered_stage_and_every_stage_has_a_knob():
+    assert {knob.stage for knob in KNOBS.values()} == set(registry.STAGE_NAMES)
+
+
+# Each layer may import only the layers below it: entry -> cli -> service -> engine -> stages -> patches.
+LAYERS = ["patches", "stages", "engine", "service", "cli"]
+
+
+def _imported_packages(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_calls_go_one_way(layer):
+    import pathlib
+
+    root = pathlib.Path(registry.__file__).resolve().parents[1]
+    above = set(LAYERS[LAYERS.index(layer) + 1 :]) | {"benchmarks", "tests", "flux_kontext_optimized"}
+    for path in (root / layer).rglob("*.py"):
+        wrong = _imported_packages(path) & above
+        assert not wrong, f"{path.relative_to(root)} imports {wrong}, a layer above {layer}"
+
+
+# -- one declaration per knob -------------------------------------------------------------------------
+def test_with_changes_validates():
+    with pytest.raises(ValidationError):
+        OptimizationConfig().with_changes(attention="warp")
+    with pytest.raises(ValidationError):
+        OptimizationConfig().with_changes(steps=-3)  # steps belong to the request, not to the config
+    with pytest.raises(ValidationError):
+        OptimizationConfig().with_changes(cache_threshold=float("nan"))
+
+
+def test_presets_come_from_the_knobs():
+    assert cumulative_config(0) == OptimizationConfig()
+    for preset in range(1, MAX_PRESET + 1):
+        previous, current = cumulative_config(preset - 1), cumulative_config(preset)
+        changed = {name for name in KNOBS if getattr(previous, name) != getattr(current, name)}
+        assert changed and all(KNOBS[name].preset == preset for name in changed), (preset, changed)
+        assert registry.preset_title(preset)
+    assert parse_presets("0-2,5") == [0, 1, 2, 5]
+    with pytest.raises(ValueError):
+        parse_presets("0-9")
+
+
+def test_cli_http_and_legacy_views_are_generated_from_the_config():
+    parser = argparse.ArgumentParser()
+    add_optimization_options(parser)
+    flags = {action.dest for action in parser._actions}
+    assert set(OptimizationConfig.model_fields) <= flags
+    assert set(Optimizations.model_fields) == set(OptimizationConfig.model_fields)
+    assert set(LEGACY_FLAGS) <= set(InferenceRequest.model_fields)
+    for name, field in OptimizationConfig.model_fields.items():
+        if typing.get_origin(field.annotation) is typing.Literal:
+            action = next(action for action in parser._actions if action.dest == name)
+            assert tuple(action.choices) == typing.get_args(field.annotation)
+    args = parser.parse_args(["--preset", "2", "--no-compile", "--attention", "cudnn", "--cache-threshold", "0.3"])
+    config = optimization_config_from_args(args, has_cuda=False)
+    assert config == cumulative_config(2).with_changes(compile=False, attention="cudnn", cache_threshold=0.3)
+    with pytest.raises(ValueError, match="cache_threshold"):
+        optimization_config_from_args(parser.parse_args(["--cache-threshold", "99"]), has_cuda=False)
+
+
+def test_variant_and_load_scopes_match_what_the_stages_build():
+    """A knob is variant-scoped exactly when a stage acting in a build phase reads it."""
+    build_phases = {Phase.WEIGHTS, Phase.VAE, Phase.EXECUTION}
+    built = {name for stage in registry.STAGES if stage.phases & build_phases for name, _ in stage.build_key(OptimizationConfig())}
+    assert built == set(VARIANT_FIELDS)
+    assert set(LOAD_FIELDS) == {name for name, knob in KNOBS.items() if registry.get_stage(knob.stage).phases == {Phase.TEXT_ENCODER}}
+
+
+def test_the_engine_runs_load_knobs_as_loaded(tiny_engine, photo):
+    from engine.requests import EditRequest
+
+    result = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=1), OptimizationConfig(t5_fp8=True))
+    assert result.config.t5_fp8 is False  # the tiny engine was loaded without it: that is what ran
+    assert next(tiny_engine.loaded.pipe.text_encoder_2.parameters()).dtype == torch.float32
