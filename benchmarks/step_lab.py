@@ -61,7 +61,7 @@ def experiment_inductor(engine: KontextEngine, inputs: dict, stages: list[int], 
     try:
         for name in candidates:
             torch._dynamo.reset()  # forget compiled code: every candidate compiles from scratch
-            compile_stage.INDUCTOR_SETTINGS = INDUCTOR_CANDIDATES[name]
+            compile_stage.INDUCTOR_SETTINGS = {**shipped, "tuned": INDUCTOR_CANDIDATES[name]}
             for stage in stages:
                 engine.variants._executions.clear()
                 config = cumulative_config(stage).with_changes(first_block_cache=False)

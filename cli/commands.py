@@ -112,6 +112,23 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_precompile(args) -> int:
+    import time
+
+    from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, save_bundle
+    from engine.compile_cache import active_cache_dir
+    from engine.warmup import warm_up
+
+    engine = load_engine(args)
+    started = time.perf_counter()
+    report = warm_up(engine)
+    key = bundle_key(engine.env, engine.resolve().effective)
+    path = save_bundle(args.out or default_bundle_path(active_cache_dir(), key), key, report.shapes, {"warmup": report.as_dict()})
+    summary = {"bundle": str(path), "megabytes": round(path.stat().st_size / 2**20, 1), "warmup_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps({**summary, "shapes": len(report.shapes), "phases": report.phases, "compile_counters": compile_counters()}, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from service.app import create_app
     from service.server import serve
@@ -130,4 +147,4 @@ def cmd_serve(args) -> int:
     return status
 
 
-HANDLERS = {"doctor": cmd_doctor, "edit": cmd_edit, "benchmark": cmd_benchmark, "serve": cmd_serve}
+HANDLERS = {"doctor": cmd_doctor, "edit": cmd_edit, "benchmark": cmd_benchmark, "precompile": cmd_precompile, "serve": cmd_serve}

@@ -23,10 +23,11 @@ COMPILE_CACHE_HELP = (
 
 DESCRIPTION = """FLUX.1-Kontext image editing, fast.
 
-    serve      HTTP service on 127.0.0.1:8000
-    edit       edit one image (or generate one from the prompt alone)
-    benchmark  stage-by-stage speed table under benchmarks/results/
-    doctor     torch/CUDA/GPU, packages, every stage's availability on this machine
+    serve       HTTP service on 127.0.0.1:8000
+    edit        edit one image (or generate one from the prompt alone)
+    benchmark   stage-by-stage speed table under benchmarks/results/
+    precompile  compile every reachable shape once and write a bundle that serve loads
+    doctor      torch/CUDA/GPU, packages, every stage's availability on this machine
 
 --model picks the weights: a Hugging Face repo id or directory (default on a GPU:
 black-forest-labs/FLUX.1-Kontext-dev), `tiny` (random weights, the default without a GPU) or
@@ -150,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--results-dir", type=Path, default=None, help="where to write CSV/JSON/markdown/PNG (default benchmarks/results/<gpu>-<date>)"
     )
 
+    precompile = commands.add_parser(
+        "precompile",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="compile every shape a request can reach and write a compile-artifact bundle for serve --compile-artifacts",
+    )
+    precompile.add_argument(
+        "--out", type=Path, default=None, help="bundle file (default: in the compile cache directory, where serve finds it)"
+    )
+
     commands.add_parser(
         "doctor", parents=[common], formatter_class=HelpFormatter, help="print the environment and every stage's availability"
     )
@@ -185,7 +196,17 @@ def _add_service_options(serve: argparse.ArgumentParser) -> None:
         help="seconds a client may take to send its request body; slower uploads get 408",
     )
     load.add_argument(
-        "--warmup", action=boolean, default=d.warmup, help="edits with the default config before /ready turns 200 (builds, compiles)"
+        "--warmup",
+        action=boolean,
+        default=d.warmup,
+        help="before /ready turns 200, run every shape a request can reach (builds, compiles, records)",
+    )
+    load.add_argument(
+        "--compile-artifacts",
+        type=Path,
+        default=None,
+        help="a bundle written by `precompile` (same GPU model and versions): loaded before the warm-up so that it compiles from cache "
+        "(default: the bundle precompile left in the compile cache directory, if any)",
     )
     load.add_argument(
         "--per-request-variants",
@@ -250,6 +271,7 @@ def service_settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         max_images=args.max_images,
         per_request_variants=args.per_request_variants,
         warmup=args.warmup,
+        compile_artifacts=str(args.compile_artifacts) if args.compile_artifacts else None,
         api_key=ServiceSettings.api_key_from_env(args.api_key_env),
         cors_origins=tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
         host=args.host,

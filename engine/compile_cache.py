@@ -36,3 +36,9 @@ def configure_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return path
+
+
+def active_cache_dir() -> Path | None:
+    """The directory configure_compile_cache chose in this process, if it ran."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(chosen) if chosen else None

@@ -225,28 +225,6 @@ class KontextEngine:
             pixels = pipe.vae.decode(unpacked, return_dict=False)[0]
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
-    def warm_up(
-        self, config: OptimizationConfig | None = None, resolutions: list[tuple[int, int]] | None = None, steps: int = 2
-    ) -> list[dict]:
-        """Build and compile the variant for `config` before traffic arrives.
-
-        Full-size models warm up at two Kontext resolutions: the first compiles graphs for its exact
-        shapes; the second makes Dynamo recompile them with dynamic sequence lengths (its automatic
-        dynamic shapes), so that other Kontext resolutions run without a new compile
-        (benchmarks/results/nvidia-h200-2026-11-22/startup.md)."""
-        side = int(self.loaded.spec.default_max_area**0.5)
-        if resolutions is None:
-            resolutions = [(side, side)]
-            if self.loaded.spec.default_max_area >= 1024 * 1024:
-                resolutions.append((1184, 880))  # a second preferred Kontext resolution
-        rows = []
-        for width, height in resolutions:
-            image = Image.new("RGB", (width, height), (120, 140, 160))
-            result = self.edit(EditRequest(prompt="warm-up", image=image, width=width, height=height, steps=steps, seed=0), config)
-            rows.append({"width": width, "height": height, "seconds": round(result.timings.total_s, 2)})
-            log.info("warm-up %dx%d: %.1f s", width, height, result.timings.total_s)
-        return rows
-
     def _conditioning_image(self, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
         if image is None:
             return None

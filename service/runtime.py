@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from engine import __version__
+from engine.compile_artifacts import bundle_key, default_bundle_path, describe, load_bundle
+from engine.compile_cache import active_cache_dir
 from engine.engine import KontextEngine
 from engine.loading import ModelLoadError
+from engine.warmup import warm_up
 
 from .benchmark_jobs import BenchmarkJobs
 from .errors import APIError
@@ -46,6 +50,7 @@ class Service:
         self.drain_deadline: float | None = None  # monotonic time by which the process must have exited
         self.started_at = time.time()
         self.in_flight = 0  # work requests between arrival and response
+        self.startup: dict = {}  # load and warm-up seconds, warmed shapes, compile artifacts: /health reports it
         self.on_fatal: Callable[[str], None] | None = None  # set by the server runner: exit when loading fails
         self.benchmarks = BenchmarkJobs(self)
         self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -74,14 +79,16 @@ class Service:
             if self.engine is None:
                 started = time.perf_counter()
                 self.engine = self._loader()
-                log.info("model loaded in %.1f s: %s", time.perf_counter() - started, self.engine.model_info.get("name"))
+                self.startup["load_s"] = round(time.perf_counter() - started, 2)
+                log.info("model loaded in %.1f s: %s", self.startup["load_s"], self.engine.model_info.get("name"))
             if self.settings.warmup:
                 self.phase = "warming"
-                started = time.perf_counter()
-                # Builds and compiles the default variant; on full-size models at two resolutions, so
-                # that a request at another Kontext resolution finds dynamic-shape graphs ready.
-                self.engine.warm_up()
-                log.info("warm-up with the default config done in %.1f s", time.perf_counter() - started)
+                self._load_compile_artifacts()
+                # Every shape a request at a preferred resolution reaches, so that none pays a
+                # compile or a CUDA-graph recording after /ready (engine/warmup.py).
+                report = warm_up(self.engine)
+                self.startup["warmup"] = report.as_dict()
+            self.startup["ready_after_service_start_s"] = round(time.time() - self.started_at, 2)  # imports come before
             self.phase = "ready"
         except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
             self.phase = "failed"
@@ -90,6 +97,17 @@ class Service:
             log.error("the model could not be loaded or warmed up: %s", self.error, exc_info=None if expected else error)
             if self.on_fatal:
                 self.on_fatal(self.error)
+
+    def _load_compile_artifacts(self) -> None:
+        """Before the first compile: a bundle from --compile-artifacts, else the one `precompile`
+        left in the compile cache directory for exactly this setup, if any."""
+        key = bundle_key(self.engine.env, self.engine.resolve().effective)
+        path = self.settings.compile_artifacts
+        if path is None and active_cache_dir() is not None:
+            path = default_bundle_path(active_cache_dir(), key)
+        outcome = load_bundle(Path(path) if path else None, key)
+        self.startup["compile_artifacts"] = outcome.as_dict()
+        log.info(describe(outcome))
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -168,6 +186,7 @@ class Service:
             "default_optimizations": engine.default_config.model_dump() if engine else None,
             "stages": engine.stage_status() if engine else [],
             "variants": engine.variants.report() if engine else [],
+            "startup": self.startup,
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
             "limits": {

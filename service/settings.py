@@ -35,7 +35,8 @@ class ServiceSettings:
     default_steps: int | None = None  # steps when a request gives none; None: the scheduler's (28 Euler, 14 DPM-Solver++)
     max_images: int = 4
     per_request_variants: bool = True  # requests may ask for build-time stages (compile: minutes per new shape)
-    warmup: bool = True  # edits with the default config before /ready turns 200
+    warmup: bool = True  # edits with the default config at every reachable shape before /ready turns 200
+    compile_artifacts: str | None = None  # a bundle from `precompile`; None: look in the compile cache directory
     api_key: str | None = field(default=None, repr=False)  # Bearer token required on all but /health and /ready
     cors_origins: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # where the server listens (decides the default benchmark policy)

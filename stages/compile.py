@@ -11,38 +11,44 @@ from __future__ import annotations
 from .base import Availability, FlagStage, Phase
 from .rules import diffusers_cache_in_blocks
 
-# Kontext snaps inputs to 17 preferred resolutions, each a distinct shape for the compiled graphs;
-# the default limit (8) would silently fall back to eager after a few resolutions.
+# A safety net: with the sequence dimensions dynamic (below) every Kontext resolution runs on the same
+# graphs; should something else vary (the batch, with num_images > 1), Dynamo may recompile, and the
+# default limit (8) would silently fall back to eager after a few shapes.
 RECOMPILE_LIMIT = 64
 
-# Inductor settings, chosen by measurement (H200, synthetic-full, 1024x1024 edit, one step;
-# benchmarks/results/nvidia-h200-2026-11-21/step_lab_inductor.md):
-#   default                                 stage 1: 281.0 ms   stage 3: 203.3 ms
-#   coordinate descent tuning               stage 1: 276.0 ms   stage 3: 198.8 ms   (compile ~2 min)
-#   max-autotune (no cudagraphs) + c.d.     stage 1: 279.7 ms   stage 3: not finished after ~19 min of autotuning
-# Coordinate descent wins by about 2% for a longer first compile (about 2 minutes for the blocks),
-# which the persistent compile cache (engine/compile_cache.py) pays only once per machine. It is
-# scoped to the transformer blocks; the VAE compiles with Inductor's defaults. GEMMs stay with
-# cuBLAS (extern kernels).
+# The inputs whose sizes change with the resolution: the blocks' image tokens and rotary tables, the
+# VAE encoder's image and decoder's latents. Marked dynamic from the first compile, so a second
+# resolution does not trigger Dynamo's automatic-dynamic recompile of every graph (measured on an
+# H100: 261 s compiling at the first resolution, 432 s more at the second). Dimensions that meet a
+# weight (hidden size, head size, channels) are specialised back to constants by Dynamo itself, and
+# a batch of one stays static, so only the sequence (or height and width) becomes symbolic.
+DYNAMIC_SOURCES = ("L['hidden_states']", "L['image_rotary_emb'][0]", "L['image_rotary_emb'][1]", "L['sample']", "L['z']")
+
+# Inductor settings by `compile_tuning`, for the transformer blocks only (the VAE compiles with
+# Inductor's defaults: coordinate-descent tuning stretched its first compile to about 11 minutes).
+# Measured on an H200 (synthetic-full, 1024x1024 edit, one step; benchmarks/results/nvidia-h200-2026-11-21/
+# step_lab_inductor.md): default 281.0 / 203.3 ms (stage 1 / stage 3), coordinate descent 276.0 /
+# 198.8 ms for about 2 more minutes of first compile. GEMMs stay with cuBLAS (extern kernels).
 INDUCTOR_SETTINGS = {
-    "coordinate_descent_tuning": True,
-    "coordinate_descent_check_all_directions": True,
+    "tuned": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+    "fast": {},
 }
 
 
 def configure_dynamo() -> None:
     import torch._dynamo.config as dynamo_config
+    import torch.compiler
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    present = [source.strip() for source in (torch.compiler.config.dynamic_sources or "").split(",") if source.strip()]
+    torch.compiler.config.dynamic_sources = ",".join(dict.fromkeys(present + list(DYNAMIC_SOURCES)))
 
 
-def transformer_compile_options(cuda_graphs: bool, env) -> dict:
-    """Inductor options for the transformer blocks only (passed to torch.compile, not set globally):
-    coordinate-descent tuning measured worthwhile there, while on the VAE it stretched the first
-    compile to about 11 minutes (benchmarks/results/nvidia-h200-2026-11-21/stages.md, stage 1 warm-up)."""
-    options = dict(INDUCTOR_SETTINGS) if env.has_cuda else {}
-    if cuda_graphs:
+def transformer_compile_options(config, env) -> dict:
+    """Inductor options for the transformer blocks (passed to torch.compile, not set globally)."""
+    options = dict(INDUCTOR_SETTINGS[config.compile_tuning]) if env.has_cuda else {}
+    if config.cuda_graphs:
         options["triton.cudagraphs"] = True  # what mode="reduce-overhead" means; torch.compile takes mode or options
     return options
 
@@ -63,13 +69,13 @@ class Compile(FlagStage):
         return Availability(True, detail="Inductor, regional (repeated blocks) + VAE")
 
     def active_detail(self, config, env):
-        return "Inductor: transformer blocks (regional) + VAE encoder/decoder"
+        return f"Inductor ({config.compile_tuning}): transformer blocks (regional) + VAE encoder/decoder, sequence dimensions dynamic"
 
     def apply_execution(self, transformer, config, build):
         configure_dynamo()
         fullgraph = not diffusers_cache_in_blocks(config)  # stages/rules.py says why
         # CUDA graphs come from Inductor's cudagraph trees: one graph per block call and shape.
-        options = transformer_compile_options(config.cuda_graphs, build.env)
+        options = transformer_compile_options(config, build.env)
         transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)
         build.note(f"transformer: regional compile (fullgraph={fullgraph}, inductor options {options}; compiles on first call)")
 

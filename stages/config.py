@@ -53,6 +53,11 @@ class OptimizationConfig(BaseModel):
     compile: Annotated[bool, Knob("compile", "variant", preset=1, legacy=(LegacyFlag("use_compile", True, False),))] = Field(
         False, description="Inductor compile of the transformer blocks (regional) and the VAE."
     )
+    compile_tuning: Annotated[Literal["tuned", "fast"], Knob("compile", "variant")] = Field(
+        "tuned",
+        description="tuned: coordinate-descent tuning of the compiled kernels (a longer first compile, faster steps); "
+        "fast: Inductor's defaults.",
+    )
     fuse_qkv: Annotated[bool, Knob("fuse_qkv", "variant", preset=1, legacy=(LegacyFlag("use_qkv_fusion", True, False),))] = Field(
         False, description="Fused Q/K/V projections (one GEMM instead of three) in the transformer and the VAE."
     )

@@ -1,0 +1,149 @@
+"""Compile-artifact bundles: compile once, ship the result to every node.
+
+A bundle is one zip file: `manifest.json` (what it was built for and from what) and `artifacts.bin`
+(torch's mega-cache: `torch.compiler.save_cache_artifacts()`, i.e. the FX-graph and AOTAutograd
+cache entries with their Triton kernels and the autotuning results). Loading it fills the local
+compile caches, so the next compile of the same graphs is a cache hit; Dynamo still traces the few
+graphs and CUDA graphs are still recorded (neither can be persisted).
+
+A bundle is only valid for the same GPU model and the same torch / triton / diffusers / torchao
+versions and build-relevant config: the key says so, and a bundle whose key does not match is
+skipped with one log line. A corrupt or truncated bundle is skipped the same way: it never stops a
+server from starting, it only costs the compile it would have saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.config import VARIANT_FIELDS, OptimizationConfig
+from stages.environment import Environment, package_version
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEY_PACKAGES = ("torch", "triton", "diffusers", "torchao", "fa3-fwd", "para-attn")
+
+
+def bundle_key(env: Environment, config: OptimizationConfig) -> dict:
+    """What a bundle must match: the GPU, the versions that generate code, the build-relevant knobs."""
+    return {
+        "format": FORMAT_VERSION,
+        "gpu": env.gpu.name if env.gpu else "cpu",
+        "compute_capability": ".".join(map(str, env.compute_capability)) if env.gpu else None,
+        "python": ".".join(platform.python_version_tuple()[:2]),
+        "packages": {name: package_version(name) for name in KEY_PACKAGES},
+        "config": {name: getattr(config, name) for name in VARIANT_FIELDS},
+    }
+
+
+def key_id(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_bundle_path(cache_dir: Path, key: dict) -> Path:
+    """Where `precompile` writes by default and `serve` looks without --compile-artifacts."""
+    return Path(cache_dir) / "bundles" / f"kontext-{key_id(key)}.zip"
+
+
+@dataclass
+class LoadOutcome:
+    path: str | None
+    loaded: bool
+    reason: str  # what happened, in one line
+    megabytes: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | None = None) -> Path:
+    """Write what this process compiled (call after the warm-up edits: autotuning results are
+    recorded when kernels first run) as a bundle at `path`."""
+    import torch
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        raise RuntimeError("torch recorded no compile artifacts in this process: nothing was compiled")
+    blob, _info = artifacts
+    manifest = {
+        "key": key,
+        "key_id": key_id(key),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "artifacts_sha256": hashlib.sha256(blob).hexdigest(),
+        "artifacts_bytes": len(blob),
+        "warm_shapes": warm_shapes,
+        **(notes or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as bundle:
+        bundle.writestr("manifest.json", json.dumps(manifest, indent=2))
+        bundle.writestr("artifacts.bin", blob)
+    partial.replace(path)  # never leave a half-written bundle under the real name
+    return path
+
+
+def read_manifest(path: Path) -> dict:
+    with zipfile.ZipFile(path) as bundle:
+        return json.loads(bundle.read("manifest.json"))
+
+
+def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
+    """Fill the local compile caches from the bundle at `path` when its key matches. Never raises."""
+    if path is None:
+        return LoadOutcome(None, False, "no bundle given")
+    path = Path(path)
+    if not path.is_file():
+        return LoadOutcome(str(path), False, "no bundle at this path")
+    started = time.perf_counter()
+    try:
+        with zipfile.ZipFile(path) as bundle:
+            manifest = json.loads(bundle.read("manifest.json"))
+            if manifest.get("key") != expected_key:
+                return LoadOutcome(str(path), False, f"skipped: built for another setup ({_difference(manifest.get('key'), expected_key)})")
+            blob = bundle.read("artifacts.bin")
+        if hashlib.sha256(blob).hexdigest() != manifest.get("artifacts_sha256"):
+            return LoadOutcome(str(path), False, "skipped: the artifacts do not match their checksum (corrupt bundle)")
+        import torch
+
+        torch.compiler.load_cache_artifacts(blob)
+    except Exception as error:  # noqa: BLE001 - a broken bundle only costs the compile it would have saved
+        return LoadOutcome(str(path), False, f"skipped: unreadable bundle ({type(error).__name__}: {str(error)[:200]})")
+    return LoadOutcome(str(path), True, "loaded", round(len(blob) / 2**20, 1), round(time.perf_counter() - started, 2))
+
+
+def _difference(found: dict | None, expected: dict) -> str:
+    if not isinstance(found, dict):
+        return "no key in its manifest"
+    differing = [name for name in expected if found.get(name) != expected[name]]
+    return ", ".join(f"{name}: {found.get(name)!r} here {expected[name]!r}" for name in differing[:3]) or "unknown difference"
+
+
+def compile_counters() -> dict:
+    """Cache hits, misses and bypasses of this process so far (torch's own counters)."""
+    from torch._dynamo.utils import counters
+
+    wanted = {
+        "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+        "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+    }
+    summary = {name: counters[group][name] for group, names in wanted.items() for name in names}
+    summary["graphs"] = counters["stats"]["unique_graphs"]
+    return summary
+
+
+def describe(outcome: LoadOutcome) -> str:
+    return f"compile artifacts {outcome.path}: {outcome.reason}" + (
+        f" ({outcome.megabytes} MB in {outcome.seconds} s)" if outcome.loaded else ""
+    )
