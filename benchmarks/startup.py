@@ -1,77 +1,240 @@
-"""Cold and warm starts, and the first request at a new resolution.
+"""Start-up as a user sees it: real `serve` processes, timed from launch to /ready, then the first
+requests at preferred resolutions, then the same with a bundle that `precompile` made earlier.
 
-    python -m benchmarks.startup --model synthetic-full --preset 5 --label cold --cache-dir /tmp/cc --out DIR
-    python -m benchmarks.startup --model synthetic-full --preset 5 --label warm --cache-dir /tmp/cc --out DIR
+    python -m benchmarks.startup --model synthetic-full --out benchmarks/results/<gpu>-<date>
 
-One process: load the model, run the first edits at 1024x1024 (compilation happens here), then at
-two other Kontext resolutions. Run it once with an empty compile cache (cold) and again with the
-same cache directory (warm: what a restarted server pays). Writes startup_<label>.json.
+1. cold: `serve` with empty compile caches (a fresh node), until /ready; then first requests.
+2. `precompile` into a bundle (reusing the cache the cold server filled: it only re-traces).
+3. artifacts: `serve --compile-artifacts BUNDLE` with empty caches again, until /ready; then the
+   same first requests.
+
+Each first request is an edit (an input at the resolution, no size given: Kontext picks it) and a
+text-to-image request at that size, at resolutions other than the default square one; for each, the
+slowest step against the median step (a compile or a CUDA-graph recording shows up as a slow step)
+and the server's total against the engine's. Writes startup.json and startup.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-PROCESS_START = time.perf_counter()
+import httpx
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+FULL_SIZE_RESOLUTIONS = ((1392, 752), (832, 1248), (1184, 880))  # preferred Kontext resolutions, not the square default
+TINY_RESOLUTIONS = ((128, 96), (96, 128), (160, 64))
 
-RESOLUTIONS = [(1024, 1024), (1024, 1024), (1184, 880), (1184, 880), (832, 1248), (1024, 1024)]
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """One `serve` process with its own compile cache, timed from launch."""
+
+    def __init__(self, label: str, model: str, cache: Path, extra: list[str], log_dir: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(cache / "triton")}
+        command = [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "serve", "--model", model, "--port", str(self.port)]
+        command += ["--compile-cache", str(cache), *extra]
+        self.log_path = log_dir / f"serve_{label}.log"
+        self.launched = time.monotonic()
+        self.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> float:
+        deadline = self.launched + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
+                    return time.monotonic() - self.launched
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _png(width: int, height: int) -> str:
+    from engine.benchmark.runner import benchmark_input_image
+
+    buffer = io.BytesIO()
+    benchmark_input_image(width, height).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def first_requests(server: Server, resolutions) -> list[dict]:
+    rows = []
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        for width, height in resolutions:
+            for kind, body in (("edit", {"image": _png(width, height)}), ("text-to-image", {"width": width, "height": height})):
+                started = time.monotonic()
+                response = client.post("/inference", json={"prompt": "make the sky red", "seed": 0, **body})
+                wall = time.monotonic() - started
+                response.raise_for_status()
+                answer = response.json()
+                timings = answer["timings"]
+                steps = timings["step_s"]
+                rows.append(
+                    {
+                        "request": f"{answer['width']}x{answer['height']} {kind}",
+                        "steps": len(steps),
+                        "median_step_s": round(statistics.median(steps), 4),
+                        "slowest_step_s": round(max(steps), 4),
+                        "slowest_over_median": round(max(steps) / statistics.median(steps), 2),
+                        "engine_s": timings["engine_total_s"],
+                        "served_s": timings["server_total_s"],
+                        "served_over_engine": round(timings["server_total_s"] / timings["engine_total_s"], 3),
+                        "output_encode_s": timings["output_encode_s"],
+                        "client_wall_s": round(wall, 3),
+                    }
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def run_server(label: str, model: str, cache: Path, extra: list[str], resolutions, out: Path, timeout: float) -> dict:
+    server = Server(label, model, cache, extra, out)
+    try:
+        ready_s = server.wait_ready(timeout)
+        print(f"{label}: /ready after {ready_s:.1f} s", flush=True)
+        startup = httpx.get(f"{server.url}/health", timeout=30).json()["startup"]
+        requests = first_requests(server, resolutions)
+    finally:
+        server.stop()
+    return {"launch_to_ready_s": round(ready_s, 1), "startup": startup, "first_requests": requests}
+
+
+def precompile(model: str, cache: Path, bundle: Path, out: Path, flags: list[str]) -> dict:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(cache / "triton")}
+    command = [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "precompile", "--model", model, "--compile-cache", str(cache)]
+    command += ["--out", str(bundle), *flags]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    (out / "precompile.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"precompile failed ({done.returncode}); see {out / 'precompile.log'}")
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
+    return {"seconds": round(time.monotonic() - started, 1), **summary}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Start-up ({report['meta']['device']}, {report['meta']['date']}, model {report['model']})", ""]
+    lines += ["| phase | cold | with a precompile bundle |", "|---|---|---|"]
+    cold, warm = report["cold"], report.get("artifacts", {})
+
+    def phase(run: dict, *path):
+        value = run.get("startup", {})
+        for key in path:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return value if value != {} else "-"
+
+    rows = (
+        ("model load, s", ("load_s",)),
+        ("first shape (build + compile), s", ("warmup", "phases", "first_shape_s")),
+        ("other shapes (CUDA-graph recording), s", ("warmup", "phases", "other_shapes_s")),
+        ("compile artifacts", ("compile_artifacts", "reason")),
+        ("compile cache counters", ("compile_counters",)),
+    )
+    lines.append(f"| launch to /ready, s | {cold['launch_to_ready_s']} | {warm.get('launch_to_ready_s', '-')} |")
+    lines += [f"| {label} | {phase(cold, *path)} | {phase(warm, *path)} |" for label, path in rows]
+    shapes = [len(run.get("startup", {}).get("warmup", {}).get("shapes", [])) for run in (cold, warm)]
+    lines.append(f"| shapes warmed | {shapes[0]} | {shapes[1] if warm else '-'} |")
+    if "precompile" in report:
+        lines += ["", f"precompile: {report['precompile']['seconds']} s, bundle {report['precompile']['megabytes']} MB"]
+    for label, run in (("cold", cold), ("with artifacts", warm)):
+        if not run:
+            continue
+        lines += [
+            "",
+            f"First requests after /ready ({label})",
+            "",
+            "| request | steps | median step s | slowest step s | slowest / median | engine s | served s | served / engine | encode s |",
+        ]
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row in run["first_requests"]:
+            cells = (
+                row["request"],
+                row["steps"],
+                row["median_step_s"],
+                row["slowest_step_s"],
+                row["slowest_over_median"],
+                row["engine_s"],
+                row["served_s"],
+                row["served_over_engine"],
+                row["output_encode_s"],
+            )
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="synthetic-full")
-    parser.add_argument("--preset", type=int, default=5)
-    parser.add_argument("--label", required=True)
-    parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache-root", type=Path, default=Path("/tmp/kontext-startup"), help="scratch compile caches (emptied first)")
+    parser.add_argument("--timeout", type=float, default=1500, help="longest wait for /ready, s")
+    parser.add_argument("--skip-artifacts", action="store_true", help="cold start only")
+    parser.add_argument("--flags", default="", help="extra flags for serve and precompile, e.g. '--compile' for a CPU try-out")
     args = parser.parse_args(argv)
+    flags = args.flags.split()
 
-    from engine.compile_cache import configure_compile_cache
-
-    cache_dir = configure_compile_cache(args.cache_dir)
-    from engine.benchmark.runner import benchmark_input_image, environment_meta
-    from engine.engine import KontextEngine
-    from engine.requests import EditRequest
-    from stages.config import cumulative_config
-
-    imported = time.perf_counter() - PROCESS_START
-    config = cumulative_config(args.preset).with_changes(first_block_cache=False)
-    engine = KontextEngine.load(args.model, "cuda:0", config)
-    loaded = time.perf_counter() - PROCESS_START
-    rows = []
-    for width, height in RESOLUTIONS:
-        request = EditRequest(prompt="make the sky red", image=benchmark_input_image(width, height), width=width, height=height, seed=0)
-        start = time.perf_counter()
-        result = engine.edit(request)
-        rows.append(
-            {
-                "width": width,
-                "height": height,
-                "edit_s": round(time.perf_counter() - start, 2),
-                "median_step_ms": round(result.timings.median_step_s * 1e3, 2),
-                "steps": result.steps,
-            }
-        )
-        print(rows[-1], flush=True)
-    report = {
-        "label": args.label,
-        "compile_cache_dir": str(cache_dir),
-        "compile_cache_mb": round(sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file()) / 2**20, 1),
-        "config": config.model_dump(),
-        "import_s": round(imported, 1),
-        "model_ready_s": round(loaded, 1),
-        "first_edit_done_s": round(loaded + rows[0]["edit_s"], 1),
-        "edits": rows,
-        "meta": environment_meta(engine),
-    }
+    resolutions = TINY_RESOLUTIONS if args.model == "tiny" else FULL_SIZE_RESOLUTIONS
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"startup_{args.label}.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("meta", "edits")}), flush=True)
+    shutil.rmtree(args.cache_root, ignore_errors=True)
+    cold_cache, fresh_cache, bundle = args.cache_root / "cold", args.cache_root / "fresh", args.cache_root / "bundle.zip"
+    report = {"model": args.model, "meta": _meta()}
+    report["cold"] = run_server("cold", args.model, cold_cache, flags, resolutions, args.out, args.timeout)
+    _write(report, args.out)
+    if not args.skip_artifacts:
+        report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
+        _write(report, args.out)
+        with_bundle = [*flags, "--compile-artifacts", str(bundle)]
+        report["artifacts"] = run_server("artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout)
+        _write(report, args.out)
+    print(markdown(report))
     return 0
+
+
+def _meta() -> dict:
+    import datetime as dt
+
+    import torch
+
+    from stages.environment import package_version
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    versions = {name: package_version(name) for name in ("torch", "triton", "diffusers", "torchao", "fa3-fwd")}
+    return {"device": device, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **versions}
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "startup.json").write_text(json.dumps(report, indent=2))
+    (out / "startup.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

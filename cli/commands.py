@@ -120,6 +120,9 @@ def cmd_precompile(args) -> int:
     from engine.warmup import warm_up
 
     engine = load_engine(args)
+    if not engine.resolve().effective.compile:
+        print("nothing to precompile: compile is off in this configuration (or cannot run on this machine); no bundle written")
+        return 0
     started = time.perf_counter()
     report = warm_up(engine)
     key = bundle_key(engine.env, engine.resolve().effective)

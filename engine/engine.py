@@ -166,12 +166,17 @@ class KontextEngine:
         effective = resolved.effective
         pipe, variant, build_s = self.variants.pipeline_for(effective)
         pipe.scheduler = build_scheduler(effective.scheduler, self.loaded.pipe.scheduler.config)
-        state = RequestContext(pipe.transformer, true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None)
+        input_size = request.image.size if request.image else None
+        width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
+        latent_cell = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 latent patches per token
+        state = RequestContext(
+            pipe.transformer,
+            true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None,
+            output_tokens=(height // latent_cell) * (width // latent_cell),
+        )
         for stage in stages_in(Phase.REQUEST):
             if stage.is_requested(effective):
                 stage.apply_request(state, effective)
-        input_size = request.image.size if request.image else None
-        width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
         return PreparedEdit(
             request=request,
             resolved=resolved,

@@ -4,6 +4,7 @@ queue (with its failure modes turned into HTTP answers), output encoding, conten
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -178,9 +179,10 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
 
 
 async def encode_outputs(result: EditResult, output_format: str, quality: int) -> tuple[list[bytes], float]:
+    """Each image in its own thread (Pillow's encoders release the GIL), off the event loop."""
     started = time.perf_counter()
-    blobs = await run_in_threadpool(lambda: [encode_image(image, output_format, quality) for image in result.images])
-    return blobs, time.perf_counter() - started
+    blobs = await asyncio.gather(*(run_in_threadpool(encode_image, image, output_format, quality) for image in result.images))
+    return list(blobs), time.perf_counter() - started
 
 
 def negotiate(accept: str | None) -> str | None:

@@ -176,10 +176,15 @@ def _to_srgb(image: Image.Image) -> Image.Image:
         return image
 
 
+# zlib level 1: on 1024x1024 pictures it encodes about a third faster than level 4 for a somewhat
+# larger file; the encode is on the response's critical path, the bytes travel once.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_image(image: Image.Image, output_format: str, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=4)
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     elif output_format == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     elif output_format == "webp":

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from engine import __version__
-from engine.compile_artifacts import bundle_key, default_bundle_path, describe, load_bundle
+from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, describe, load_bundle
 from engine.compile_cache import active_cache_dir
 from engine.engine import KontextEngine
 from engine.loading import ModelLoadError
@@ -88,6 +88,7 @@ class Service:
                 # compile or a CUDA-graph recording after /ready (engine/warmup.py).
                 report = warm_up(self.engine)
                 self.startup["warmup"] = report.as_dict()
+                self.startup["compile_counters"] = compile_counters()  # cache hits, misses, bypasses: what the warm-up compiled
             self.startup["ready_after_service_start_s"] = round(time.time() - self.started_at, 2)  # imports come before
             self.phase = "ready"
         except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server

@@ -8,6 +8,9 @@ named flash_attn_3), hence our own processor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,14 +36,49 @@ def _fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scale
 
 
-def fa3_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """FA3 with FP8 Q/K/V and per-head descales; the output is bf16. Under compile the scaling
-    fuses into the preceding RoPE/RMSNorm kernels."""
-    q8, q_scale = _fp8_per_head(query)
-    k8, k_scale = _fp8_per_head(key)
+def _fp8_bounded(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 with a scale fixed by a known bound on |x| (qk_norm_bound): no pass over x to find its
+    maximum, so under compile the quantization fuses into the kernel that applies RoPE. The clamp
+    only guards against the bf16 rounding of values at the bound."""
+    scale = (bound.float() / FP8_E4M3_MAX).clamp(min=1e-12)
+    quantized = (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return quantized, scale.expand(x.shape[0], x.shape[2]).contiguous()  # FA3 takes one descale per (batch, head)
+
+
+def qk_norm_bound(*norms: torch.nn.Module, head_dim: int) -> torch.Tensor:
+    """The largest |value| that FLUX's per-head RMSNorm can output, and RoPE therefore too.
+
+    RMSNorm divides by the root mean square over the head's D values, so |x_i| / rms <= sqrt(D), and
+    each output is at most sqrt(D) * max|w|; RoPE rotates pairs of values, which keeps each pair's
+    length, so a rotated value is bounded by the same sqrt(D) * max|w|. With a scale fixed by this
+    bound, typical values still land in e4m3's normal range, where its relative precision does not
+    depend on the scale."""
+    weights = [norm.weight.detach().abs().max().float() for norm in norms if getattr(norm, "weight", None) is not None]
+    largest = torch.stack(weights).max() if weights else torch.tensor(1.0)
+    return largest * head_dim**0.5
+
+
+def fa3_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
+    """FA3 with FP8 Q/K/V; the output is bf16. Q and K are scaled by their norm bound (one fused pass,
+    no reduction); V, which no norm bounds, by its per-head maximum."""
+    q8, q_scale = _fp8_bounded(query, q_bound)
+    k8, k_scale = _fp8_bounded(key, k_bound)
     v8, v_scale = _fp8_per_head(value)
     out, *_ = _fa3_forward()(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale, softmax_scale=query.shape[-1] ** -0.5)
     return out.to(query.dtype)
+
+
+def fp8_emulated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
+    """fa3_fp8's quantization with exact attention on the dequantized values: the CPU reference for
+    what the FP8 scaling alone costs (tests; no FA3 needed)."""
+    q8, q_scale = _fp8_bounded(query, q_bound)
+    k8, k_scale = _fp8_bounded(key, k_bound)
+    v8, v_scale = _fp8_per_head(value)
+
+    def restore(x8, scale):
+        return x8.float() * scale[:, None, :, None]
+
+    return sdpa(restore(q8, q_scale), restore(k8, k_scale), restore(v8, v_scale)).to(query.dtype)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -49,4 +87,15 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.T
     return out.transpose(1, 2)
 
 
-KERNELS = {"fa3": fa3_bf16, "fa3_fp8": fa3_fp8, "sdpa": sdpa}
+@dataclass(frozen=True)
+class AttentionKernel:
+    run: Callable[..., torch.Tensor]  # (query, key, value[, q_bound, k_bound]) on (B, S, H, D)
+    needs_qk_bounds: bool = False
+
+
+KERNELS = {
+    "fa3": AttentionKernel(fa3_bf16),
+    "fa3_fp8": AttentionKernel(fa3_fp8, needs_qk_bounds=True),
+    "sdpa": AttentionKernel(sdpa),
+    "fp8_emulated": AttentionKernel(fp8_emulated, needs_qk_bounds=True),
+}

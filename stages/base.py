@@ -58,6 +58,7 @@ class RequestContext:
 
     transformer: torch.nn.Module  # the variant's transformer that will run
     true_cfg: bool  # two transformer calls per step (conditional and unconditional)
+    output_tokens: int  # the output's latent tokens per image (an edit adds as many reference tokens)
     contexts: list[ContextManager] = field(default_factory=list)  # entered around the pipeline call
     extras: dict[str, Any] = field(default_factory=dict)  # per-stage statistics, reported in the result
 

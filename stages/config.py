@@ -67,6 +67,9 @@ class OptimizationConfig(BaseModel):
     fast_gelu: Annotated[bool, Knob("fast_gelu", "variant", preset=1)] = Field(
         False, description="tanh GELU computed as x*sigmoid(2z): the same function in cheaper compiled kernels (needs compile)."
     )
+    trim_reference_tokens: Annotated[bool, Knob("trim_reference_tokens", "variant", preset=1)] = Field(
+        False, description="Drop the input image's tokens before the final norm and projection (exact: their output is discarded)."
+    )
     first_block_cache: Annotated[
         bool, Knob("first_block_cache", "variant", preset=1, legacy=(LegacyFlag("use_first_block_cache", True, False),))
     ] = Field(False, description="Skip the other transformer blocks when the first block's residual barely changed.")
@@ -75,6 +78,9 @@ class OptimizationConfig(BaseModel):
     )
     cache_backend: Annotated[CacheBackend, Knob("first_block_cache", "variant")] = Field(
         "auto", description="First-block cache implementation (auto: para_attn when installed)."
+    )
+    split_proj_out: Annotated[bool, Knob("split_proj_out", "variant", preset=3)] = Field(
+        False, description="The single blocks' output GEMM split into attention and MLP halves: no concatenation, narrower FP8 rows."
     )
     attention: Annotated[
         AttentionKernel,

@@ -9,17 +9,16 @@ fails loudly.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .attention_kernels import AttentionKernel, qk_norm_bound
 
 
 class KontextAttnProcessor:
-    """Joint attention for FluxAttention modules, with `kernel(q, k, v)` on (B, S, H, D) tensors."""
+    """Joint attention for FluxAttention modules, with the kernel's `run(q, k, v)` on (B, S, H, D)
+    tensors (and the Q/K norm bounds, for kernels that scale by them)."""
 
     def __init__(self, kernel: AttentionKernel):
         self.kernel = kernel
@@ -51,7 +50,14 @@ class KontextAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = self.kernel(query, key, value).flatten(2, 3).to(query.dtype)
+        if self.kernel.needs_qk_bounds:
+            double = attn.added_kv_proj_dim is not None
+            q_bound = qk_norm_bound(attn.norm_q, *([attn.norm_added_q] if double else []), head_dim=attn.head_dim)
+            k_bound = qk_norm_bound(attn.norm_k, *([attn.norm_added_k] if double else []), head_dim=attn.head_dim)
+            hidden_states = self.kernel.run(query, key, value, q_bound.to(query.device), k_bound.to(query.device))
+        else:
+            hidden_states = self.kernel.run(query, key, value)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:  # single-stream block: the caller projects the output
             return hidden_states

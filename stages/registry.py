@@ -23,15 +23,19 @@ from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
 from .rules import RULES
 from .scheduler import Scheduler
+from .split_projection import SplitProjection
 from .text_encoder_fp8 import TextEncoderFp8
+from .trim_reference_tokens import TrimReferenceTokens
 
 STAGES: tuple[Stage, ...] = (
     TextEncoderFp8(),
     QkvFusion(),
+    SplitProjection(),  # before quantization: each half gets its own FP8 weights and row scales
     ChannelsLast(),
     LowPrecision(),
     FlashAttention(),
     FirstBlockCache(),
+    TrimReferenceTokens(),
     FastGelu(),
     Compile(),
     CudaGraphs(),

@@ -45,7 +45,7 @@ def test_fa3_kernels_match_sdpa():
         return ((x.float() - reference).norm() / reference.norm()).item()
 
     assert rel(attention_kernels.fa3_bf16(q, k, v)) < 1e-2
-    assert rel(attention_kernels.fa3_fp8(q, k, v)) < 8e-2
+    assert rel(attention_kernels.fa3_fp8(q, k, v, q.abs().amax(), k.abs().amax())) < 8e-2
 
 
 def test_every_cumulative_stage_runs_and_stays_close(gpu_engine, photo):

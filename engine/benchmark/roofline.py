@@ -122,7 +122,9 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
         pass
     try:
         ceilings["attention_fa3"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_bf16(q, k, v)) / 1e9
-        ceilings["attention_fa3_fp8"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_fp8(q, k, v)) / 1e9
+        q_bound, k_bound = q.abs().amax(), k.abs().amax()
+        fa3_fp8 = lambda: attention_kernels.fa3_fp8(q, k, v, q_bound, k_bound)  # noqa: E731
+        ceilings["attention_fa3_fp8"] = attention_flops / median_cuda_ms(fa3_fp8) / 1e9
     except (ImportError, RuntimeError):
         pass
     return {name: round(value, 1) for name, value in ceilings.items()}
