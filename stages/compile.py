@@ -8,8 +8,12 @@ the blocks (the first-block cache decision, timing hooks) stays eager.
 
 from __future__ import annotations
 
+import logging
+
 from .base import Availability, FlagStage, Phase
 from .rules import diffusers_cache_in_blocks
+
+log = logging.getLogger(__name__)
 
 # A safety net: with the sequence dimensions dynamic (below) every Kontext resolution runs on the same
 # graphs; should something else vary (the batch, with num_images > 1), Dynamo may recompile, and the
@@ -41,6 +45,9 @@ def configure_dynamo() -> None:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    if not hasattr(torch.compiler.config, "dynamic_sources"):  # torch < 2.7: automatic dynamic shapes only
+        log.warning("this torch cannot mark inputs dynamic by name: a second resolution will recompile every graph once")
+        return
     present = [source.strip() for source in (torch.compiler.config.dynamic_sources or "").split(",") if source.strip()]
     torch.compiler.config.dynamic_sources = ",".join(dict.fromkeys(present + list(DYNAMIC_SOURCES)))
 

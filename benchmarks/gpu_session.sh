@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/results/<gpu>-<date>/, as one script, for a lease of a
+# lent GPU machine that has torch but not this project's other packages (they come as wheels, see
+# shared/device/prepare_wheels.sh). Runs in the background; each part writes its results folder and a
+# line to the log, so that a lease can collect what is done at any time:
+#
+#   setsid bash benchmarks/gpu_session.sh PART... > /tmp/gs/session.log 2>&1 &
+#   tar czf "$OUT/results.tgz" -C /tmp/gs results session.log     # collect, as often as needed
+#
+# Parts: startup (cold compile via precompile, then serve with the bundle on empty caches),
+# fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
+# the option rows), lora, tiers. Everything uses synthetic-full (random weights) at 1024x1024.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=/tmp/gs/results
+CACHE=/tmp/kontext-startup/cold   # the compile cache the cold start fills; later parts reuse it
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 FLUX_KONTEXT_MODEL=synthetic-full
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.installed
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+part() { echo "=== $(date +%T) $1 start"; }
+done_() { echo "=== $(date +%T) $1 done ($2)"; }
+
+for name in "$@"; do
+  part "$name"
+  case "$name" in
+    startup)
+      python3 -m benchmarks.startup --model synthetic-full --out "$RESULTS/startup" --cold-via-precompile --cache-root /tmp/kontext-startup
+      done_ startup $? ;;
+    fidelity)
+      python3 -m benchmarks.fp8_fidelity --model synthetic-full --out "$RESULTS/fidelity"
+      done_ fidelity $? ;;
+    stages)
+      python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows main,options --profile \
+        --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
+      done_ stages $? ;;
+    lora)
+      python3 -m benchmarks.lora_bench --model synthetic-full --compile-cache "$CACHE" --out "$RESULTS/lora"
+      done_ lora $? ;;
+    tiers)
+      python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers"
+      done_ tiers $? ;;
+    *) echo "unknown part $name" ;;
+  esac
+done
+echo "=== $(date +%T) session finished"
