@@ -8,6 +8,7 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 
 # diffusers lists them as (width, height); all are about one megapixel.
 KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = tuple(PREFERRED_KONTEXT_RESOLUTIONS)
+KONTEXT_AREA = 1024 * 1024  # the pixel budget the preferred resolutions were chosen for (each within 2% of it)
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent packing (2)
 
 
@@ -33,7 +34,11 @@ def parse_aspect_ratio(text: str) -> tuple[int, int]:
 
 
 def scale_to_area(width: int, height: int, max_area: int) -> tuple[int, int]:
-    """Keep the aspect ratio, fit `max_area` pixels, round down to multiples of 16."""
+    """Keep the aspect ratio, fit `max_area` pixels, round down to multiples of 16. At Kontext's own
+    budget a preferred resolution stays as it is (four of them are slightly over 1024*1024 pixels,
+    and Kontext generates at them, as the warm-up compiles them)."""
+    if max_area == KONTEXT_AREA and (width, height) in KONTEXT_RESOLUTIONS:
+        return width, height
     scale = math.sqrt(max_area / (width * height))
     return (
         max(SIZE_MULTIPLE, int(width * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE),

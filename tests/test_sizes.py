@@ -32,3 +32,9 @@ def test_output_size_rules():
     assert output_size(None, None, None, 1024**2) == (1024, 1024)
     with pytest.raises(ValueError, match="both width and height"):
         output_size(512, None, None, 1024**2)
+
+
+def test_at_kontexts_own_budget_every_preferred_resolution_is_kept():
+    for width, height in KONTEXT_RESOLUTIONS:
+        assert output_size(None, None, (width * 3, height * 3), 1024 * 1024) == (width, height)
+        assert output_size(None, None, (width, height), 256 * 256)[0] * output_size(None, None, (width, height), 256 * 256)[1] <= 256 * 256
