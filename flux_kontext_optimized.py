@@ -28,8 +28,12 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo", "torch._inductor", "transformers", "diffusers", "torchao"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if noisy in ("transformers", "diffusers", "torchao") else logging.WARNING)
+    for noisy in ("httpx", "urllib3", "PIL", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers' and torchao's notes about optional packages and kernels this machine does not
+    # have, torch's deprecation notes on torchao's types: nothing a user can act on
+    for noisy in ("transformers", "diffusers", "torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,9 +77,10 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(120)
+                self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait(30)
 
 
 def _png(width: int, height: int) -> str:
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flags", default="", help="extra flags for serve and precompile, e.g. '--compile' for a CPU try-out")
     args = parser.parse_args(argv)
     flags = args.flags.split()
+    # SIGTERM ends this script through its `finally` blocks, which stop the servers it started
+    # (a server left behind holds its GPU memory, and drains for minutes on its own SIGTERM).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     resolutions = TINY_RESOLUTIONS if args.model == "tiny" else FULL_SIZE_RESOLUTIONS
     args.out.mkdir(parents=True, exist_ok=True)

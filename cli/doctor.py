@@ -32,5 +32,5 @@ def render_doctor(env: Environment, config: OptimizationConfig) -> str:
         use = "ON " if report.active else ("off" if not report.requested else "SKIPPED")
         why = report.reason if report.requested and not report.active else (row["detail"] if row["available"] else row["reason"])
         preset = "-" if row["benchmark_stage"] is None else row["benchmark_stage"]
-        lines.append(f"  [{preset}] {row['name']:<18} {state:<12} {use:<8} {why}")
+        lines.append(f"  [{preset}] {row['name']:<22} {state:<12} {use:<8} {why}")
     return "\n".join(lines)

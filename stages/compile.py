@@ -30,9 +30,10 @@ DYNAMIC_SOURCES = ("L['hidden_states']", "L['image_rotary_emb'][0]", "L['image_r
 
 # Inductor settings by `compile_tuning`, for the transformer blocks only (the VAE compiles with
 # Inductor's defaults: coordinate-descent tuning stretched its first compile to about 11 minutes).
-# Measured on an H200 (synthetic-full, 1024x1024 edit, one step; benchmarks/results/nvidia-h200-2026-11-21/
-# step_lab_inductor.md): default 281.0 / 203.3 ms (stage 1 / stage 3), coordinate descent 276.0 /
-# 198.8 ms for about 2 more minutes of first compile. GEMMs stay with cuBLAS (extern kernels).
+# Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-23/README.md): coordinate
+# descent ("tuned") makes a step 2.2% faster (197.0 vs 201.3 ms) but re-tunes the dynamic-shape
+# kernels at run time in every process, cache hits or not (115 s of a 156 s first shape), so "fast"
+# is the default and "tuned" an option. GEMMs stay with cuBLAS (extern kernels).
 INDUCTOR_SETTINGS = {
     "tuned": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
     "fast": {},

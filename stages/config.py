@@ -42,6 +42,12 @@ class Knob:
     scope: Scope
     preset: int | None = None  # the cumulative benchmark stage that switches it on
     preset_value: Any = True
+    upgrade: tuple[int, Any] | None = None  # a later preset that moves it on again: (preset, value)
+
+    def presets(self) -> tuple[tuple[int, Any], ...]:
+        steps = ((self.preset, self.preset_value),) if self.preset is not None else ()
+        return steps + ((self.upgrade,) if self.upgrade else ())
+
     legacy: tuple[LegacyFlag, ...] = ()
 
 
@@ -54,7 +60,7 @@ class OptimizationConfig(BaseModel):
         False, description="Inductor compile of the transformer blocks (regional) and the VAE."
     )
     compile_tuning: Annotated[Literal["tuned", "fast"], Knob("compile", "variant")] = Field(
-        "tuned",
+        "fast",
         description="tuned: coordinate-descent tuning of the compiled kernels (a longer first compile, faster steps); "
         "fast: Inductor's defaults.",
     )
@@ -79,12 +85,21 @@ class OptimizationConfig(BaseModel):
     cache_backend: Annotated[CacheBackend, Knob("first_block_cache", "variant")] = Field(
         "auto", description="First-block cache implementation (auto: para_attn when installed)."
     )
-    split_proj_out: Annotated[bool, Knob("split_proj_out", "variant", preset=3)] = Field(
+    split_proj_out: Annotated[bool, Knob("split_proj_out", "variant")] = Field(
         False, description="The single blocks' output GEMM split into attention and MLP halves: no concatenation, narrower FP8 rows."
     )
     attention: Annotated[
         AttentionKernel,
-        Knob("attention", "variant", preset=2, preset_value="fa3", legacy=(LegacyFlag("use_flash_attention", "fa3", "sdpa"),)),
+        # FP8 attention joins the low-precision preset: on an H100 it moved the picture no more than the
+        # FP8 GEMMs do (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-23/fp8_fidelity.md)
+        Knob(
+            "attention",
+            "variant",
+            preset=2,
+            preset_value="fa3",
+            upgrade=(3, "fa3_fp8"),
+            legacy=(LegacyFlag("use_flash_attention", "fa3", "sdpa"),),
+        ),
     ] = Field("sdpa", description="Attention kernel: sdpa (torch's default), cudnn, fa3 (FlashAttention 3), fa3_fp8 (FA3 with FP8 Q/K/V).")
     quantization: Annotated[
         QuantizationFormat,
@@ -139,7 +154,7 @@ KNOBS: dict[str, Knob] = {name: _knob_of(name) for name in OptimizationConfig.mo
 VARIANT_FIELDS: tuple[str, ...] = tuple(name for name, knob in KNOBS.items() if knob.scope == "variant")
 LOAD_FIELDS: tuple[str, ...] = tuple(name for name, knob in KNOBS.items() if knob.scope == "load")
 LEGACY_FLAGS: dict[str, tuple[str, LegacyFlag]] = {flag.name: (name, flag) for name, knob in KNOBS.items() for flag in knob.legacy}
-MAX_PRESET = max(knob.preset for knob in KNOBS.values() if knob.preset is not None)
+MAX_PRESET = max(level for knob in KNOBS.values() for level, _ in knob.presets())
 
 
 def choices(name: str) -> tuple[str, ...]:
@@ -149,7 +164,7 @@ def choices(name: str) -> tuple[str, ...]:
 
 def preset_changes(preset: int) -> dict[str, Any]:
     """What cumulative preset `preset` adds on top of the one before it."""
-    return {name: knob.preset_value for name, knob in KNOBS.items() if knob.preset == preset}
+    return {name: value for name, knob in KNOBS.items() for level, value in knob.presets() if level == preset}
 
 
 def cumulative_config(preset: int) -> OptimizationConfig:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .base import Availability, Phase, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
-from .config import OptimizationConfig
+from .config import KNOBS, OptimizationConfig
 from .cuda_graphs import CudaGraphs
 from .environment import Environment
 from .fast_gelu import FastGelu
@@ -60,7 +60,11 @@ def preset_title(preset: int) -> str:
     """What cumulative preset `preset` adds, in words."""
     if preset == 0:
         return BASELINE_TITLE
-    return ", ".join(stage.title for stage in STAGES if stage.benchmark_stage == preset)
+    titles = [stage.title for stage in STAGES if stage.benchmark_stage == preset]
+    titles += [
+        f"{name} {value}" for name, knob in KNOBS.items() if knob.upgrade and knob.upgrade[0] == preset for value in knob.upgrade[1:]
+    ]
+    return ", ".join(titles)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Stage 3: the single block's output projection split in two, so nothing is concatenated.
+"""An option: the single block's output projection split in two, so nothing is concatenated.
 
 A FluxSingleTransformerBlock ends with
 
@@ -32,6 +32,10 @@ from patches import installed_version
 from .base import Availability, FlagStage, Phase
 
 KNOWN_DIFFUSERS = ("0.42.1",)
+# Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-23/README.md, full stack,
+# compile_tuning fast): 199.7 ms/step without the split, 201.3 and 203.2 ms with it. The predicted
+# 5-8 ms did not appear, so the split is an option, off in every preset, until a profile says why.
+KNOWN_RESULT = "no faster on an H100"
 
 
 def _split_output_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
@@ -69,7 +73,7 @@ def split_single_block_output(block: nn.Module) -> None:
 class SplitProjection(FlagStage):
     name = "split_proj_out"
     flag = "split_proj_out"
-    benchmark_stage = 3
+    benchmark_stage = None  # an option: on an H100 it measured no faster (see KNOWN_RESULT)
     title = "single-block output projection split (no concat)"
     summary = "The single blocks' output GEMM split into its attention and MLP halves: no concatenation, narrower FP8 rows."
     phases = frozenset({Phase.WEIGHTS})

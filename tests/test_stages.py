@@ -39,7 +39,8 @@ def test_registry_order_and_presets():
     assert cumulative_config(0) == OptimizationConfig()
     five = cumulative_config(5)
     assert five.compile and five.fuse_qkv and five.channels_last and five.first_block_cache and five.cuda_graphs
-    assert (five.attention, five.quantization, five.scheduler, five.cache_threshold) == ("fa3", "auto", "dpmpp_2m_karras", 0.12)
+    assert (five.attention, five.quantization, five.scheduler, five.cache_threshold) == ("fa3_fp8", "auto", "dpmpp_2m_karras", 0.12)
+    assert cumulative_config(2).attention == "fa3"  # FP8 attention comes with the FP8 GEMMs, at preset 3
     assert cumulative_config(1).attention == "sdpa" and not cumulative_config(4).cuda_graphs
 
 
