@@ -8,7 +8,8 @@
 # On a CUDA machine (nvidia-smi lists a GPU) it installs the CUDA build of torch and the GPU extras
 # (torchao, the FlashAttention 3 kernel) and finishes with `doctor`; elsewhere a CPU build of torch.
 # Environment: PYTHON (interpreter, default python3), FLUX_FORCE_CPU=1 (CPU setup on a GPU machine),
-# TORCH_CUDA_INDEX (wheel index for the CUDA build, default the PyTorch cu130 index).
+# TORCH_CUDA_INDEX (wheel index for the CUDA build, default the PyTorch cu130 index), FLUX_PRECOMPILE=1
+# (GPU: compile every reachable shape at the end of setup and leave the bundle serve loads).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -84,6 +85,12 @@ if [ "$TARGET" = cuda ]; then
   CURRENT_STEP="final check: doctor"
   step "$CURRENT_STEP"
   "$PY" flux_kontext_optimized.py doctor
+  if [ "${FLUX_PRECOMPILE:-0}" = "1" ]; then
+    # Minutes: every shape a request can reach, compiled once; serve then loads the bundle at start.
+    CURRENT_STEP="precompile (FLUX_PRECOMPILE=1)"
+    step "$CURRENT_STEP"
+    "$PY" flux_kontext_optimized.py precompile
+  fi
 fi
 
 case "$MODE" in

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .options import optimization_config_from_args, service_settings_from_args
+from .options import given_optimization_flags, optimization_config_from_args, service_settings_from_args
 
 log = logging.getLogger("flux_kontext")
 
@@ -103,6 +103,7 @@ def cmd_benchmark(args) -> int:
         warmup=args.warmup,
         with_input_image=not args.text_to_image,
         profile=args.profile,
+        overrides=given_optimization_flags(args),  # on top of every preset: --no-compile keeps a CPU run short
     )
     engine = load_engine(args)
     report = run_benchmark(engine, settings, show_progress=True)

@@ -65,12 +65,17 @@ def add_optimization_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=kind, default=None, help=f"{field.description} (default {field.default})")
 
 
+def given_optimization_flags(args: argparse.Namespace) -> dict:
+    """The optimization flags given on the command line (the preset aside)."""
+    return {name: getattr(args, name) for name in OptimizationConfig.model_fields if getattr(args, name, None) is not None}
+
+
 def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool) -> OptimizationConfig:
     """The preset, then every optimization flag that was given; ValueError on a bad value."""
     preset = args.preset
     if preset is None:
         preset = int(os.environ.get(PRESET_ENV_VAR, MAX_PRESET if has_cuda else 0))
-    given = {name: getattr(args, name) for name in OptimizationConfig.model_fields if getattr(args, name, None) is not None}
+    given = given_optimization_flags(args)
     try:
         return cumulative_config(preset).with_changes(**given)
     except ValueError as error:  # pydantic's ValidationError is a ValueError
