@@ -13,7 +13,7 @@ from pathlib import Path
 from engine import __version__
 from engine.model_specs import HUB_DEFAULT, MODEL_ENV_VAR
 from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
-from stages.config import MAX_PRESET, OptimizationConfig, cumulative_config, parse_presets
+from stages.config import MAX_PRESET, USER_FIELDS, OptimizationConfig, cumulative_config, parse_presets
 
 PRESET_ENV_VAR = "FLUX_KONTEXT_PRESET"
 DEVICE_ENV_VAR = "FLUX_KONTEXT_DEVICE"
@@ -53,7 +53,8 @@ def add_optimization_options(parser: argparse.ArgumentParser) -> None:
         help=f"cumulative benchmark stage to start from: 0 = plain diffusers ... {MAX_PRESET} = everything "
         f"(env {PRESET_ENV_VAR}; default {MAX_PRESET} on a CUDA GPU, 0 on a CPU)",
     )
-    for name, field in OptimizationConfig.model_fields.items():
+    for name in USER_FIELDS:
+        field = OptimizationConfig.model_fields[name]
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
         if kind is bool:
@@ -69,7 +70,7 @@ def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool) -> O
     preset = args.preset
     if preset is None:
         preset = int(os.environ.get(PRESET_ENV_VAR, MAX_PRESET if has_cuda else 0))
-    given = {name: getattr(args, name) for name in OptimizationConfig.model_fields if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in USER_FIELDS if getattr(args, name, None) is not None}
     try:
         return cumulative_config(preset).with_changes(**given)
     except ValueError as error:  # pydantic's ValidationError is a ValueError

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from stages.config import OptimizationConfig
+from stages.config import USER_FIELDS
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never sent, only counted
 
@@ -98,7 +98,7 @@ def _problem(error: dict, field: str) -> str:
         name = field.rsplit(".", 1)[-1]
         parent = field.rsplit(".", 1)[0] if "." in field else None
         if parent == "optimizations":
-            known = ", ".join(OptimizationConfig.model_fields)
+            known = ", ".join(USER_FIELDS)
             return f"unknown optimization {name!r}; known: {known} (request settings such as steps go at the top level)"
         return f"unknown field {name!r}"
     if kind == "missing":

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from engine.requests import DEFAULT_GUIDANCE
-from stages.config import LEGACY_FLAGS, OptimizationConfig
+from stages.config import LEGACY_FLAGS, USER_FIELDS, OptimizationConfig
 
 MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens (~2000 characters of English); CLIP reads 77 of them
 HARD_MAX_STEPS = 100
@@ -55,14 +55,14 @@ def _optional(field):
     return Optional[annotation], Field(None, description=field.description)
 
 
-# Every OptimizationConfig field, optional: a field left out keeps the server's default. Generated
-# from the config, so that a new knob shows up in the API without an edit here.
+# Every user-facing OptimizationConfig field, optional: a field left out keeps the server's default.
+# Generated from the config, so that a new knob shows up in the API without an edit here.
 Optimizations = create_model(
     "Optimizations",
     __config__=ConfigDict(
         extra="forbid", json_schema_extra={"description": "Per-request stage overrides over the server's default config."}
     ),
-    **{name: _optional(field) for name, field in OptimizationConfig.model_fields.items()},
+    **{name: _optional(OptimizationConfig.model_fields[name]) for name in USER_FIELDS},
 )
 
 
