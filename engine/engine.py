@@ -32,7 +32,8 @@ from stages.scheduler import DEFAULT_STEPS, build_scheduler
 
 from .loading import LoadedModel, load_model
 from .lora_files import LoraError
-from .loras import LoraLibrary, LoraSettings
+from .lora_settings import LoraSettings
+from .loras import LoraLibrary
 from .requests import EditRequest, EditResult, LoraChoice
 from .sizes import output_size
 from .timing import Clock, EditTimer

@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -30,29 +29,11 @@ import torch
 from stages.lora_slots import LoraFactors, LoraWeights, ScaledLora
 
 from .lora_files import LoraError, adapter_path, available_files, check_against, check_name, linear_shapes, read_safetensors, to_factors
+from .lora_settings import LoraSettings
 from .requests import LoraChoice
 
-LORA_DIR_ENV = "FLUX_KONTEXT_LORA_DIR"
-DEFAULT_LORA_DIR = Path.home() / ".cache" / "flux-kontext-optimized" / "loras"
 BLOCK_INDEX = re.compile(r"^(\w*transformer_blocks)\.\d+\.")
 SWAPS_KEPT = 256  # recent swap times, for /health's median
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The server's LoRA capacity. Slots and rank decide the LoRA variant's extra memory and GEMM
-    width for every request that names an adapter, whatever that adapter's own rank."""
-
-    directory: str | None = None  # None: $FLUX_KONTEXT_LORA_DIR, else ~/.cache/flux-kontext-optimized/loras
-    slots: int = 2  # adapters one request may combine
-    max_rank: int = 64  # the largest adapter rank accepted, and each slot's rank
-    max_bytes: int = 2 * 2**30  # adapter file size limit
-    max_loaded: int = 8  # adapters kept loaded at once (each lives in device memory)
-    preload: tuple[str, ...] = ()  # loaded when the engine starts
-
-    @property
-    def resolved_directory(self) -> Path:
-        return Path(self.directory or os.environ.get(LORA_DIR_ENV) or DEFAULT_LORA_DIR).expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -182,18 +163,20 @@ class LoraLibrary:
         with self._lock:
             return list(self._adapters.values())
 
-    def report(self) -> dict:
+    def report(self, with_files: bool = True) -> dict:
+        """Settings, loaded adapters and swap times; `with_files` adds the directory and the files in it
+        (GET /v1/loras, behind the API key; /health, which answers anyone, leaves them out)."""
         loaded = self.loaded()
         with self._lock:
             swaps, count = list(self._swaps), self._swap_count
         settings = self.settings
+        files = {"directory": str(self.directory), "available": self.available()} if with_files else {}
         return {
-            "directory": str(self.directory),
+            **files,
             "slots": settings.slots,
             "max_rank": settings.max_rank,
             "max_mb": round(settings.max_bytes / 2**20, 1),
             "max_loaded": settings.max_loaded,
-            "available": self.available(),
             "loaded": [adapter.summary() for adapter in loaded],
             "loaded_memory_mb": round(sum(adapter.nbytes for adapter in loaded) / 2**20, 2),
             "swaps": {

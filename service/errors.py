@@ -70,6 +70,14 @@ def invalid(field: str, problem: str, error_type: str = "invalid_request") -> AP
     return APIError(422, error_type, f"{field}: {problem}", field=field)
 
 
+def from_lora_error(error) -> APIError:
+    """An adapter refused by the engine's LoRA library (engine/lora_files.py LoraError): 404 for a
+    missing file or adapter, 409 for a full library, 422 for everything else, naming the problem."""
+    error_type = {404: "not_found", 409: "conflict"}.get(error.status, "invalid_lora")
+    message = f"{error.field}: {error}" if error.field else str(error)
+    return APIError(error.status, error_type, message, field=error.field)
+
+
 def error_body(error_type: str, message: str, field: str | None = None, request_id: str | None = None, **extra) -> dict:
     return {"error": {"type": error_type, "field": field, "message": message, **extra, "request_id": request_id}}
 
