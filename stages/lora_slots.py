@@ -79,7 +79,12 @@ class LoraSlotBank:
             lora_dropout=0.0,
             init_lora_weights=True,  # B = 0; A is zeroed below as well, for exact zeros whatever x holds
         )
+        # peft marks everything but its adapters as frozen; the base tensors are shared with the other
+        # variants, and their compiled code guards on requires_grad: a flipped flag recompiles them.
+        requires_grad = {parameter: parameter.requires_grad for parameter in transformer.parameters()}
         inject_adapter_in_model(config, transformer, adapter_name=SLOT_ADAPTER)
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
         self.layers = {name: transformer.get_submodule(name) for name in targets}
         self._places: dict[str, tuple[nn.Module, int | None]] = {}
         for name, layer in self.layers.items():
