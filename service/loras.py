@@ -25,10 +25,15 @@ from .queue import JobRefused
 from .schemas import ErrorResponse, LoraLibraryState, LoraLoaded, LoraLoadRequest, LoraUnloaded, SeedLoraRequest
 
 router = APIRouter(tags=["LoRA adapters"])
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 409, 415, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503, 504)}
 
 
-@router.get("/v1/loras", summary="Adapter files in the LoRA directory, and the loaded adapters", response_model=LoraLibraryState)
+@router.get(
+    "/v1/loras",
+    summary="Adapter files in the LoRA directory, and the loaded adapters",
+    response_model=LoraLibraryState,
+    responses={status: {"model": ErrorResponse} for status in (401, 503)},
+)
 async def list_loras(request: Request) -> dict:
     engine = request.app.state.service.require_ready()
     return engine.loras.report()
