@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         save_kohya(args.out.expanduser(), state, config, transformer)
     else:
         save_diffusers(args.out.expanduser(), state, config)
-    print(f"wrote {args.out} (rank {args.rank}, {len(config.target_modules)} layers, {args.layout} layout)")
+    print(f"wrote {args.out} (rank {args.rank}, {len(state) // 2} layers, {args.layout} layout)")
     return 0
 
 
