@@ -183,7 +183,7 @@ class KontextEngine:
     def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
         """Resolve the config, fetch or build its variant, and decide size, seed, steps and sampler."""
         loras = self.loras.pick(request.loras)
-        resolved = self.resolve(self._with_lora_slots(config or self.default_config, bool(loras)))
+        resolved = self.resolve(self.with_lora_slots(config or self.default_config, bool(loras)))
         if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
             raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
         effective = resolved.effective
@@ -210,7 +210,7 @@ class KontextEngine:
             image=self._conditioning_image(request.image, width, height),
         )
 
-    def _with_lora_slots(self, config: OptimizationConfig, has_adapters: bool) -> OptimizationConfig:
+    def with_lora_slots(self, config: OptimizationConfig, has_adapters: bool) -> OptimizationConfig:
         """The LoRA knobs are the engine's: slots exactly when this request runs adapters."""
         settings = self.loras.settings
         return config.with_changes(lora_slots=settings.slots if has_adapters else 0, lora_rank=settings.max_rank if has_adapters else 0)
