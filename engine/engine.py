@@ -270,7 +270,7 @@ class KontextEngine:
                 resolutions.append((1184, 880))  # a second preferred Kontext resolution
         # With adapters loaded (serve --preload-lora), the LoRA variant is built and compiled too, so
         # that the first request naming an adapter does not pay for it.
-        adapter_sets = [()] + [(LoraChoice(adapter.name),) for adapter in self.loras.loaded()[:1]]
+        adapter_sets = [()] + [(LoraChoice(adapter.name, 1.0),) for adapter in self.loras.loaded()[:1]]
         rows = []
         for loras in adapter_sets:
             for width, height in resolutions:
