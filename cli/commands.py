@@ -9,12 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .options import given_optimization_flags, optimization_config_from_args, service_settings_from_args
+from .options import given_optimization_flags, lora_settings_from_args, optimization_config_from_args, service_settings_from_args
 
 log = logging.getLogger("flux_kontext")
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, preload_loras: tuple[str, ...] = ()):
     from engine.compile_cache import configure_compile_cache
     from engine.engine import KontextEngine
     from engine.loading import default_model_name
@@ -25,8 +25,17 @@ def load_engine(args: argparse.Namespace):
     config = optimization_config_from_args(args, env.has_cuda)
     model = args.model or default_model_name(env.device)
     log.info("loading %s on %s", model, env.device)
-    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants)
+    lora = lora_settings_from_args(args, preload_loras)
+    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants, lora=lora)
     _log_stages(engine)
+    for adapter in engine.loras.loaded():
+        log.info(
+            "LoRA adapter %s loaded: rank %d, %d layers, %.1f MB",
+            adapter.name,
+            adapter.weights.rank,
+            len(adapter.weights.modules),
+            adapter.nbytes / 2**20,
+        )
     return engine
 
 
@@ -51,11 +60,12 @@ def cmd_doctor(args) -> int:
 def cmd_edit(args) -> int:
     from PIL import Image
 
-    from engine.requests import EditRequest
+    from engine.requests import EditRequest, LoraChoice
     from engine.sizes import parse_aspect_ratio, scale_to_area
 
     image = Image.open(args.image) if args.image else None  # fail on a bad path before loading a model
-    engine = load_engine(args)
+    loras = tuple(LoraChoice.parse(text) for text in args.lora or ())
+    engine = load_engine(args, preload_loras=tuple(choice.name for choice in loras))
     width, height = args.width, args.height
     if args.aspect_ratio:
         width, height = scale_to_area(*parse_aspect_ratio(args.aspect_ratio), engine.loaded.spec.default_max_area)
@@ -70,6 +80,7 @@ def cmd_edit(args) -> int:
         true_cfg_scale=args.true_cfg_scale,
         seed=args.seed,
         num_images=args.num_images,
+        loras=loras,
     )
     result = engine.edit(request, progress=True)
     paths = _output_paths(args, result.seed, len(result.images))
@@ -151,7 +162,7 @@ def cmd_serve(args) -> int:
         log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
     # The model loads on the GPU worker after the server is up: /health answers at once, /ready
     # turns 200 once the model is loaded and warm.
-    app = create_app(settings=settings, loader=lambda: load_engine(args))
+    app = create_app(settings=settings, loader=lambda: load_engine(args, preload_loras=tuple(args.preload_lora or ())))
     status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
     if status:
         print(f"error: {app.state.service.error}", file=sys.stderr)

@@ -11,9 +11,10 @@ import typing
 from pathlib import Path
 
 from engine import __version__
+from engine.lora_settings import DEFAULT_LORA_DIR, LORA_DIR_ENV, LoraSettings
 from engine.model_specs import HUB_DEFAULT, MODEL_ENV_VAR
 from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
-from stages.config import MAX_PRESET, OptimizationConfig, cumulative_config, parse_presets
+from stages.config import MAX_PRESET, USER_FIELDS, OptimizationConfig, cumulative_config, parse_presets
 
 PRESET_ENV_VAR = "FLUX_KONTEXT_PRESET"
 DEVICE_ENV_VAR = "FLUX_KONTEXT_DEVICE"
@@ -54,7 +55,8 @@ def add_optimization_options(parser: argparse.ArgumentParser) -> None:
         help=f"cumulative benchmark stage to start from: 0 = plain diffusers ... {MAX_PRESET} = everything "
         f"(env {PRESET_ENV_VAR}; default {MAX_PRESET} on a CUDA GPU, 0 on a CPU)",
     )
-    for name, field in OptimizationConfig.model_fields.items():
+    for name in USER_FIELDS:
+        field = OptimizationConfig.model_fields[name]
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
         if kind is bool:
@@ -67,7 +69,7 @@ def add_optimization_options(parser: argparse.ArgumentParser) -> None:
 
 def given_optimization_flags(args: argparse.Namespace) -> dict:
     """The optimization flags given on the command line (the preset aside)."""
-    return {name: getattr(args, name) for name in OptimizationConfig.model_fields if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in USER_FIELDS if getattr(args, name, None) is not None}
 
 
 def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool) -> OptimizationConfig:
@@ -101,7 +103,38 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--compile-cache", default=None, help=COMPILE_CACHE_HELP)
     common.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
     add_optimization_options(common)
+    add_lora_options(common)
     return common
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    d = LoraSettings()
+    group = parser.add_argument_group("LoRA adapters (requests name them; files live in one directory)")
+    group.add_argument(
+        "--lora-dir",
+        default=None,
+        help=f"the adapter directory: NAME.safetensors files (env {LORA_DIR_ENV}; default ~/{DEFAULT_LORA_DIR.relative_to(Path.home())})",
+    )
+    group.add_argument("--lora-slots", type=int, default=d.slots, help="adapters one request may combine")
+    group.add_argument(
+        "--lora-max-rank",
+        type=int,
+        default=d.max_rank,
+        help="the largest adapter rank accepted; every slot has this rank (memory, GEMM width)",
+    )
+    group.add_argument("--lora-max-mb", type=float, default=d.max_bytes / 2**20, help="adapter file size limit")
+    group.add_argument("--lora-max-loaded", type=int, default=d.max_loaded, help="adapters kept loaded at once (in device memory)")
+
+
+def lora_settings_from_args(args: argparse.Namespace, preload: tuple[str, ...] = ()) -> LoraSettings:
+    return LoraSettings(
+        directory=args.lora_dir,
+        slots=args.lora_slots,
+        max_rank=args.lora_max_rank,
+        max_bytes=int(args.lora_max_mb * 2**20),
+        max_loaded=args.lora_max_loaded,
+        preload=tuple(dict.fromkeys(preload)),  # each once, in the order given
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default=os.environ.get("FLUX_KONTEXT_HOST", "127.0.0.1"), help="bind address (0.0.0.0 exposes the service to the network)"
     )
     serve.add_argument("--port", type=int, default=int(os.environ.get("FLUX_KONTEXT_PORT", "8000")), help="TCP port")
+    serve.add_argument(
+        "--preload-lora",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="load this adapter from --lora-dir at start (repeatable); warm-up then also compiles the LoRA variant",
+    )
     _add_service_options(serve)
 
     edit = commands.add_parser("edit", parents=[common], formatter_class=HelpFormatter, help="edit one image (or generate one from text)")
@@ -137,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--height", type=int, default=None, help="output height (multiple of 16)")
     edit.add_argument("--guidance-scale", type=float, default=2.5, help="distilled guidance")
     edit.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG scale (> 1 with --negative-prompt; twice the cost)")
+    edit.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME[:SCALE]",
+        help="apply the adapter NAME.safetensors from --lora-dir at SCALE (default 1.0); repeatable, up to --lora-slots",
+    )
 
     bench = commands.add_parser("benchmark", parents=[common], formatter_class=HelpFormatter, help="stage-by-stage speed table")
     bench.add_argument("--stages", default=f"0-{MAX_PRESET}", help=f"cumulative presets to run, e.g. 0-{MAX_PRESET} or 0,1,4")

@@ -5,7 +5,8 @@
 
 An edit has three parts. `prepare` resolves the config against this machine (unavailable stages are
 switched off and reported), fetches or builds the matching variant (engine/variants.py), and lets
-the stages set per-request state; `denoise` runs the pipeline to latents, with timing marks around
+the stages set per-request state (a request's LoRA adapters, picked from the engine's library, run on
+the LoRA variant's slots; engine/loras.py); `denoise` runs the pipeline to latents, with timing marks around
 text encoding, VAE encoding and every step; `decode` turns the latents into pictures.
 """
 
@@ -30,6 +31,9 @@ from stages.registry import ResolvedConfig, resolve, stage_status, stages_in
 from stages.scheduler import DEFAULT_STEPS, build_scheduler
 
 from .loading import LoadedModel, load_model
+from .lora_files import LoraError
+from .lora_settings import LoraSettings
+from .loras import LoraLibrary
 from .requests import EditRequest, EditResult
 from .sizes import output_size
 from .timing import Clock, EditTimer
@@ -60,7 +64,14 @@ class PreparedEdit:
 
 
 class KontextEngine:
-    def __init__(self, loaded: LoadedModel, env: Environment, default_config: OptimizationConfig | None = None, max_variants: int = 3):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        env: Environment,
+        default_config: OptimizationConfig | None = None,
+        max_variants: int = 3,
+        lora: LoraSettings | None = None,
+    ):
         self.loaded = loaded
         self.env = env
         self.default_config = default_config or OptimizationConfig()
@@ -69,15 +80,22 @@ class KontextEngine:
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
         self._apply_load_stages()
+        self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
+        self.loras.preload()
 
     @classmethod
     def load(
-        cls, model: str, device: str | None = None, default_config: OptimizationConfig | None = None, max_variants: int = 3
+        cls,
+        model: str,
+        device: str | None = None,
+        default_config: OptimizationConfig | None = None,
+        max_variants: int = 3,
+        lora: LoraSettings | None = None,
     ) -> "KontextEngine":
         env = current_environment(device)
         if env.has_cuda:
             torch.cuda.set_device(env.gpu.index)
-        return cls(load_model(model, env.device), env, default_config, max_variants)
+        return cls(load_model(model, env.device), env, default_config, max_variants, lora)
 
     def _apply_load_stages(self) -> None:
         """Load-scope stages (the T5 encoder's precision) act once, on the default config."""
@@ -141,6 +159,8 @@ class KontextEngine:
             timings = timer.finish(variant_build_s=prepared.build_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
+            if "swap_s" in prepared.stage_state.extras.get("lora", {}):
+                self.loras.record_swap(prepared.stage_state.extras["lora"]["swap_s"])
         return EditResult(
             images=images,
             seed=prepared.seed,
@@ -162,7 +182,10 @@ class KontextEngine:
 
     def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
         """Resolve the config, fetch or build its variant, and decide size, seed, steps and sampler."""
-        resolved = self.resolve(config)
+        loras = self.loras.pick(request.loras)
+        resolved = self.resolve(self.with_lora_slots(config or self.default_config, bool(loras)))
+        if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
+            raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
         effective = resolved.effective
         pipe, variant, build_s = self.variants.pipeline_for(effective)
         pipe.scheduler = build_scheduler(effective.scheduler, self.loaded.pipe.scheduler.config)
@@ -173,6 +196,7 @@ class KontextEngine:
             pipe.transformer,
             true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None,
             output_tokens=(height // latent_cell) * (width // latent_cell),
+            loras=loras,
         )
         for stage in stages_in(Phase.REQUEST):
             if stage.is_requested(effective):
@@ -190,6 +214,11 @@ class KontextEngine:
             height=height,
             image=self._conditioning_image(request.image, width, height),
         )
+
+    def with_lora_slots(self, config: OptimizationConfig, has_adapters: bool) -> OptimizationConfig:
+        """The LoRA knobs are the engine's: slots exactly when this request runs adapters."""
+        settings = self.loras.settings
+        return config.with_changes(lora_slots=settings.slots if has_adapters else 0, lora_rank=settings.max_rank if has_adapters else 0)
 
     def denoise(self, prepared: PreparedEdit, timer: EditTimer, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Text and VAE encoding and the denoising loop: the packed latents of the output."""

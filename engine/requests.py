@@ -14,6 +14,23 @@ from .timing import Timings
 DEFAULT_GUIDANCE = 2.5  # FLUX.1-Kontext-dev's recommended distilled guidance
 
 
+@dataclass(frozen=True)
+class LoraChoice:
+    """An adapter a request runs with, by name (never a path)."""
+
+    name: str
+    scale: float | None = None  # None: the scale the adapter was loaded with (1.0 unless given)
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """NAME or NAME:SCALE, as the command line writes it."""
+        name, colon, scale = text.rpartition(":") if ":" in text else (text, "", "")
+        try:
+            return cls(name, float(scale) if colon else None)
+        except ValueError:
+            raise ValueError(f"--lora {text!r}: write NAME or NAME:SCALE, e.g. style:0.8") from None
+
+
 @dataclass
 class EditRequest:
     prompt: str
@@ -27,6 +44,7 @@ class EditRequest:
     true_cfg_scale: float = 1.0  # > 1 with a negative prompt runs true CFG (two transformer calls per step)
     seed: int | None = None  # None: a random seed, reported back
     num_images: int = 1
+    loras: tuple[LoraChoice, ...] = ()  # adapters for this request only; nothing carries over to the next
 
 
 @dataclass

@@ -19,7 +19,7 @@ from PIL import Image
 from stages.config import OptimizationConfig
 
 from .engine import KontextEngine
-from .requests import EditRequest
+from .requests import EditRequest, LoraChoice
 from .sizes import KONTEXT_RESOLUTIONS
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ class Shape:
     width: int
     height: int
     edit: bool  # with an input image (Kontext's reference tokens) or text to image
+    lora: str | None = None  # an adapter: the variant with LoRA slots is a variant of its own
 
     def label(self) -> str:
-        return f"{self.width}x{self.height} {'edit' if self.edit else 'text-to-image'}"
+        return f"{self.width}x{self.height} {'edit' if self.edit else 'text-to-image'}" + (f" with LoRA {self.lora}" if self.lora else "")
 
 
 @dataclass
@@ -59,7 +60,13 @@ def shapes_for(engine: KontextEngine) -> list[Shape]:
     else:  # models without preferred resolutions (tiny) warm their default size
         side = int(spec.default_max_area**0.5)
         sizes = [(side, side)]
-    return [Shape(width, height, edit) for edit in (True, False) for width, height in sizes]
+    shapes = [Shape(width, height, edit) for edit in (True, False) for width, height in sizes]
+    # With adapters loaded at start (serve --preload-lora), requests that name one run the variant
+    # with LoRA slots: it is compiled and recorded too, so the first such request does not pay for it.
+    loaded = engine.loras.loaded()
+    if loaded:
+        shapes += [Shape(shape.width, shape.height, shape.edit, loaded[0].name) for shape in shapes]
+    return shapes
 
 
 def warm_up(engine: KontextEngine, config: OptimizationConfig | None = None, shapes: list[Shape] | None = None) -> WarmupReport:
@@ -72,7 +79,10 @@ def warm_up(engine: KontextEngine, config: OptimizationConfig | None = None, sha
     for index, shape in enumerate(shapes):
         shape_started = time.perf_counter()
         image = Image.new("RGB", (shape.width, shape.height), (120, 140, 160)) if shape.edit else None
-        request = EditRequest(prompt="warm-up", image=image, width=shape.width, height=shape.height, steps=WARMUP_STEPS, seed=0)
+        loras = (LoraChoice(shape.lora, 1.0),) if shape.lora else ()
+        request = EditRequest(
+            prompt="warm-up", image=image, width=shape.width, height=shape.height, steps=WARMUP_STEPS, seed=0, loras=loras
+        )
         engine.edit(request, config)
         seconds = time.perf_counter() - shape_started
         report.shapes.append({**asdict(shape), "seconds": round(seconds, 2)})

@@ -4,8 +4,8 @@
     app = create_app(engine)          # an engine already loaded (tests)
 
 Layers, outside in: CORS (only with --cors-origins), request tracking (request id, body cap, drain
-gate, metrics), API key, then the routes: /inference, /v1/images/{edits,generations}, /health,
-/ready, /metrics, /benchmark. The engine is loaded by the GPU worker when the app starts, so /health
+gate, metrics), API key, then the routes: /inference, /v1/images/{edits,generations}, /v1/loras
+(and the original /lora), /health, /ready, /metrics, /benchmark. The engine is loaded by the GPU worker when the app starts, so /health
 and /ready answer during loading.
 """
 
@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from engine import __version__
 from engine.engine import KontextEngine
 
-from . import inference, openai_images, operations
+from . import inference, loras, openai_images, operations
 from .auth import ApiKeyMiddleware
 from .errors import install_error_handlers
 from .images import set_pillow_pixel_limit
@@ -60,7 +60,7 @@ def create_app(engine: KontextEngine | None = None, settings: ServiceSettings | 
                 expose_headers=["X-Request-ID", "X-Seed", "Retry-After", "Server-Timing", "X-Model-Random-Weights"],
             )
         )
-    routers = (inference.router, openai_images.router, operations.router)
+    routers = (inference.router, openai_images.router, loras.router, operations.router)
     route_paths = frozenset(route.path for router in routers for route in router.routes)
     middleware += [
         Middleware(RequestTrackingMiddleware, service=service, route_paths=route_paths),

@@ -5,6 +5,7 @@ queue (with its failure modes turned into HTTP answers), output encoding, conten
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,13 +13,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from engine.requests import EditRequest, EditResult
+from engine.lora_files import LoraError
+from engine.requests import EditRequest, EditResult, LoraChoice
 from engine.sizes import output_size
 
-from .errors import APIError, invalid
+from .errors import APIError, from_lora_error, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
 from .optimizations import MergedConfig, merge
-from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
+from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobRefused, JobTimeout, QueueFull, WorkerStopped
 from .runtime import Service
 from .schemas import InferenceRequest
 
@@ -40,7 +42,8 @@ class PreparedEdit:
 
 async def prepare(service: Service, body: InferenceRequest, image: bytes | None, field_names: dict[str, str] | None = None) -> PreparedEdit:
     """The one way every editing endpoint turns a validated body into an engine request: decode the
-    input, merge the optimizations, apply the server's default steps and check its limits."""
+    input, merge the optimizations, apply the server's default steps, check its limits and the
+    request's LoRA adapters."""
     names = {**{name: name for name in ("width", "height", "num_images")}, **(field_names or {})}
     decoded, decode_s = await decode_input(service, image)
     overrides = body.optimizations.model_dump(exclude_none=True) if body.optimizations else {}
@@ -56,8 +59,13 @@ async def prepare(service: Service, body: InferenceRequest, image: bytes | None,
         true_cfg_scale=body.true_cfg_scale,
         seed=body.seed,
         num_images=body.num_images,
+        loras=tuple(LoraChoice(use.name, use.scale) for use in body.loras or ()),
     )
     check_limits(service, edit, names)
+    try:  # the engine checks again on the GPU worker; this answers a wrong name without waiting in the queue
+        service.engine.loras.pick(edit.loras)
+    except LoraError as refused:
+        raise from_lora_error(refused) from None
     warnings = (decoded.notes if decoded else []) + merged.warnings
     if body.true_cfg_scale > 1 and not body.negative_prompt:
         warnings.append("true_cfg_scale > 1 has no effect without a negative_prompt")
@@ -125,10 +133,28 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
 
     def on_worker() -> EditResult:
         # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
-        return service.engine.edit(prepared.edit, prepared.merged.config, should_stop=lambda: time.monotonic() > deadline)
+        try:
+            return service.engine.edit(prepared.edit, prepared.merged.config, should_stop=lambda: time.monotonic() > deadline)
+        except LoraError as refused:  # an adapter unloaded between this request's arrival and its turn
+            raise JobRefused(refused) from None
 
+    edit = prepared.edit
+    size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
+    with worker_errors(service, request, "edit", size, "retry, or ask for a smaller size or fewer images"):
+        try:
+            result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
+        except LoraError as refused:
+            raise from_lora_error(refused) from None
+    service.metrics.record_edit(result)
+    return result, job
+
+
+@contextlib.contextmanager
+def worker_errors(service: Service, request: Request, what: str, context: str, out_of_memory_advice: str):
+    """The GPU queue's failure modes as HTTP answers, for a job doing `what` ("edit") on `context`."""
+    settings = service.settings
     try:
-        result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
+        yield
     except QueueFull as full:
         raise APIError(
             429,
@@ -143,7 +169,7 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
         ) from None
     except JobTimeout as timeout:
         where = (
-            "while its edit was running (stopped at the next step)"
+            f"while its {what} was running (stopped at the next step)"
             if timeout.was_running
             else "while waiting in the queue (it never reached the GPU)"
         )
@@ -157,25 +183,21 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
             499, "client_disconnected", "the client disconnected while waiting; the job was dropped before reaching the GPU"
         ) from None
     except GpuOutOfMemory as oom:
-        edit = prepared.edit
         raise APIError(
             503,
             "gpu_out_of_memory",
-            f"the GPU ran out of memory on this request "
-            f"({edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)): {oom}. "
-            "The memory was released and the server keeps serving; retry, or ask for a smaller size or fewer images",
+            f"the GPU ran out of memory on this request ({context}): {oom}. "
+            f"The memory was released and the server keeps serving; {out_of_memory_advice}",
             headers={"Retry-After": "1"},
         ) from None
     except JobFailed as failed:
         request_id = getattr(request.state, "request_id", None)
-        log.error("edit failed (request %s): %r", request_id, failed.original)
+        log.error("%s failed (request %s): %r", what, request_id, failed.original)
         raise APIError(
             500,
-            "edit_failed",
-            f"the edit failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}",
+            f"{what.replace(' ', '_')}_failed",
+            f"the {what} failed on the server ({type(failed.original).__name__}); it was logged under request id {request_id}",
         ) from None
-    service.metrics.record_edit(result)
-    return result, job
 
 
 async def encode_outputs(result: EditResult, output_format: str, quality: int) -> tuple[list[bytes], float]:

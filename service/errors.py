@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from stages.config import OptimizationConfig
+from stages.config import USER_FIELDS
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; never sent, only counted
 
@@ -70,6 +70,14 @@ def invalid(field: str, problem: str, error_type: str = "invalid_request") -> AP
     return APIError(422, error_type, f"{field}: {problem}", field=field)
 
 
+def from_lora_error(error) -> APIError:
+    """An adapter refused by the engine's LoRA library (engine/lora_files.py LoraError): 404 for a
+    missing file or adapter, 409 for a full library, 422 for everything else, naming the problem."""
+    error_type = {404: "not_found", 409: "conflict"}.get(error.status, "invalid_lora")
+    message = f"{error.field}: {error}" if error.field else str(error)
+    return APIError(error.status, error_type, message, field=error.field)
+
+
 def error_body(error_type: str, message: str, field: str | None = None, request_id: str | None = None, **extra) -> dict:
     return {"error": {"type": error_type, "field": field, "message": message, **extra, "request_id": request_id}}
 
@@ -98,7 +106,7 @@ def _problem(error: dict, field: str) -> str:
         name = field.rsplit(".", 1)[-1]
         parent = field.rsplit(".", 1)[0] if "." in field else None
         if parent == "optimizations":
-            known = ", ".join(OptimizationConfig.model_fields)
+            known = ", ".join(USER_FIELDS)
             return f"unknown optimization {name!r}; known: {known} (request settings such as steps go at the top level)"
         return f"unknown field {name!r}"
     if kind == "missing":

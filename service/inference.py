@@ -135,18 +135,25 @@ async def _read_form(request: Request) -> tuple[InferenceRequest, bytes | None]:
             continue
         if value != "":  # an empty form field means "not given"
             fields[key] = value
-    if "optimizations" in fields:  # the object travels as a JSON string in a form
-        try:
-            fields["optimizations"] = json.loads(fields["optimizations"])
-        except json.JSONDecodeError as error:
-            raise invalid("optimizations", f"must be a JSON object ({error.msg} at column {error.colno})") from None
-        except RecursionError:
-            raise invalid("optimizations", "must be a flat JSON object of stage settings; this one is nested too deeply to read") from None
+    for name in ("optimizations", "loras"):  # an object and a list that travel as JSON strings in a form
+        if name in fields:
+            fields[name] = json_form_field(name, fields[name])
     try:
         body = InferenceRequest.model_validate(fields)
     except ValidationError as error:
         raise from_pydantic(error) from None
     return body, image
+
+
+def json_form_field(name: str, text: str):
+    """A form field that holds JSON (`optimizations`, `loras`), parsed, or a 422 that says why not."""
+    shape = "a JSON object" if name == "optimizations" else "a JSON list"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise invalid(name, f"must be {shape} ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise invalid(name, f"must be {shape}; this one is nested too deeply to read") from None
 
 
 def _response(

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
+SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
@@ -59,6 +60,16 @@ class ServiceMetrics:
             registry=r,
         )
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory (allocated, reserved, free, total)", ["kind"], registry=r)
+        self.lora_edits = Counter("kontext_lora_edits_total", "Edits that ran with LoRA adapters", registry=r)
+        self.lora_swap = Histogram(
+            "kontext_lora_swap_seconds", "Copying a request's adapters into the LoRA slots", buckets=SWAP_BUCKETS, registry=r
+        )
+        self.lora_loads = Counter("kontext_lora_loads_total", "Adapter loads by outcome (ok, refused)", ["outcome"], registry=r)
+        self.lora_load_seconds = Histogram(
+            "kontext_lora_load_seconds", "Reading, checking and converting an adapter file", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.loras_loaded = Gauge("kontext_loras_loaded", "Adapters loaded", registry=r)
+        self.lora_memory = Gauge("kontext_lora_memory_bytes", "Device memory held by the loaded adapters", registry=r)
 
     def record_edit(self, result) -> None:
         self.images.inc(len(result.images))
@@ -66,14 +77,26 @@ class ServiceMetrics:
         if cache:
             self.cache_calls.labels("computed").inc(cache.get("computed", 0))
             self.cache_calls.labels("skipped").inc(cache.get("skipped", 0))
+        lora = result.extras.get("lora")
+        if lora:
+            self.lora_edits.inc()
+            self.lora_swap.observe(lora.get("swap_s", 0.0))
 
     def bind(
-        self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float], memory: Callable[[], dict[str, int]]
+        self,
+        waiting: Callable[[], float],
+        running: Callable[[], float],
+        ready: Callable[[], float],
+        memory: Callable[[], dict[str, int]],
+        loras: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
-        """Read live values at scrape time instead of updating gauges from every code path."""
+        """Read live values at scrape time instead of updating gauges from every code path.
+        `loras` gives (adapters loaded, their bytes)."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)
         self.ready.set_function(ready)
+        self.loras_loaded.set_function(lambda: loras()[0])
+        self.lora_memory.set_function(lambda: loras()[1])
         self._memory = memory
 
     def render(self) -> bytes:

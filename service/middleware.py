@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError, error_body
 from .metrics import outcome_for_status
 
-WORK_PREFIXES = ("/inference", "/v1/", "/benchmark")
+WORK_PREFIXES = ("/inference", "/v1/", "/lora", "/benchmark")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LINGER_MAX_BYTES = 512 * 2**20  # the most an over-limit client may make us read and discard
 LINGER_MAX_S = 10.0

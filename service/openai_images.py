@@ -6,8 +6,9 @@
 
 Answers carry `b64_json` (this server keeps no files, so `response_format=url` is refused). OpenAI
 fields FLUX has no use for (quality, background, style, moderation, ...) are accepted and ignored;
-`mask` is refused because Kontext edits from the instruction, not a mask. `seed` and `steps` are
-extensions (pass them with the client's `extra_body`).
+`mask` is refused because Kontext edits from the instruction, not a mask. `seed`, `steps` and
+`loras` are extensions (pass them with the client's `extra_body`; in the edits form `loras` is a
+JSON string).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from .edits import OPENAI_FIELD_NAMES, encode_outputs, prepare, run_edit, server_timing
 from .errors import APIError, from_pydantic, invalid
+from .inference import json_form_field
 from .schemas import (
     HARD_MAX_IMAGES,
     HARD_MAX_STEPS,
@@ -53,7 +55,14 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def _as_inference_request(
-    prompt: str, size: str | None, n: int | None, steps: int | None, seed: int | None, output_format: str | None, compression: int | None
+    prompt: str,
+    size: str | None,
+    n: int | None,
+    steps: int | None,
+    seed: int | None,
+    output_format: str | None,
+    compression: int | None,
+    loras: list | None = None,
 ) -> InferenceRequest:
     """The OpenAI fields in the shape every editing endpoint shares (service/edits.py:prepare)."""
     width, height = _size(size)
@@ -65,6 +74,7 @@ def _as_inference_request(
         "steps": steps,
         "seed": seed,
         "output_format": output_format or "png",
+        "loras": loras,
     }
     if compression is not None:
         fields["output_quality"] = min(100, max(1, compression))
@@ -123,6 +133,9 @@ async def images_edits(
     output_compression: Annotated[int, Form(ge=0, le=100, description="Used as the JPEG/WebP quality.")] = None,
     seed: Annotated[int, Form(ge=0, le=2**32 - 1, description="Extension: the random seed.")] = None,
     steps: Annotated[int, Form(ge=1, le=HARD_MAX_STEPS, description="Extension: denoising steps.")] = None,
+    loras: Annotated[
+        str, Form(max_length=20000, description='Extension: LoRA adapters as a JSON list, e.g. [{"name": "style", "scale": 0.8}].')
+    ] = None,
     user: Annotated[str, Form(max_length=500)] = None,
 ):
     arrived = time.monotonic()
@@ -136,7 +149,8 @@ async def images_edits(
         raise invalid("image", "required: send the image to edit as a multipart file")
     if len(files) > 1:
         raise invalid("image", f"{len(files)} images given; FLUX.1-Kontext edits one image per request")
-    body = _as_inference_request(prompt, size, n, steps, seed, output_format, output_compression)
+    adapters = json_form_field("loras", loras) if loras is not None else None
+    body = _as_inference_request(prompt, size, n, steps, seed, output_format, output_compression, adapters)
     return await _answer(request, body, await files[0].read(), arrived)
 
 
@@ -148,5 +162,8 @@ async def images_generations(request: Request, body: OpenAIGenerationRequest, _j
     service = request.app.state.service
     service.require_ready()
     _refuse_url(body.response_format)
-    inference = _as_inference_request(body.prompt, body.size, body.n, body.steps, body.seed, body.output_format, body.output_compression)
+    loras = [use.model_dump() for use in body.loras] if body.loras is not None else None
+    inference = _as_inference_request(
+        body.prompt, body.size, body.n, body.steps, body.seed, body.output_format, body.output_compression, loras
+    )
     return await _answer(request, inference, None, arrived)

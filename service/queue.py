@@ -63,6 +63,15 @@ class JobCancelled(Exception):
     """Raised by a job to stop itself on request (a cancelled benchmark); not an error."""
 
 
+class JobRefused(Exception):
+    """Raised by a job that refuses its input (a client error found on the worker, e.g. a bad adapter
+    file): the caller gets `reason` back as it was raised, and nothing is logged as a failure."""
+
+    def __init__(self, reason: BaseException):
+        super().__init__(str(reason))
+        self.reason = reason
+
+
 class JobFailed(Exception):
     """A job raised something unexpected (logged with its traceback by the worker)."""
 
@@ -205,7 +214,7 @@ class GpuWorker:
         """Queue `fn`, wait for it without blocking the event loop, and return (result, job).
 
         Raises QueueFull, WorkerStopped, JobTimeout (deadline, a monotonic time, passed), ClientGone
-        (dropped while waiting), GpuOutOfMemory or JobFailed.
+        (dropped while waiting), GpuOutOfMemory, JobFailed, or the reason of a JobRefused.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -301,6 +310,9 @@ class GpuWorker:
         except JobCancelled as cancelled:
             job.error = cancelled
             return "cancelled_requested"
+        except JobRefused as refused:
+            job.error = refused.reason
+            return "refused"
         except EditCancelled as stopped:  # the edit's deadline passed while it ran: it stopped early
             job.error = stopped
             return "cancelled_timeout"

@@ -61,6 +61,7 @@ class Service:
             running=lambda: 1 if self.worker.running else 0,
             ready=lambda: 1 if self.ready else 0,
             memory=self.gpu_memory_bytes,
+            loras=self.lora_counts,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -172,6 +173,12 @@ class Service:
             "total": total,
         }
 
+    def lora_counts(self) -> tuple[int, int]:
+        if self.engine is None:
+            return 0, 0
+        loaded = self.engine.loras.loaded()
+        return len(loaded), sum(adapter.nbytes for adapter in loaded)
+
     def health(self) -> dict:
         engine = self.engine
         body = {
@@ -188,6 +195,7 @@ class Service:
             "stages": engine.stage_status() if engine else [],
             "variants": engine.variants.report() if engine else [],
             "startup": self.startup,
+            "loras": engine.loras.report(with_files=False) if engine else None,
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
             "limits": {

@@ -13,13 +13,15 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from engine.requests import DEFAULT_GUIDANCE
-from stages.config import LEGACY_FLAGS, OptimizationConfig
+from stages.config import LEGACY_FLAGS, USER_FIELDS, OptimizationConfig
 
 MAX_PROMPT_CHARS = 2000  # T5 reads 512 tokens (~2000 characters of English); CLIP reads 77 of them
 HARD_MAX_STEPS = 100
 HARD_MAX_IMAGES = 8
 OutputFormat = Literal["png", "jpeg", "webp"]
 SIZE_PATTERN = r"^\s*(auto|\d{1,5}\s*[xX]\s*\d{1,5})?\s*$"
+MAX_LORA_SCALE = 8.0  # far past where adapters saturate; bounds generated requests, as the other hard limits do
+HARD_MAX_LORAS = 8  # adapters named in one request; each server allows at most its --lora-slots
 # Sizes have no upper bound here: each server checks its own (serve --max-size) and names it.
 
 
@@ -55,14 +57,14 @@ def _optional(field):
     return Optional[annotation], Field(None, description=field.description)
 
 
-# Every OptimizationConfig field, optional: a field left out keeps the server's default. Generated
-# from the config, so that a new knob shows up in the API without an edit here.
+# Every user-facing OptimizationConfig field, optional: a field left out keeps the server's default.
+# Generated from the config, so that a new knob shows up in the API without an edit here.
 Optimizations = create_model(
     "Optimizations",
     __config__=ConfigDict(
         extra="forbid", json_schema_extra={"description": "Per-request stage overrides over the server's default config."}
     ),
-    **{name: _optional(field) for name, field in OptimizationConfig.model_fields.items()},
+    **{name: _optional(OptimizationConfig.model_fields[name]) for name in USER_FIELDS},
 )
 
 
@@ -75,6 +77,26 @@ def _legacy_help(name: str) -> str:
 _LegacyFlags = create_model(
     "_LegacyFlags", **{name: (Optional[bool], Field(None, description=_legacy_help(name))) for name in LEGACY_FLAGS}
 )
+
+
+class LoraUse(BaseModel):
+    """One adapter for one request (this request only: nothing carries over to the next)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="A loaded adapter's name (GET /v1/loras); a name, never a path.")
+    scale: Optional[float] = Field(
+        None,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description="How strongly it applies; 0 leaves the output exactly as without it. Default: the scale it was loaded with (1.0).",
+    )
+
+    _scale = field_validator("scale", mode="before")(_no_bool)
+
+
+LORAS_DESCRIPTION = "LoRA adapters for this request, by name, combined as diffusers combines them (at most the server's --lora-slots)."
 
 
 class InferenceRequest(_LegacyFlags):
@@ -117,6 +139,7 @@ class InferenceRequest(_LegacyFlags):
     optimizations: Optional[Optimizations] = Field(  # type: ignore[valid-type]
         None, description="Per-stage overrides over the server's default config (wins over the use_* flags)."
     )
+    loras: Optional[list[LoraUse]] = Field(None, max_length=HARD_MAX_LORAS, description=LORAS_DESCRIPTION)
 
     _prompt = field_validator("prompt")(check_prompt)
 
@@ -140,6 +163,8 @@ def _form_field(name: str, field):
         return bytes, Field(None, json_schema_extra={"format": "binary"}, description="The input image file (or base64 text).")
     if name == "optimizations":
         return str, Field(None, description="JSON object with per-stage overrides, as in the JSON body.")
+    if name == "loras":
+        return str, Field(None, description='JSON list of adapters, as in the JSON body: [{"name": "style", "scale": 0.8}].')
     annotation = field.annotation
     if getattr(annotation, "__origin__", None) is typing.Union:  # Optional[X] -> X
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
@@ -247,6 +272,7 @@ class OpenAIGenerationRequest(BaseModel):
     user: Optional[str] = Field(None, max_length=500)
     seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Extension: the random seed.")
     steps: Optional[int] = Field(None, ge=1, le=HARD_MAX_STEPS, description="Extension: denoising steps.")
+    loras: Optional[list[LoraUse]] = Field(None, max_length=HARD_MAX_LORAS, description="Extension: " + LORAS_DESCRIPTION)
 
     _numbers = field_validator("n", "output_compression", "seed", "steps", mode="before")(_no_bool)
 
@@ -266,3 +292,70 @@ class OpenAIImagesResponse(BaseModel):
     size: str
     seed: int = Field(..., description="Extension: the seed used.")
     model: ModelIdentity = Field(..., description="Extension: the model that answered.")
+
+
+# -- LoRA adapters --------------------------------------------------------------------------------
+class LoraLoadRequest(BaseModel):
+    """POST /v1/loras: load an adapter file from the server's LoRA directory."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., min_length=1, max_length=200, description="The file name in the LoRA directory, without .safetensors.")
+    scale: float = Field(
+        1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False, description="The scale for requests that name it without one."
+    )
+
+
+class SeedLoraRequest(BaseModel):
+    """POST /lora, the original API's body. `path` names a file in the LoRA directory (a bare file name,
+    or a path that resolves there); anything outside the directory is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["load", "unload"] = "load"
+    name: Optional[str] = Field(None, min_length=1, max_length=200, description="The adapter's name; default: the file's name.")
+    path: Optional[str] = Field(None, min_length=1, max_length=1000, description="A .safetensors file in the LoRA directory (load only).")
+    scale: float = Field(
+        1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False, description="The scale for requests that name it without one."
+    )
+
+
+class LoraInfo(BaseModel):
+    name: str
+    file: str
+    rank: int = Field(..., description="The largest rank among its layers.")
+    layers: int = Field(..., description="How many Linears it adapts.")
+    targets: list[str] = Field(..., description="The adapted Linears, with block indices folded (transformer_blocks.*.attn.to_q).")
+    memory_mb: float = Field(..., description="Its factors in device memory.")
+    default_scale: float
+    load_s: float
+    ignored_keys: int = Field(..., description="Keys left aside, e.g. text-encoder LoRA weights (only the transformer is adapted).")
+
+
+class LoraSwaps(BaseModel):
+    count: int = Field(..., description="Requests that copied adapters into the LoRA slots.")
+    last_ms: Optional[float] = None
+    median_ms: Optional[float] = Field(None, description="Over the recent swaps.")
+
+
+class LoraLibraryState(BaseModel):
+    directory: str
+    available: list[str] = Field(..., description="Adapter files in the LoRA directory, by name.")
+    slots: int = Field(..., description="Adapters one request may combine.")
+    max_rank: int
+    max_mb: float
+    max_loaded: int
+    loaded: list[LoraInfo]
+    loaded_memory_mb: float
+    swaps: LoraSwaps
+
+
+class LoraLoaded(BaseModel):
+    loaded: LoraInfo
+    replaced: bool = Field(..., description="True when an adapter of this name was loaded before (now replaced).")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class LoraUnloaded(BaseModel):
+    name: str
+    unloaded: bool = True

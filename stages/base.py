@@ -20,12 +20,15 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 import torch
 
 from .config import KNOBS, OptimizationConfig
 from .environment import Environment
+
+if TYPE_CHECKING:
+    from .lora_slots import ScaledLora
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class RequestContext:
     transformer: torch.nn.Module  # the variant's transformer that will run
     true_cfg: bool  # two transformer calls per step (conditional and unconditional)
     output_tokens: int  # the output's latent tokens per image (an edit adds as many reference tokens)
+    loras: tuple["ScaledLora", ...] = ()  # this request's adapters and scales (the engine's library picked them)
     contexts: list[ContextManager] = field(default_factory=list)  # entered around the pipeline call
     extras: dict[str, Any] = field(default_factory=dict)  # per-stage statistics, reported in the result
 

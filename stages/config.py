@@ -5,7 +5,9 @@ says which stage owns it, when its value takes effect, which cumulative preset s
 which flat flag of the original HTTP API maps onto it. Everything else is derived from these
 declarations: the command-line flags (cli/options.py), the HTTP `optimizations` object and the
 legacy `use_*` flags (service/schemas.py), the presets (`cumulative_config`), the variant key (the
-`variant` knobs) and the per-request policy (`load` and `variant` knobs need a build).
+`variant` knobs) and the per-request policy (`load` and `variant` knobs need a build). A knob the
+engine sets itself from other request fields (`user_facing=False`: the LoRA slots, set only for a
+request that names adapters) is part of the variant key but has no flag and no HTTP field.
 
 Importing this module is cheap (pydantic only), so the command line can build its --help from it.
 """
@@ -49,6 +51,7 @@ class Knob:
         return steps + ((self.upgrade,) if self.upgrade else ())
 
     legacy: tuple[LegacyFlag, ...] = ()
+    user_facing: bool = True  # False: set by the engine, never by a flag or a request's `optimizations`
 
 
 class OptimizationConfig(BaseModel):
@@ -131,6 +134,14 @@ class OptimizationConfig(BaseModel):
     t5_fp8: Annotated[bool, Knob("text_encoder_fp8", "load")] = Field(
         False, description="FP8 weight-only T5 text encoder (about half its memory); chosen when the model loads."
     )
+    # Set by the engine (engine/loras.py) for a request that names adapters, from the server's LoRA
+    # settings; requests without adapters keep 0 and run the variant without LoRA layers.
+    lora_slots: Annotated[int, Knob("lora", "variant", user_facing=False)] = Field(
+        0, ge=0, le=16, description="LoRA slots in the transformer's Linears (0: no LoRA layers)."
+    )
+    lora_rank: Annotated[int, Knob("lora", "variant", user_facing=False)] = Field(
+        0, ge=0, le=1024, description="Rank of each LoRA slot: the largest adapter rank the slots hold."
+    )
 
     def with_changes(self, **changes) -> "OptimizationConfig":
         """A copy with `changes` applied, validated like a new config (unknown names and bad values raise)."""
@@ -151,6 +162,7 @@ def _knob_of(name: str) -> Knob:
 
 
 KNOBS: dict[str, Knob] = {name: _knob_of(name) for name in OptimizationConfig.model_fields}
+USER_FIELDS: tuple[str, ...] = tuple(name for name, knob in KNOBS.items() if knob.user_facing)  # flags and HTTP fields
 VARIANT_FIELDS: tuple[str, ...] = tuple(name for name, knob in KNOBS.items() if knob.scope == "variant")
 LOAD_FIELDS: tuple[str, ...] = tuple(name for name, knob in KNOBS.items() if knob.scope == "load")
 LEGACY_FLAGS: dict[str, tuple[str, LegacyFlag]] = {flag.name: (name, flag) for name, knob in KNOBS.items() for flag in knob.legacy}

@@ -2,7 +2,8 @@
 
 Order matters: it is the order in which stages are applied when a variant is built (QKV fusion
 before quantization, because quantized weights cannot be concatenated; the attention kernel and the
-cache wrapper before compilation; compilation before CUDA graph capture).
+cache wrapper before compilation; compilation before CUDA graph capture; the LoRA slots before all
+three, so that the kernel, the cache and compile see the slot layers).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .environment import Environment
 from .fast_gelu import FastGelu
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
+from .lora import LoraSlots
 from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
 from .rules import RULES
@@ -33,6 +35,7 @@ STAGES: tuple[Stage, ...] = (
     SplitProjection(),  # before quantization: each half gets its own FP8 weights and row scales
     ChannelsLast(),
     LowPrecision(),
+    LoraSlots(),
     FlashAttention(),
     FirstBlockCache(),
     TrimReferenceTokens(),

@@ -56,6 +56,13 @@ RULES: tuple[Rule, ...] = (
         "not applied: diffusers' first-block cache subtracts block outputs across blocks, and under cudagraph "
         "trees those outputs are overwritten by the next replay; use cache_backend=para_attn to keep CUDA graphs",
     ),
+    # LoRA adapters are checked against, and hosted on, the model's own Linears; the split replaces
+    # the single blocks' proj_out with two halves that no adapter file names.
+    Rule(
+        "split_proj_out",
+        lambda config, env: config.split_proj_out and config.lora_slots > 0,
+        "not applied with LoRA adapters: they target the single blocks' unsplit proj_out",
+    ),
     Rule(
         "compile",
         lambda config, env: config.compile and diffusers_cache_in_blocks(config),

@@ -15,7 +15,17 @@ from cli.options import add_optimization_options, optimization_config_from_args
 from service.schemas import InferenceRequest, Optimizations
 from stages import registry
 from stages.base import Phase, Stage
-from stages.config import KNOBS, LEGACY_FLAGS, LOAD_FIELDS, MAX_PRESET, VARIANT_FIELDS, OptimizationConfig, cumulative_config, parse_presets
+from stages.config import (
+    KNOBS,
+    LEGACY_FLAGS,
+    LOAD_FIELDS,
+    MAX_PRESET,
+    USER_FIELDS,
+    VARIANT_FIELDS,
+    OptimizationConfig,
+    cumulative_config,
+    parse_presets,
+)
 from stages.environment import Environment, GpuInfo
 
 
@@ -137,10 +147,12 @@ def test_cli_http_and_legacy_views_are_generated_from_the_config():
     parser = argparse.ArgumentParser()
     add_optimization_options(parser)
     flags = {action.dest for action in parser._actions}
-    assert set(OptimizationConfig.model_fields) <= flags
-    assert set(Optimizations.model_fields) == set(OptimizationConfig.model_fields)
+    assert set(USER_FIELDS) <= flags and not (set(OptimizationConfig.model_fields) - set(USER_FIELDS)) & flags
+    assert set(Optimizations.model_fields) == set(USER_FIELDS)
+    assert {"lora_slots", "lora_rank"} == set(OptimizationConfig.model_fields) - set(USER_FIELDS)  # set by the engine only
     assert set(LEGACY_FLAGS) <= set(InferenceRequest.model_fields)
-    for name, field in OptimizationConfig.model_fields.items():
+    for name in USER_FIELDS:
+        field = OptimizationConfig.model_fields[name]
         if typing.get_origin(field.annotation) is typing.Literal:
             action = next(action for action in parser._actions if action.dest == name)
             assert tuple(action.choices) == typing.get_args(field.annotation)

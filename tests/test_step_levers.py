@@ -65,3 +65,10 @@ def test_dropping_the_reference_tokens_before_the_final_projection_is_exact(tiny
     text_only = EditRequest(prompt="a red sky", seed=9, steps=2, width=96, height=64)
     a, b = tiny_engine.edit(text_only, OptimizationConfig(trim_reference_tokens=True)), tiny_engine.edit(text_only, OptimizationConfig())
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_lora_adapters_switch_the_split_projection_off_with_the_reason(cpu_env):
+    from stages import registry
+
+    resolved = registry.resolve(OptimizationConfig(split_proj_out=True, lora_slots=2, lora_rank=8), cpu_env)
+    assert not resolved.effective.split_proj_out and "proj_out" in resolved.skipped["split_proj_out"]

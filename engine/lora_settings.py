@@ -1,0 +1,27 @@
+"""The server's LoRA capacity (no torch import: the command line builds its --help from it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+LORA_DIR_ENV = "FLUX_KONTEXT_LORA_DIR"
+DEFAULT_LORA_DIR = Path.home() / ".cache" / "flux-kontext-optimized" / "loras"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Slots and rank decide the LoRA variant's extra memory and the width of its extra GEMMs for
+    every request that names an adapter, whatever that adapter's own rank."""
+
+    directory: str | None = None  # None: $FLUX_KONTEXT_LORA_DIR, else ~/.cache/flux-kontext-optimized/loras
+    slots: int = 2  # adapters one request may combine
+    max_rank: int = 64  # the largest adapter rank accepted, and each slot's rank
+    max_bytes: int = 2 * 2**30  # adapter file size limit
+    max_loaded: int = 8  # adapters kept loaded at once (each lives in device memory)
+    preload: tuple[str, ...] = ()  # loaded when the engine starts
+
+    @property
+    def resolved_directory(self) -> Path:
+        return Path(self.directory or os.environ.get(LORA_DIR_ENV) or DEFAULT_LORA_DIR).expanduser().resolve()

@@ -1,0 +1,187 @@
+"""The engine's LoRA library: adapters loaded by name from one directory, and the adapters a request picks.
+
+    library = LoraLibrary(LoraSettings(directory="~/loras"), transformer, device, dtype)
+    library.load("style")                                   # validated, converted, on the device; no model touched
+    picked = library.pick([LoraChoice("style", 0.8)])       # ((weights, 0.8),) for the LoRA stage's slots
+    library.unload("style")
+
+Loading never changes a model: it reads, checks and converts a file (engine/lora_files.py) into
+factors kept on the engine's device, and only then replaces the library entry, so a refused file
+leaves everything as it was. The model sees adapters only through one request's slots
+(stages/lora.py). A request holds the adapter objects it picked, so an unload after it was prepared
+cannot pull weights from under it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from stages.lora_slots import LoraFactors, LoraWeights, ScaledLora
+
+from .lora_files import LoraError, adapter_path, available_files, check_against, check_name, linear_shapes, read_safetensors, to_factors
+from .lora_settings import LoraSettings
+from .requests import LoraChoice
+
+BLOCK_INDEX = re.compile(r"^(\w*transformer_blocks)\.\d+\.")
+SWAPS_KEPT = 256  # recent swap times, for /health's median
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    weights: LoraWeights
+    file: str
+    default_scale: float  # used when a request names the adapter without a scale
+    nbytes: int
+    load_s: float
+    ignored_keys: tuple[str, ...]  # e.g. text-encoder LoRA keys: this service adapts the transformer only
+
+    @property
+    def name(self) -> str:
+        return self.weights.name
+
+    def summary(self) -> dict:
+        modules = self.weights.modules
+        return {
+            "name": self.name,
+            "file": self.file,
+            "rank": self.weights.rank,
+            "layers": len(modules),
+            "targets": _target_patterns(modules),
+            "memory_mb": round(self.nbytes / 2**20, 2),
+            "default_scale": self.default_scale,
+            "load_s": round(self.load_s, 3),
+            "ignored_keys": len(self.ignored_keys),
+        }
+
+
+def _target_patterns(modules: dict[str, LoraFactors]) -> list[str]:
+    """Module names with the block index folded: 'transformer_blocks.*.attn.to_q'."""
+    return sorted({BLOCK_INDEX.sub(r"\1.*.", name) for name in modules})
+
+
+class LoraLibrary:
+    def __init__(self, settings: LoraSettings, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        if settings.slots < 1 or settings.max_rank < 1 or settings.max_loaded < 1:
+            raise ValueError("LoRA settings need at least one slot, rank 1 and one loaded adapter")
+        self.settings = settings
+        self.directory = settings.resolved_directory
+        self.device, self.dtype = device, dtype
+        self._shapes = linear_shapes(transformer)  # of the base (unfused) model, taken once
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._swaps: deque[float] = deque(maxlen=SWAPS_KEPT)
+        self._swap_count = 0
+        self._lock = threading.Lock()  # /health and GET /v1/loras read while the GPU worker loads
+
+    # -- loading ------------------------------------------------------------------------------------
+    def load(self, name: str, file: str | None = None, default_scale: float = 1.0) -> LoadedAdapter:
+        """Load (or reload) adapter `name` from `file` in the LoRA directory (default: `name`.safetensors)."""
+        started = time.perf_counter()
+        check_name(name)
+        if not math.isfinite(default_scale):
+            raise LoraError(f"scale {default_scale} is not a finite number", field="scale")
+        with self._lock:
+            full = name not in self._adapters and len(self._adapters) >= self.settings.max_loaded
+        if full:
+            raise LoraError(
+                f"{self.settings.max_loaded} adapters are already loaded (serve --lora-max-loaded); unload one first", status=409
+            )
+        path = adapter_path(self.directory, file or name)
+        tensors, metadata = read_safetensors(path, self.settings.max_bytes)
+        modules, ignored = to_factors(tensors, metadata)
+        check_against(modules, self._shapes, self.settings.max_rank)
+        stored = {
+            module: LoraFactors(f.down.to(self.device, self.dtype), f.up.to(self.device, self.dtype)) for module, f in modules.items()
+        }
+        nbytes = sum(f.down.nbytes + f.up.nbytes for f in stored.values())
+        adapter = LoadedAdapter(
+            LoraWeights(name, stored), os.path.basename(path), float(default_scale), nbytes, time.perf_counter() - started, tuple(ignored)
+        )
+        with self._lock:
+            self._adapters[name] = adapter  # replaces an older version of the same name in one step
+        return adapter
+
+    def unload(self, name: str) -> LoadedAdapter:
+        with self._lock:
+            adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            raise LoraError(f"adapter {name!r} is not loaded", status=404)
+        return adapter
+
+    def preload(self) -> list[LoadedAdapter]:
+        return [self.load(name) for name in self.settings.preload]
+
+    # -- requests -------------------------------------------------------------------------------------
+    def pick(self, choices: Sequence[LoraChoice]) -> tuple[ScaledLora, ...]:
+        """A request's adapters with their scales, checked; scale-0 entries are dropped (they change nothing)."""
+        if len(choices) > self.settings.slots:
+            raise LoraError(
+                f"{len(choices)} adapters named; this server combines at most {self.settings.slots} per request (serve --lora-slots)",
+                field="loras",
+            )
+        picked, seen = [], set()
+        for index, choice in enumerate(choices):
+            field = f"loras[{index}]"
+            if choice.name in seen:
+                raise LoraError(f"adapter {choice.name!r} is named twice", field=f"{field}.name")
+            seen.add(choice.name)
+            with self._lock:
+                adapter = self._adapters.get(choice.name)
+            if adapter is None:
+                raise LoraError(self._not_loaded(choice.name), field=f"{field}.name")
+            scale = adapter.default_scale if choice.scale is None else float(choice.scale)
+            if not math.isfinite(scale):
+                raise LoraError(f"scale {scale} is not a finite number", field=f"{field}.scale")
+            if scale != 0.0:
+                picked.append((adapter.weights, scale))
+        return tuple(picked)
+
+    def _not_loaded(self, name: str) -> str:
+        if name in self.available():
+            return f'adapter {name!r} is not loaded; load it first (POST /v1/loras {{"name": "{name}"}}, or serve --preload-lora {name})'
+        return f"no adapter {name!r}: it is neither loaded nor a file in the LoRA directory {self.directory}"
+
+    def record_swap(self, seconds: float) -> None:
+        with self._lock:
+            self._swaps.append(seconds)
+            self._swap_count += 1
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def available(self) -> list[str]:
+        return available_files(self.directory)
+
+    def loaded(self) -> list[LoadedAdapter]:
+        with self._lock:
+            return list(self._adapters.values())
+
+    def report(self, with_files: bool = True) -> dict:
+        """Settings, loaded adapters and swap times; `with_files` adds the directory and the files in it
+        (GET /v1/loras, behind the API key; /health, which answers anyone, leaves them out)."""
+        loaded = self.loaded()
+        with self._lock:
+            swaps, count = list(self._swaps), self._swap_count
+        settings = self.settings
+        files = {"directory": str(self.directory), "available": self.available()} if with_files else {}
+        return {
+            **files,
+            "slots": settings.slots,
+            "max_rank": settings.max_rank,
+            "max_mb": round(settings.max_bytes / 2**20, 1),
+            "max_loaded": settings.max_loaded,
+            "loaded": [adapter.summary() for adapter in loaded],
+            "loaded_memory_mb": round(sum(adapter.nbytes for adapter in loaded) / 2**20, 2),
+            "swaps": {
+                "count": count,
+                "last_ms": round(swaps[-1] * 1e3, 3) if swaps else None,
+                "median_ms": round(statistics.median(swaps) * 1e3, 3) if swaps else None,
+            },
+        }

@@ -1,0 +1,64 @@
+"""LoRA on the command line (edit --lora NAME[:SCALE], serve --preload-lora) and the LoRA benchmark's
+CPU run, which the GPU run must not be the first to exercise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli.options import build_parser, lora_settings_from_args
+from engine.requests import LoraChoice
+from tests.conftest import LORA_TEST_RANK
+from tests.test_cli import run_cli
+
+
+def test_lora_choices_parse_as_written():
+    assert LoraChoice.parse("style") == LoraChoice("style", None)
+    assert LoraChoice.parse("style:0.8") == LoraChoice("style", 0.8)
+    assert LoraChoice.parse("my.style-v2:-0.5") == LoraChoice("my.style-v2", -0.5)
+    with pytest.raises(ValueError, match="NAME:SCALE"):
+        LoraChoice.parse("style:strong")
+
+
+def test_serve_options_become_the_engines_lora_settings(tmp_path):
+    args = build_parser().parse_args(
+        ["serve", "--lora-dir", str(tmp_path), "--lora-slots", "3", "--lora-max-rank", "32", "--lora-max-mb", "100"]
+        + ["--preload-lora", "a", "--preload-lora", "b", "--preload-lora", "a"]
+    )
+    settings = lora_settings_from_args(args, tuple(args.preload_lora))
+    assert (settings.directory, settings.slots, settings.max_rank, settings.max_bytes) == (str(tmp_path), 3, 32, 100 * 2**20)
+    assert settings.preload == ("a", "b")
+    assert build_parser().parse_args(["edit", "--prompt", "x", "--lora", "a:0.5", "--lora", "b"]).lora == ["a:0.5", "b"]
+
+
+def test_edit_applies_the_named_adapters(lora_dir, tmp_path):
+    common = ["edit", "--prompt", "x", "--seed", "2", "--steps", "2", "--width", "32", "--height", "32", "--lora-dir", str(lora_dir)]
+    result = run_cli(
+        *common, "--lora", "style:0.5", "--lora", "kohya", "--lora-max-rank", str(LORA_TEST_RANK), "--out", str(tmp_path / "a.png")
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["lora"]["adapters"] == [{"name": "style", "scale": 0.5, "rank": 4}, {"name": "kohya", "scale": 1.0, "rank": 2}]
+    assert "lora" in summary["active_stages"]
+    refused = run_cli(*common, "--lora", "../style")
+    assert refused.returncode == 2 and "not an adapter name" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_lora_benchmark_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from benchmarks import lora_bench
+
+    inductor_cache = cache_dir()  # this session's, where test_lora_compile left the same graphs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)  # restored afterwards
+    argv = ["--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--repeats", "1", "--rank", "4"]
+    argv += ["--max-rank", str(LORA_TEST_RANK), "--compile-cache", inductor_cache, "--out", str(tmp_path)]
+    assert lora_bench.main(argv) == 0
+    report = json.loads((tmp_path / "lora.json").read_text())
+    assert report["new_graphs_after_warmup"] == 0 and report["scale_0_is_the_base_bit_for_bit"] is True
+    assert set(report["rows"]) == {"none", "one adapter", "two adapters"}
+    assert report["rows"]["two adapters"]["median_swap_ms"] > 0 and report["rows"]["none"]["median_swap_ms"] is None
+    assert [row["layers"] for row in report["adapters"]] == [39, 39] and "compile" in report["config"]
+    assert "| two adapters |" in (tmp_path / "lora.md").read_text()
