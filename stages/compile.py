@@ -9,7 +9,7 @@ the blocks (the first-block cache decision, timing hooks) stays eager.
 from __future__ import annotations
 
 from .base import Availability, FlagStage, Phase
-from .rules import diffusers_cache_in_blocks
+from .rules import graph_breaks_in_blocks
 
 # Kontext snaps inputs to 17 preferred resolutions, each a distinct shape for the compiled graphs;
 # the default limit (8) would silently fall back to eager after a few resolutions.
@@ -67,7 +67,7 @@ class Compile(FlagStage):
 
     def apply_execution(self, transformer, config, build):
         configure_dynamo()
-        fullgraph = not diffusers_cache_in_blocks(config)  # stages/rules.py says why
+        fullgraph = not graph_breaks_in_blocks(config)  # stages/rules.py says why
         # CUDA graphs come from Inductor's cudagraph trees: one graph per block call and shape.
         options = transformer_compile_options(config.cuda_graphs, build.env)
         transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)

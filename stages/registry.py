@@ -1,8 +1,11 @@
 """The ordered stage registry, and `resolve`: what a requested config will run on this machine.
 
-Order matters: it is the order in which stages are applied when a variant is built (QKV fusion
-before quantization, because quantized weights cannot be concatenated; the attention kernel and the
-cache wrapper before compilation; compilation before CUDA graph capture).
+Order matters: it is the order in which stages are applied when the model loads or a variant is
+built (weights are made FP8 before they are moved to host memory; QKV fusion before quantization,
+because quantized weights cannot be concatenated; group offload before the cache wrapper, which
+hides the blocks from it, and before compilation, which cannot wrap diffusers' hooks the other way
+round; the attention kernel and the cache wrapper before compilation; compilation before CUDA graph
+capture).
 """
 
 from __future__ import annotations
@@ -24,12 +27,20 @@ from .qkv_fusion import QkvFusion
 from .rules import RULES
 from .scheduler import Scheduler
 from .text_encoder_fp8 import TextEncoderFp8
+from .text_encoder_offload import TextEncoderOffload
+from .transformer_fp8 import TransformerFp8
+from .transformer_offload import TransformerOffload
+from .vae_tiling import VaeTiling
 
 STAGES: tuple[Stage, ...] = (
     TextEncoderFp8(),
+    TextEncoderOffload(),
+    TransformerFp8(),
+    VaeTiling(),
     QkvFusion(),
     ChannelsLast(),
     LowPrecision(),
+    TransformerOffload(),
     FlashAttention(),
     FirstBlockCache(),
     FastGelu(),
