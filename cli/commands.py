@@ -63,7 +63,7 @@ def cmd_doctor(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
-    from engine.checkpoints import save_prequantized
+    from engine.checkpoints import WRITING_KNOBS, save_prequantized
     from engine.loading import quantized_components
 
     if args.model and Path(args.model).is_dir() and quantized_components(Path(args.model)):
@@ -71,8 +71,7 @@ def cmd_quantize(args) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} exists and is not empty: give a new directory to --out")
     started = time.perf_counter()
-    # The transformer and T5 stay in host memory while they are quantized and written: no GPU budget needed.
-    engine = load_engine(args, plan_changes={"transformer_fp8": "auto", "transformer_offload": True, "text_encoders": "cpu"})
+    engine = load_engine(args, plan_changes=WRITING_KNOBS)
     loaded_knobs = engine.memory_report()["loaded_knobs"]
     knobs = {name: loaded_knobs[name] for name in ("transformer_fp8", "t5_fp8")}
     manifest = save_prequantized(engine.loaded.pipe, args.out, source=engine.loaded.spec.name, knobs=knobs)

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "prequantized.json"
 RECORDED_PACKAGES = ("torch", "torchao", "diffusers", "transformers", "safetensors")
+# While a checkpoint is made, the transformer and text encoders stay in host memory (quantized where
+# they were built or read): writing one needs no GPU memory budget.
+WRITING_KNOBS = {"transformer_fp8": "auto", "transformer_offload": True, "text_encoders": "cpu"}
 
 
 def save_prequantized(pipe, out_dir: Path, source: str, knobs: dict) -> dict:
