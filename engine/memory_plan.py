@@ -38,7 +38,8 @@ TRANSFORMER_BLOCK_FP8_GIB = 0.42  # the largest block (a double block) in FP8
 TRANSFORMER_OUTSIDE_BLOCKS_GIB = 0.12  # embedders and final layers: resident under group offload
 T5_BF16_GIB = 8.9
 T5_FP8_GIB = 4.6
-T5_BLOCK_FP8_GIB = 0.2  # what streaming holds: one T5 block, with the next in flight
+T5_EMBEDDING_GIB = 0.25  # the token embedding stays bf16 in the FP8 T5
+T5_LINEAR_FP8_GIB = 0.04  # the largest T5 Linear in FP8: streaming holds one, with the next in flight
 CLIP_GIB = 0.23
 VAE_GIB = 0.16
 # Activations of a 1024x1024 edit (8704 tokens through each block; the VAE at full resolution):
@@ -61,7 +62,7 @@ class Tier:
         return round(self.resident_gib + self.transient_gib + WORKING_GIB, 1)
 
 
-_STREAMED_TEXT = T5_BLOCK_FP8_GIB * 2 + CLIP_GIB
+_STREAMED_TEXT = T5_EMBEDDING_GIB + 2 * T5_LINEAR_FP8_GIB + CLIP_GIB  # CLIP counted whole: an upper bound
 TIERS: tuple[Tier, ...] = (
     Tier(
         "large",

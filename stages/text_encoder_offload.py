@@ -2,11 +2,13 @@
 
 They run once per request, but T5-XXL holds 9.5 GB in bf16 (4.9 GB in FP8) that the transformer
 could use for the whole edit. `offloaded` keeps them in pinned host memory and lets diffusers' group
-offload stream them to the GPU to encode: T5 block by block (its blocks sit inside `encoder`, hence
-`block_modules`), CLIP whole (a quarter of a GB). Streamed weights are dropped after use with no
-copy back. `cpu` encodes on the CPU instead (accelerate's hook moves the token ids there and the
-embeddings back): no transfer at all, at the CPU's speed for 512 T5 tokens; the memory tiers
-benchmark measures which is faster end to end.
+offload stream them to the GPU to encode, layer by layer, the next layer copied while the current one
+computes; streamed weights are dropped after use, with no copy back. Leaf level, because T5's blocks
+sit inside `encoder`, and block-level offload with `block_modules=["encoder"]` registers diffusers'
+prefetch tracker twice on the same blocks when streams are on (diffusers 0.42.1: "Hook with name
+layer_execution_tracker already exists"). `cpu` encodes on the CPU instead (accelerate's hook moves
+the token ids there and the embeddings back): no transfer at all, at the CPU's speed for 512 T5
+tokens; the memory tiers benchmark measures which is faster end to end.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import torch
 from .base import ChoiceStage, Phase
 
 ENCODERS = ("text_encoder", "text_encoder_2")
-BLOCK_MODULES = {"text_encoder_2": ["encoder"]}  # T5EncoderModel's blocks are a ModuleList inside `encoder`
 DETAILS = {
-    "offloaded": "host memory, streamed to the GPU to encode (diffusers group offload)",
+    "offloaded": "host memory, streamed to the GPU layer by layer to encode (diffusers group offload)",
     "cpu": "encoded on the CPU (accelerate hook moves ids and embeddings)",
 }
 
@@ -40,7 +41,7 @@ class TextEncoderOffload(ChoiceStage):
             encoder = getattr(pipe, name)
             encoder.to("cpu")
             if config.text_encoders == "offloaded":
-                _stream_to(encoder, build.device, BLOCK_MODULES.get(name))
+                _stream_to(encoder, build.device)
             else:
                 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
@@ -48,7 +49,7 @@ class TextEncoderOffload(ChoiceStage):
         build.note(f"text encoders: {DETAILS[config.text_encoders]}")
 
 
-def _stream_to(encoder: torch.nn.Module, device: torch.device, block_modules: list[str] | None) -> None:
+def _stream_to(encoder: torch.nn.Module, device: torch.device) -> None:
     from diffusers.hooks import apply_group_offloading
 
     streams = device.type == "cuda"
@@ -56,9 +57,7 @@ def _stream_to(encoder: torch.nn.Module, device: torch.device, block_modules: li
         encoder,
         onload_device=device,
         offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
+        offload_type="leaf_level",
         use_stream=streams,
         record_stream=streams,
-        block_modules=block_modules,
     )

@@ -147,3 +147,32 @@ def test_out_of_memory_in_an_offloaded_edit_fails_that_request_and_the_next_is_s
 
     again = np.asarray(Image.open(BytesIO(served.content))).astype(int)
     assert np.abs(again - expected).max() <= LEVELS
+
+
+def test_stream_prefetch_hooks_register_on_every_offloaded_component(monkeypatch):
+    """With CUDA streams diffusers adds prefetch hooks that trace the execution order, and they can
+    clash: block-level T5 offload with block_modules=["encoder"] registered its tracker twice. Hook
+    registration needs no GPU, so this runs the stages' own offload calls for a CUDA device with
+    CUDA's stream class stubbed and host-memory pinning skipped."""
+    import diffusers.hooks.group_offloading as group_offloading
+    from torchao.quantization import quantize_
+
+    from engine.model_builders import build_tiny_pipeline
+    from stages.base import BuildContext
+    from stages.environment import current_environment
+    from stages.text_encoder_fp8 import text_encoder_fp8_config
+    from stages.text_encoder_offload import TextEncoderOffload
+    from stages.transformer_offload import TransformerOffload
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: object())
+    unpinned = staticmethod(
+        lambda tensor, low_cpu_mem_usage: tensor.cpu() if group_offloading._is_torchao_tensor(tensor) else tensor.data.cpu()
+    )
+    monkeypatch.setattr(group_offloading.ModuleGroup, "_to_cpu", unpinned)
+    pipe = build_tiny_pipeline()
+    quantize_(pipe.text_encoder_2, text_encoder_fp8_config(), filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
+    build = BuildContext(current_environment("cpu"), torch.device("cuda"), torch.float32)
+    TextEncoderOffload().apply_load(pipe, OptimizationConfig(text_encoders="offloaded"), build)
+    TransformerOffload().apply_execution(pipe.transformer, OptimizationConfig(transformer_offload=True), build)
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        assert module._diffusers_hook.get_hook("lazy_prefetch_group_offloading") is not None, type(module).__name__

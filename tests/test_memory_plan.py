@@ -129,6 +129,8 @@ def test_component_sizes_match_the_real_architecture():
         "TRANSFORMER_OUTSIDE_BLOCKS_GIB": outside,
         "T5_BF16_GIB": bf16(t5),
         "T5_FP8_GIB": fp8(t5, lambda module, name: isinstance(module, torch.nn.Linear)),
+        "T5_EMBEDDING_GIB": bf16(t5.shared),
+        "T5_LINEAR_FP8_GIB": max(fp8(m, lambda module, name: name == "") for m in t5.modules() if isinstance(m, torch.nn.Linear)),
         "CLIP_GIB": bf16(pipe.text_encoder),
         "VAE_GIB": bf16(pipe.vae),
     }
