@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.memory_plan import MemoryPlan
+from engine.memory_plan import TIERS, MemoryPlan
 from stages.config import OptimizationConfig
 from stages.environment import Environment
 from stages.registry import resolve, stage_status
@@ -54,6 +54,8 @@ def _memory_lines(plan: MemoryPlan) -> list[str]:
     lines.append(f"  costs        {tier.cost}")
     if plan.budget_gib is not None:
         estimate = f"{tier.estimated_peak_gib} GiB for FLUX.1-Kontext-dev at 1024x1024"
-        lines.append(f"  needs about  {estimate} (an estimate; this tier from {tier.min_free_gib:g} GiB)")
+        lower = TIERS[TIERS.index(tier) - 1].min_free_gib if tier.min_free_gib == 0 else None
+        span = f"below {lower:g} GiB" if lower else f"from {tier.min_free_gib:g} GiB"
+        lines.append(f"  needs about  {estimate} (an estimate; this tier {span})")
     lines.extend(f"  note         {note}" for note in plan.notes)
     return lines

@@ -17,6 +17,9 @@ class VaeTiling(FlagStage):
     summary = "The VAE encodes and decodes large images tile by tile (diffusers' tiling); set by the memory plan."
     phases = frozenset({Phase.LOAD})
 
+    def active_detail(self, config, env):
+        return "tiles only above the VAE's tile size (1024 px for FLUX)"
+
     def apply_load(self, pipe, config, build):
         pipe.vae.enable_tiling()
         build.note(f"vae: tiled above {pipe.vae.tile_sample_min_size} px")
