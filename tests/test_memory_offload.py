@@ -176,3 +176,12 @@ def test_stream_prefetch_hooks_register_on_every_offloaded_component(monkeypatch
     TransformerOffload().apply_execution(pipe.transformer, OptimizationConfig(transformer_offload=True), build)
     for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         assert module._diffusers_hook.get_hook("lazy_prefetch_group_offloading") is not None, type(module).__name__
+
+
+def test_the_first_block_cache_composes_with_group_offload():
+    request = EditRequest(prompt="x", width=128, height=128, steps=4, seed=2)
+    knobs = dict(first_block_cache=True, cache_backend="para_attn", cache_threshold=0.5)
+    resident, offloaded = _engine(**knobs).edit(request), _engine(**knobs, transformer_offload=True).edit(request)
+    assert offloaded.extras["first_block_cache"] == resident.extras["first_block_cache"]
+    assert offloaded.extras["first_block_cache"]["skipped"] > 0
+    assert np.abs(np.asarray(offloaded.images[0]).astype(int) - np.asarray(resident.images[0]).astype(int)).max() <= LEVELS
