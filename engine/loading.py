@@ -49,7 +49,7 @@ class LoadedModel:
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
-    notes: list[str] = field(default_factory=list)  # what load-scope stages changed (T5 precision)
+    notes: list[str] = field(default_factory=list)  # what loading and the load stages did (precision, placement)
     prequantized: frozenset[str] = frozenset()  # components the checkpoint held quantized, read as they were
 
 
