@@ -6,7 +6,7 @@
 #   ./setup_flux_optimized.sh test ...   set up with the test tools, then lint (ruff) and run the test suite
 #
 # On a CUDA machine (nvidia-smi lists a GPU) it installs the CUDA build of torch and the GPU extras
-# (torchao, the FlashAttention 3 kernel) and finishes with `doctor`; elsewhere a CPU build of torch.
+# (the FlashAttention 3 kernel) and finishes with `doctor`; elsewhere a CPU build of torch.
 # Environment: PYTHON (interpreter, default python3), FLUX_FORCE_CPU=1 (CPU setup on a GPU machine),
 # TORCH_CUDA_INDEX (wheel index for the CUDA build, default the PyTorch cu130 index), FLUX_PRECOMPILE=1
 # (GPU: compile every reachable shape at the end of setup and leave the bundle serve loads).

@@ -14,19 +14,28 @@ from .options import given_optimization_flags, lora_settings_from_args, optimiza
 log = logging.getLogger("flux_kontext")
 
 
-def load_engine(args: argparse.Namespace, preload_loras: tuple[str, ...] = ()):
+def load_engine(args: argparse.Namespace, plan_changes: dict | None = None, preload_loras: tuple[str, ...] = ()):
+    """The engine for `args`: the memory plan for this GPU (or --memory-budget), the preset, then the flags.
+    `plan_changes` replaces the plan's knobs (quantize keeps the heavy components in host memory)."""
     from engine.compile_cache import configure_compile_cache
     from engine.engine import KontextEngine
     from engine.loading import default_model_name
+    from engine.memory_plan import choose_memory_plan
     from stages.environment import current_environment
 
     configure_compile_cache(args.compile_cache)
     env = current_environment(args.device)
-    config = optimization_config_from_args(args, env.has_cuda)
+    plan = choose_memory_plan(env, args.memory_budget)
+    config = optimization_config_from_args(args, env.has_cuda, plan.changes if plan_changes is None else plan_changes)
     model = args.model or default_model_name(env.device)
+    if plan_changes is None:
+        log.info("%s", plan.describe())
+        for note in plan.notes:
+            log.info("memory plan: %s", note)
     log.info("loading %s on %s", model, env.device)
     lora = lora_settings_from_args(args, preload_loras)
-    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants, lora=lora)
+    memory_plan = plan if plan_changes is None else None
+    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants, lora=lora, memory_plan=memory_plan)
     _log_stages(engine)
     for adapter in engine.loras.loaded():
         log.info(
@@ -48,12 +57,35 @@ def _log_stages(engine) -> None:
 
 
 def cmd_doctor(args) -> int:
+    from engine.memory_plan import choose_memory_plan
     from stages.environment import current_environment
 
     from .doctor import render_doctor
 
     env = current_environment(args.device)
-    print(render_doctor(env, optimization_config_from_args(args, env.has_cuda)))
+    plan = choose_memory_plan(env, args.memory_budget)
+    print(render_doctor(env, optimization_config_from_args(args, env.has_cuda, plan.changes), plan))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    from engine.checkpoints import WRITING_KNOBS, save_prequantized
+    from engine.loading import quantized_components
+
+    if args.model and Path(args.model).is_dir() and quantized_components(Path(args.model)):
+        raise ValueError(f"{args.model} is already a prequantized checkpoint: use it as it is, or quantize the bf16 model it came from")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} exists and is not empty: give a new directory to --out")
+    started = time.perf_counter()
+    engine = load_engine(args, plan_changes=WRITING_KNOBS)
+    loaded_knobs = engine.memory_report()["loaded_knobs"]
+    knobs = {name: loaded_knobs[name] for name in ("transformer_fp8", "t5_fp8")}
+    manifest = save_prequantized(engine.loaded.pipe, args.out, source=engine.loaded.spec.name, knobs=knobs)
+    size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
+    summary = {"out": str(args.out), "seconds": round(time.perf_counter() - started, 1), "gib_on_disk": round(size / 2**30, 2)}
+    print(json.dumps({**summary, **manifest}, indent=2))
     return 0
 
 
@@ -169,4 +201,11 @@ def cmd_serve(args) -> int:
     return status
 
 
-HANDLERS = {"doctor": cmd_doctor, "edit": cmd_edit, "benchmark": cmd_benchmark, "precompile": cmd_precompile, "serve": cmd_serve}
+HANDLERS = {
+    "doctor": cmd_doctor,
+    "edit": cmd_edit,
+    "benchmark": cmd_benchmark,
+    "precompile": cmd_precompile,
+    "quantize": cmd_quantize,
+    "serve": cmd_serve,
+}

@@ -1,13 +1,14 @@
-"""`doctor`: what this machine has and what every stage can do on it, in plain words."""
+"""`doctor`: what this machine has, the memory plan it gets, and what every stage can do on it, in plain words."""
 
 from __future__ import annotations
 
+from engine.memory_plan import TIERS, MemoryPlan
 from stages.config import OptimizationConfig
 from stages.environment import Environment
 from stages.registry import resolve, stage_status
 
 
-def render_doctor(env: Environment, config: OptimizationConfig) -> str:
+def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan) -> str:
     summary = env.summary()
     lines = ["FLUX.1-Kontext optimized: doctor", ""]
     lines.append(f"python        {summary['python']}")
@@ -15,13 +16,16 @@ def render_doctor(env: Environment, config: OptimizationConfig) -> str:
     lines.append(f"device        {summary['device']}")
     if env.gpu:
         gpu = summary["gpu"]
-        lines.append(f"gpu           {gpu['name']}, compute capability {gpu['compute_capability']}, {gpu['total_memory_gb']} GB")
+        free = "" if gpu["free_memory_gb"] is None else f", {gpu['free_memory_gb']} GiB free"
+        lines.append(f"gpu           {gpu['name']}, compute capability {gpu['compute_capability']}, {gpu['total_memory_gb']} GiB{free}")
     else:
         lines.append("gpu           none (the tiny model is the default here)")
     lines.append("")
     lines.append("packages")
     for name, version in summary["packages"].items():
         lines.append(f"  {name:<20} {version or 'not installed'}")
+    lines.append("")
+    lines.extend(_memory_lines(plan))
     lines.append("")
     resolved = resolve(config, env)
     lines.append(f"stages, in benchmark order (default config: {config.describe()})")
@@ -30,7 +34,28 @@ def render_doctor(env: Environment, config: OptimizationConfig) -> str:
         report = resolved.report(row["name"])
         state = "available" if row["available"] else "unavailable"
         use = "ON " if report.active else ("off" if not report.requested else "SKIPPED")
-        why = report.reason if report.requested and not report.active else (row["detail"] if row["available"] else row["reason"])
+        if report.active:
+            why = "; ".join(part for part in (report.detail or row["detail"], report.reason) if part)
+        elif report.requested:
+            why = report.reason
+        else:
+            why = row["detail"] if row["available"] else row["reason"]
         preset = "-" if row["benchmark_stage"] is None else row["benchmark_stage"]
         lines.append(f"  [{preset}] {row['name']:<22} {state:<12} {use:<8} {why}")
     return "\n".join(lines)
+
+
+def _memory_lines(plan: MemoryPlan) -> list[str]:
+    tier = plan.tier
+    budget = plan.source if plan.budget_gib is None else f"{plan.budget_gib:.1f} GiB: {plan.source}"
+    lines = [f"memory plan   {tier.name} tier ({budget})"]
+    lines.append(f"  what         {tier.summary}")
+    lines.append(f"  knobs        {', '.join(f'{k}={v}' for k, v in tier.changes.items()) or 'none (as configured)'}")
+    lines.append(f"  costs        {tier.cost}")
+    if plan.budget_gib is not None:
+        estimate = f"{tier.estimated_peak_gib} GiB for FLUX.1-Kontext-dev at 1024x1024"
+        lower = TIERS[TIERS.index(tier) - 1].min_free_gib if tier.min_free_gib == 0 else None
+        span = f"below {lower:g} GiB" if lower else f"from {tier.min_free_gib:g} GiB"
+        lines.append(f"  needs about  {estimate} (an estimate; this tier {span})")
+    lines.extend(f"  note         {note}" for note in plan.notes)
+    return lines

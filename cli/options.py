@@ -12,12 +12,14 @@ from pathlib import Path
 
 from engine import __version__
 from engine.lora_settings import DEFAULT_LORA_DIR, LORA_DIR_ENV, LoraSettings
+from engine.memory_plan import TIERS
 from engine.model_specs import HUB_DEFAULT, MODEL_ENV_VAR
 from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
 from stages.config import MAX_PRESET, USER_FIELDS, OptimizationConfig, cumulative_config, parse_presets
 
 PRESET_ENV_VAR = "FLUX_KONTEXT_PRESET"
 DEVICE_ENV_VAR = "FLUX_KONTEXT_DEVICE"
+MEMORY_BUDGET_ENV_VAR = "FLUX_KONTEXT_MEMORY_BUDGET"
 COMPILE_CACHE_HELP = (
     "directory for persistent compile artifacts (env FLUX_KONTEXT_COMPILE_CACHE; default ~/.cache/flux-kontext-optimized/inductor)"
 )
@@ -28,7 +30,8 @@ DESCRIPTION = """FLUX.1-Kontext image editing, fast.
     edit        edit one image (or generate one from the prompt alone)
     benchmark   stage-by-stage speed table under benchmarks/results/
     precompile  compile every reachable shape once and write a bundle that serve loads
-    doctor      torch/CUDA/GPU, packages, every stage's availability on this machine
+    quantize    write a prequantized FP8 checkpoint that --model DIR loads without the bf16 weights
+    doctor      torch/CUDA/GPU, packages, the memory plan, every stage's availability on this machine
 
 --model picks the weights: a Hugging Face repo id or directory (default on a GPU:
 black-forest-labs/FLUX.1-Kontext-dev), `tiny` (random weights, the default without a GPU) or
@@ -72,14 +75,14 @@ def given_optimization_flags(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in USER_FIELDS if getattr(args, name, None) is not None}
 
 
-def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool) -> OptimizationConfig:
-    """The preset, then every optimization flag that was given; ValueError on a bad value."""
+def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool, plan_changes: dict | None = None) -> OptimizationConfig:
+    """The preset, then the memory plan's knobs, then every optimization flag that was given; ValueError on a bad value."""
     preset = args.preset
     if preset is None:
         preset = int(os.environ.get(PRESET_ENV_VAR, MAX_PRESET if has_cuda else 0))
     given = given_optimization_flags(args)
     try:
-        return cumulative_config(preset).with_changes(**given)
+        return cumulative_config(preset).with_changes(**{**(plan_changes or {}), **given})
     except ValueError as error:  # pydantic's ValidationError is a ValueError
         raise ValueError(f"invalid optimization flag: {error}") from None
 
@@ -96,6 +99,15 @@ def _common_parser() -> argparse.ArgumentParser:
         "--device",
         default=os.environ.get(DEVICE_ENV_VAR),
         help=f"cuda:N to pin one GPU, or cpu (env {DEVICE_ENV_VAR}; default cuda:0 if present)",
+    )
+    common.add_argument(
+        "--memory-budget",
+        type=float,
+        default=os.environ.get(MEMORY_BUDGET_ENV_VAR),  # argparse converts a string default with `type`
+        metavar="GB",
+        help="GiB of GPU memory the model may use; picks the memory tier ("
+        + ", ".join(f"{tier.name} >= {tier.min_free_gib:g}" if tier.min_free_gib else f"{tier.name} below" for tier in TIERS)
+        + f"). Default: the GPU's free memory at startup (env {MEMORY_BUDGET_ENV_VAR})",
     )
     common.add_argument(
         "--max-variants", type=int, default=3, help="optimization variants kept built at once (least recently used is dropped)"
@@ -214,8 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser(
-        "doctor", parents=[common], formatter_class=HelpFormatter, help="print the environment and every stage's availability"
+        "doctor",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="print the environment, the memory plan and every stage's availability",
     )
+
+    quantize = commands.add_parser(
+        "quantize",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="write a prequantized FP8 checkpoint (the transformer; the T5 too with --t5-fp8)",
+        description="Load --model, make its transformer FP8 (--transformer-fp8, default auto: rowwise where FP8 GEMMs run, "
+        "weight_only elsewhere) and its T5 too with --t5-fp8, and write a pipeline directory in safetensors that "
+        "--model DIR loads without ever holding the bf16 weights. The heavy components stay in host memory while it works.",
+    )
+    quantize.add_argument("--out", type=Path, required=True, help="new directory for the checkpoint")
     return parser
 
 

@@ -29,11 +29,15 @@ from stages.config import LOAD_FIELDS, OptimizationConfig
 from stages.environment import Environment, current_environment
 from stages.registry import ResolvedConfig, resolve, stage_status, stages_in
 from stages.scheduler import DEFAULT_STEPS, build_scheduler
+from stages.tensors import has_quantized_weights
+from stages.transformer_fp8 import format_of
 
-from .loading import LoadedModel, load_model
+from .checkpoints import check_usable
+from .loading import LoadedModel, LoadSettings, load_model
 from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
+from .memory_plan import MemoryPlan
 from .requests import EditRequest, EditResult
 from .sizes import output_size
 from .timing import Clock, EditTimer
@@ -71,10 +75,12 @@ class KontextEngine:
         default_config: OptimizationConfig | None = None,
         max_variants: int = 3,
         lora: LoraSettings | None = None,
+        memory_plan: MemoryPlan | None = None,
     ):
         self.loaded = loaded
         self.env = env
-        self.default_config = default_config or OptimizationConfig()
+        self.memory_plan = memory_plan  # the tier the load knobs came from, when one was chosen (cli/commands.py)
+        self.default_config = _as_loaded(default_config or OptimizationConfig(), loaded, env)
         self.variants = VariantCache(loaded.pipe, loaded.device, loaded.dtype, env, max_variants=max_variants)
         self.clock = Clock(loaded.device)
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
@@ -91,21 +97,28 @@ class KontextEngine:
         default_config: OptimizationConfig | None = None,
         max_variants: int = 3,
         lora: LoraSettings | None = None,
+        memory_plan: MemoryPlan | None = None,
     ) -> "KontextEngine":
         env = current_environment(device)
         if env.has_cuda:
             torch.cuda.set_device(env.gpu.index)
-        return cls(load_model(model, env.device), env, default_config, max_variants, lora)
+        for warning in check_usable(model, env):  # refuses a prequantized format this machine cannot run
+            log.warning("%s", warning)
+        config = default_config or OptimizationConfig()
+        settings = LoadSettings.from_config(_resolve_cached(config, env).effective)
+        return cls(load_model(model, env.device, settings), env, config, max_variants, lora, memory_plan)
 
     def _apply_load_stages(self) -> None:
-        """Load-scope stages (the T5 encoder's precision) act once, on the default config."""
+        """Load-scope stages (precision and placement of the base components) act once, on the default config."""
         resolved = self.resolve(self.default_config)
         build = BuildContext(self.env, self.loaded.device, self.loaded.dtype)
-        for stage in stages_in(Phase.TEXT_ENCODER):
+        for stage in stages_in(Phase.LOAD):
             if stage.is_requested(resolved.effective):
-                stage.apply_text_encoder(self.loaded.pipe.text_encoder_2, resolved.effective, build)
+                stage.apply_load(self.loaded.pipe, resolved.effective, build)
         self.loaded.notes.extend(build.notes)
         self._loaded_knobs = {name: getattr(resolved.effective, name) for name in LOAD_FIELDS}
+        if self.env.has_cuda:
+            torch.cuda.empty_cache()  # what the load stages quantized away or moved to host memory
 
     # -- introspection ----------------------------------------------------------------------------
     @property
@@ -125,6 +138,11 @@ class KontextEngine:
             {**row, "active": resolved.report(row["name"]).active, "active_detail": resolved.report(row["name"]).detail}
             for row in stage_status(self.env)
         ]
+
+    def memory_report(self) -> dict:
+        """The memory tier (when one was chosen) and the memory knobs the model runs with."""
+        plan = self.memory_plan.as_dict() if self.memory_plan else {"tier": None, "source": "no plan: the knobs as configured"}
+        return {**plan, "loaded_knobs": dict(self._loaded_knobs)}
 
     def memory(self) -> dict:
         if not self.env.has_cuda:
@@ -267,6 +285,20 @@ class KontextEngine:
             return image  # diffusers resizes it to the closest preferred (~1 MP) resolution
         # Models without Kontext's training resolutions (tiny) condition at the output size.
         return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+
+
+def _as_loaded(config: OptimizationConfig, loaded: LoadedModel, env: Environment) -> OptimizationConfig:
+    """A prequantized checkpoint's FP8 weights are what runs, whatever the config asked for."""
+    effective = _resolve_cached(config, env).effective
+    changes = {}
+    fmt = format_of(loaded.pipe.transformer)
+    if fmt and effective.transformer_fp8 != fmt:
+        changes["transformer_fp8"] = fmt
+    if has_quantized_weights(loaded.pipe.text_encoder_2) and not effective.t5_fp8:
+        changes["t5_fp8"] = True
+    if changes:
+        loaded.notes.append("the prequantized checkpoint decides: " + ", ".join(f"{name}={value}" for name, value in changes.items()))
+    return config.with_changes(**changes)
 
 
 @functools.lru_cache(maxsize=256)

@@ -161,9 +161,9 @@ def _response(
 ) -> dict:
     timings = result.timings
     skipped = {**result.skipped_stages, **prepared.merged.ignored}
-    quantization = next(
-        (report.detail or result.config.quantization for report in result.stages if report.name == "quantization" and report.active), None
-    )
+    # FP8 weights come from the quantization stage (a variant) or from load (transformer_fp8, the memory plan)
+    fp8_stages = ("quantization", "transformer_fp8")
+    quantization = next((report.detail or report.name for report in result.stages if report.name in fp8_stages and report.active), None)
     payload = InferenceResponse(
         images=[base64.b64encode(blob).decode("ascii") for blob in blobs],
         output_format=output_format,

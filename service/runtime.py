@@ -191,6 +191,7 @@ class Service:
             "device": str(engine.loaded.device) if engine else None,
             "environment": engine.env.summary() if engine else None,
             "memory": engine.memory() if engine else None,
+            "memory_plan": engine.memory_report() if engine else None,
             "default_optimizations": engine.default_config.model_dump() if engine else None,
             "stages": engine.stage_status() if engine else [],
             "variants": engine.variants.report() if engine else [],

@@ -6,7 +6,8 @@ A stage declares what it needs (`requirements`), says whether this machine meets
     WEIGHTS       apply_weights(transformer, config, build)   once per weight variant (fusion, quantization)
     VAE           apply_vae(vae, config, build)               once per VAE variant (fusion, channels_last, compile)
     EXECUTION     apply_execution(transformer, config, build) once per execution variant (kernels, cache, compile, graphs)
-    TEXT_ENCODER  apply_text_encoder(encoder, config, build)  once, when the model loads
+    LOAD          apply_load(pipe, config, build)             once, when the model loads (precision and placement
+                                                              of the base components: FP8 weights, offload, tiling)
     REQUEST       apply_request(run, config)                  on every request (cache state)
 
 `resolve` says what a requested stage will do on this machine: switched off (or replaced by its
@@ -37,7 +38,7 @@ class Phase(enum.Enum):
     WEIGHTS = "apply_weights"
     VAE = "apply_vae"
     EXECUTION = "apply_execution"
-    TEXT_ENCODER = "apply_text_encoder"
+    LOAD = "apply_load"
     REQUEST = "apply_request"
 
 
@@ -162,7 +163,8 @@ class Stage:
     def apply_execution(self, transformer: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
         raise NotImplementedError
 
-    def apply_text_encoder(self, encoder: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
+    def apply_load(self, pipe: Any, config: OptimizationConfig, build: BuildContext) -> None:
+        """`pipe` is the base FluxKontextPipeline; what a stage changes here every variant inherits."""
         raise NotImplementedError
 
     def apply_request(self, run: RequestContext, config: OptimizationConfig) -> None:

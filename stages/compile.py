@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from .base import Availability, FlagStage, Phase
-from .rules import diffusers_cache_in_blocks
+from .rules import graph_breaks_in_blocks
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Compile(FlagStage):
 
     def apply_execution(self, transformer, config, build):
         configure_dynamo()
-        fullgraph = not diffusers_cache_in_blocks(config)  # stages/rules.py says why
+        fullgraph = not graph_breaks_in_blocks(config)  # stages/rules.py says why
         # CUDA graphs come from Inductor's cudagraph trees: one graph per block call and shape.
         options = transformer_compile_options(config, build.env)
         transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)

@@ -23,6 +23,8 @@ AttentionKernel = Literal["sdpa", "cudnn", "fa3", "fa3_fp8"]
 QuantizationFormat = Literal["none", "auto", "fp8", "mxfp8", "mxfp4", "nvfp4"]
 SchedulerName = Literal["euler", "dpmpp_2m_karras", "unipc"]
 CacheBackend = Literal["auto", "para_attn", "diffusers"]
+TransformerFp8 = Literal["off", "auto", "rowwise", "weight_only"]
+TextEncoderPlacement = Literal["resident", "offloaded", "cpu"]
 
 # When a knob's value takes effect: on every request (cheap), when a variant is built (a new value
 # builds and keeps another copy of the modules it changes), or once when the model is loaded.
@@ -141,6 +143,25 @@ class OptimizationConfig(BaseModel):
     )
     lora_rank: Annotated[int, Knob("lora", "variant", user_facing=False)] = Field(
         0, ge=0, le=1024, description="Rank of each LoRA slot: the largest adapter rank the slots hold."
+    )
+    # Memory: chosen when the model loads, normally by the memory plan (engine/memory_plan.py) from the
+    # GPU's free memory or --memory-budget; a flag given explicitly overrides the plan.
+    transformer_fp8: Annotated[TransformerFp8, Knob("transformer_fp8", "load")] = Field(
+        "off",
+        description="FP8 transformer weights from the moment the model loads (quantized Linear by Linear while loading, or read from "
+        "a prequantized checkpoint): the bf16 weights never reach the GPU. auto = rowwise (FP8 GEMMs) on Ada/Hopper, "
+        "weight_only (FP8 storage, bf16 GEMMs) elsewhere.",
+    )
+    transformer_offload: Annotated[bool, Knob("transformer_offload", "load")] = Field(
+        False, description="diffusers group offload: transformer blocks live in host memory and stream to the GPU one at a time."
+    )
+    text_encoders: Annotated[TextEncoderPlacement, Knob("text_encoder_offload", "load")] = Field(
+        "resident",
+        description="T5 and CLIP: resident on the GPU, offloaded (host memory, streamed to the GPU block by block to encode), "
+        "or cpu (they encode on the CPU).",
+    )
+    vae_tiling: Annotated[bool, Knob("vae_tiling", "load")] = Field(
+        False, description="The VAE encodes and decodes images larger than its tile (1024 px for FLUX) tile by tile: a lower peak."
     )
 
     def with_changes(self, **changes) -> "OptimizationConfig":

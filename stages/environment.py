@@ -1,5 +1,5 @@
-"""What this machine offers: torch build, accelerator, compute capability, a C++ compiler and the
-optional packages.
+"""What this machine offers: torch build, accelerator, compute capability, free GPU memory, a C++
+compiler and the optional packages.
 
 Every machine probe lives here: stages ask this object whether their needs are met, and `doctor`
 and /health print it. It is computed once per process (`current_environment()`), because probing
@@ -34,6 +34,7 @@ class GpuInfo:
     name: str
     compute_capability: tuple[int, int]
     total_memory_bytes: int
+    free_memory_bytes: int | None = None  # when the environment was probed (before the model loads); None: unknown
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one per process and device
@@ -65,6 +66,7 @@ class Environment:
                 "name": self.gpu.name,
                 "compute_capability": ".".join(map(str, self.gpu.compute_capability)),
                 "total_memory_gb": round(self.gpu.total_memory_bytes / 2**30, 1),
+                "free_memory_gb": None if self.gpu.free_memory_bytes is None else round(self.gpu.free_memory_bytes / 2**30, 1),
             }
         return {
             "python": self.python,
@@ -101,7 +103,8 @@ def current_environment(device: str | None = None) -> Environment:
         if index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         props = torch.cuda.get_device_properties(index)
-        gpu = GpuInfo(index, props.name, (props.major, props.minor), props.total_memory)
+        free, _ = torch.cuda.mem_get_info(index)  # what other processes and this one's CUDA context leave
+        gpu = GpuInfo(index, props.name, (props.major, props.minor), props.total_memory, free)
         device = f"cuda:{index}"
     packages = {name: _importable_version(name, dist) for name, dist in OPTIONAL_PACKAGES.items()}
     return Environment(

@@ -22,6 +22,7 @@ import logging
 import torch
 
 from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
+from .tensors import has_quantized_weights
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ class LowPrecision(ChoiceStage):
 
     def apply_weights(self, transformer, config, build):
         from torchao.quantization import quantize_
+
+        if has_quantized_weights(transformer):  # FP8 from load; stages/rules.py normally keeps this stage off then
+            build.note("quantization: the weights are already quantized (from load): not quantized again")
+            return
 
         capability = build.env.compute_capability
         before = sum(1 for name, module in transformer.named_modules() if is_quantized_linear(module, name))

@@ -1,9 +1,12 @@
 """The ordered stage registry, and `resolve`: what a requested config will run on this machine.
 
-Order matters: it is the order in which stages are applied when a variant is built (QKV fusion
-before quantization, because quantized weights cannot be concatenated; the attention kernel and the
-cache wrapper before compilation; compilation before CUDA graph capture; the LoRA slots before all
-three, so that the kernel, the cache and compile see the slot layers).
+Order matters: it is the order in which stages are applied when the model loads or a variant is
+built (weights are made FP8 before they are moved to host memory; QKV fusion before quantization,
+because quantized weights cannot be concatenated; group offload before the cache wrapper, which
+hides the blocks from it, and before compilation, which cannot wrap diffusers' hooks the other way
+round; the LoRA slots before the attention kernel, the cache and compile, so that they see the slot
+layers; the attention kernel and the cache wrapper before compilation; compilation before CUDA graph
+capture).
 """
 
 from __future__ import annotations
@@ -27,15 +30,23 @@ from .rules import RULES
 from .scheduler import Scheduler
 from .split_projection import SplitProjection
 from .text_encoder_fp8 import TextEncoderFp8
+from .text_encoder_offload import TextEncoderOffload
+from .transformer_fp8 import TransformerFp8
+from .transformer_offload import TransformerOffload
 from .trim_reference_tokens import TrimReferenceTokens
+from .vae_tiling import VaeTiling
 
 STAGES: tuple[Stage, ...] = (
     TextEncoderFp8(),
+    TextEncoderOffload(),
+    TransformerFp8(),
+    VaeTiling(),
     QkvFusion(),
     SplitProjection(),  # before quantization: each half gets its own FP8 weights and row scales
     ChannelsLast(),
     LowPrecision(),
     LoraSlots(),
+    TransformerOffload(),
     FlashAttention(),
     FirstBlockCache(),
     TrimReferenceTokens(),

@@ -5,6 +5,8 @@ this a Hopper GPU, ...), then applies these rules top to bottom. A rule only eve
 off (or notes how it adapted), never on, and no rule switches off a stage that an earlier rule
 depends on, so one pass in this order settles the config: compile is final before anything that
 needs compile is looked at, and the cache backend is concrete (not `auto`) before CUDA graphs are.
+The memory knobs (transformer_fp8, transformer_offload) are fixed when the model loads, so rules
+read them but never switch them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ def diffusers_cache_in_blocks(config: OptimizationConfig) -> bool:
     return config.first_block_cache and config.cache_backend == "diffusers"
 
 
+def fp8_from_load(config: OptimizationConfig) -> bool:
+    """The base transformer's weights are FP8 from load: there are no bf16 weights to derive variants from."""
+    return config.transformer_fp8 != "off"
+
+
+def graph_breaks_in_blocks(config: OptimizationConfig) -> bool:
+    """Something runs behind torch.compiler.disable inside every block: diffusers' first-block cache
+    check, or group offload's onload/offload hooks."""
+    return diffusers_cache_in_blocks(config) or config.transformer_offload
+
+
 @dataclass(frozen=True)
 class Rule:
     stage: str  # the stage this rule acts on
@@ -30,6 +43,25 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        "quantization",
+        lambda config, env: config.quantization != "none" and fp8_from_load(config),
+        "not applied: the transformer's weights are FP8 from load (transformer_fp8) and are not quantized again",
+    ),
+    Rule(
+        "fuse_qkv",
+        lambda config, env: config.fuse_qkv and fp8_from_load(config),
+        "not applied: QKV fusion concatenates bf16 weights, and the transformer's weights are FP8 from load (transformer_fp8)",
+    ),
+    # Found on the CPU with torchao 0.18 and diffusers 0.42.1 (rowwise and weight-only alike): group
+    # offload moves torchao tensors with torch.utils.swap_tensors, which refuses tensors that compiled
+    # graphs hold weak references to ("Cannot swap t1 because it has weakref associated with it").
+    Rule(
+        "compile",
+        lambda config, env: config.compile and config.transformer_offload and fp8_from_load(config),
+        "not applied: group offload cannot move torchao FP8 weights that compiled graphs reference (swap_tensors fails); "
+        "the offloaded FP8 transformer runs eager",
+    ),
     Rule(
         "fast_gelu",
         lambda config, env: config.fast_gelu and not config.compile,
@@ -48,6 +80,12 @@ RULES: tuple[Rule, ...] = (
         lambda config, env: config.cuda_graphs and not config.compile,
         "CUDA graphs are captured through torch.compile here: turn on compile",
     ),
+    Rule(
+        "cuda_graphs",
+        lambda config, env: config.cuda_graphs and config.transformer_offload,
+        "not applied: with group offload the transformer's weights move between host and GPU on every step, "
+        "and captured graphs would replay the addresses of weights that are gone",
+    ),
     # Measured on the H200 (benchmarks/results/nvidia-h200-2026-11-22/cache_backends.md): every edit
     # failed with "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run".
     Rule(
@@ -60,13 +98,19 @@ RULES: tuple[Rule, ...] = (
     # the single blocks' proj_out with two halves that no adapter file names.
     Rule(
         "split_proj_out",
+        lambda config, env: config.split_proj_out and config.transformer_fp8 != "off",
+        "not applied: the weights were made FP8 when the model loaded, and the split needs the bf16 proj_out",
+    ),
+    Rule(
+        "split_proj_out",
         lambda config, env: config.split_proj_out and config.lora_slots > 0,
         "not applied with LoRA adapters: they target the single blocks' unsplit proj_out",
     ),
     Rule(
         "compile",
-        lambda config, env: config.compile and diffusers_cache_in_blocks(config),
-        "blocks compile without fullgraph: diffusers' first-block cache decides inside every block (a graph break)",
+        lambda config, env: config.compile and graph_breaks_in_blocks(config),
+        "blocks compile without fullgraph: diffusers' first-block cache check or group offload's hooks run inside every block "
+        "(graph breaks)",
         switches_off=False,
     ),
 )

@@ -17,3 +17,12 @@ def leaf_tensors(tensor: torch.Tensor):
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return sum(leaf.numel() * leaf.element_size() for leaf in leaf_tensors(tensor))
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A torchao quantized tensor (a wrapper subclass), told apart without importing torchao."""
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+def has_quantized_weights(module: torch.nn.Module) -> bool:
+    return any(is_quantized(parameter) for parameter in module.parameters())
