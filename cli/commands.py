@@ -4,6 +4,7 @@ the parser and --help stay fast."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -129,6 +130,11 @@ def cmd_precompile(args) -> int:
     return 0
 
 
+def load_worker_engine(args: argparse.Namespace, device: str):
+    """The engine of one `serve --gpus` worker process (a module-level function: it is pickled to the worker)."""
+    return load_engine(argparse.Namespace(**{**vars(args), "device": device}))
+
+
 def cmd_serve(args) -> int:
     from service.app import create_app
     from service.server import serve
@@ -138,13 +144,35 @@ def cmd_serve(args) -> int:
         log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
     elif not settings.listens_on_loopback:
         log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
-    # The model loads on the GPU worker after the server is up: /health answers at once, /ready
-    # turns 200 once the model is loaded and warm.
-    app = create_app(settings=settings, loader=lambda: load_engine(args))
+    if args.gpus:
+        from service.pool_service import PoolService
+
+        from .scale import worker_gpus
+
+        gpus = worker_gpus(args.gpus, args.device)
+        log.info("one worker process per GPU: %s", ", ".join(gpu or "cpu" for gpu in gpus))
+        app = create_app(service=PoolService(settings, gpus, functools.partial(load_worker_engine, args)))
+    else:
+        # The model loads on the GPU worker after the server is up: /health answers at once, /ready
+        # turns 200 once the model is loaded and warm.
+        app = create_app(settings=settings, loader=lambda: load_engine(args))
     status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
     if status:
         print(f"error: {app.state.service.error}", file=sys.stderr)
     return status
 
 
-HANDLERS = {"doctor": cmd_doctor, "edit": cmd_edit, "benchmark": cmd_benchmark, "precompile": cmd_precompile, "serve": cmd_serve}
+def cmd_fleet(args) -> int:
+    from .fleet import cmd_fleet as run_fleet
+
+    return run_fleet(args)
+
+
+HANDLERS = {
+    "fleet": cmd_fleet,
+    "doctor": cmd_doctor,
+    "edit": cmd_edit,
+    "benchmark": cmd_benchmark,
+    "precompile": cmd_precompile,
+    "serve": cmd_serve,
+}

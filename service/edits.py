@@ -14,12 +14,14 @@ from starlette.concurrency import run_in_threadpool
 from engine.requests import EditRequest, EditResult
 from engine.sizes import output_size
 
+from .engine_calls import EditCall
 from .errors import APIError, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
 from .optimizations import MergedConfig, merge
 from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
 from .runtime import Service
 from .schemas import InferenceRequest
+from .worker_pool import WorkerDied
 
 log = logging.getLogger("flux_kontext.service")
 
@@ -121,13 +123,9 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     """Through the GPU queue, with the request's deadline counted from its arrival."""
     settings = service.settings
     deadline = arrived + settings.request_timeout_s
-
-    def on_worker() -> EditResult:
-        # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
-        return service.engine.edit(prepared.edit, prepared.merged.config, should_stop=lambda: time.monotonic() > deadline)
-
+    call = EditCall(prepared.edit, prepared.merged.config, deadline)  # stops at the next step once the deadline has passed
     try:
-        result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
+        result, job = await service.worker.run("inference", service.engine_call(call), deadline, request.is_disconnected)
     except QueueFull as full:
         raise APIError(
             429,
@@ -164,6 +162,14 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
             f"({edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)): {oom}. "
             "The memory was released and the server keeps serving; retry, or ask for a smaller size or fewer images",
             headers={"Retry-After": "1"},
+        ) from None
+    except WorkerDied as died:
+        raise APIError(
+            503,
+            "worker_died",
+            f"the edit failed: {died}. The worker is being restarted and the other requests go on; "
+            "the edit was not retried, in case it was the cause: retry it",
+            headers={"Retry-After": "5"},
         ) from None
     except JobFailed as failed:
         request_id = getattr(request.state, "request_id", None)

@@ -159,6 +159,10 @@ class Service:
             )
         return self.engine
 
+    def engine_call(self, call) -> Callable[[], object]:
+        """A job for this service's worker that runs `call` (service/engine_calls.py) on the engine."""
+        return lambda: call.run(self.engine)
+
     def gpu_memory_bytes(self) -> dict[str, int]:
         if self.engine is None or not self.engine.env.has_cuda:
             return {}
