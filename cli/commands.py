@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .options import optimization_config_from_args, service_settings_from_args
 log = logging.getLogger("flux_kontext")
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, engine_class=None):
     from engine.compile_cache import configure_compile_cache
     from engine.engine import KontextEngine
     from engine.loading import default_model_name
@@ -26,7 +27,7 @@ def load_engine(args: argparse.Namespace):
     config = optimization_config_from_args(args, env.has_cuda)
     model = args.model or default_model_name(env.device)
     log.info("loading %s on %s", model, env.device)
-    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants)
+    engine = (engine_class or KontextEngine).load(model, env.device, config, max_variants=args.max_variants)
     _log_stages(engine)
     return engine
 
@@ -144,6 +145,10 @@ def cmd_serve(args) -> int:
         log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
     elif not settings.listens_on_loopback:
         log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
+    if (args.context_parallel or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        from .scale import serve_context_parallel
+
+        return serve_context_parallel(args, settings)
     if args.gpus:
         from service.pool_service import PoolService
 

@@ -1,7 +1,14 @@
-"""Scale-out choices of the command line that need a little checking: which GPUs `serve --gpus` runs
-a worker process on."""
+"""Scale-out launches of `serve`: which GPUs `serve --gpus` runs a worker process on, and a
+context-parallel server under torchrun (rank 0 serves HTTP, the other ranks follow its edits)."""
 
 from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+log = logging.getLogger("flux_kontext")
 
 
 def worker_gpus(text: str, device: str | None) -> list[str | None]:
@@ -36,3 +43,36 @@ def worker_gpus(text: str, device: str | None) -> list[str | None]:
             if missing:
                 raise ValueError(f"--gpus {text}: GPU(s) {', '.join(missing)} not found; torch sees {count} CUDA GPU(s)")
     return [None if cpu else gpu for gpu in ids]
+
+
+def serve_context_parallel(args: argparse.Namespace, settings) -> int:
+    """`torchrun --nproc_per_node=N flux_kontext_optimized.py serve --context-parallel N`."""
+    from engine.context_parallel import ContextParallelEngine, init_process_group
+    from service.app import create_app
+    from service.server import serve
+
+    from .commands import load_engine
+
+    if args.gpus:
+        raise ValueError("--gpus and --context-parallel are two different launches: a worker per GPU, or one edit over all of them")
+    rank, world, device = init_process_group()
+    if (args.context_parallel or 1) != world:
+        raise ValueError(f"--context-parallel {args.context_parallel} under a torchrun launch of {world} processes: give the same number")
+    args = argparse.Namespace(**{**vars(args), "device": device})
+    if rank != 0:  # the followers: no HTTP, the same edits as rank 0
+        # torchrun passes SIGTERM to every rank: followers keep going until rank 0 has drained and releases them
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        load_engine(args, ContextParallelEngine).follow()
+        return 0
+    log.info("context parallelism over %d ranks; rank 0 serves HTTP on %s:%d", world, args.host, args.port)
+    app = create_app(settings=settings, loader=lambda: load_engine(args, ContextParallelEngine))
+    try:
+        status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+    finally:
+        engine = app.state.service.engine
+        if engine is not None:
+            engine.release_followers()
+    if status:
+        print(f"error: {app.state.service.error}", file=sys.stderr)
+    return status

@@ -14,6 +14,7 @@ from .base import Availability, Phase, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
 from .config import OptimizationConfig
+from .context_parallel import ContextParallel
 from .cuda_graphs import CudaGraphs
 from .environment import Environment
 from .fast_gelu import FastGelu
@@ -32,6 +33,7 @@ STAGES: tuple[Stage, ...] = (
     LowPrecision(),
     FlashAttention(),
     FirstBlockCache(),
+    ContextParallel(),  # after the attention kernel is chosen (it wraps it), before compile traces it
     FastGelu(),
     Compile(),
     CudaGraphs(),

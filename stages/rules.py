@@ -56,6 +56,18 @@ RULES: tuple[Rule, ...] = (
         "not applied: diffusers' first-block cache subtracts block outputs across blocks, and under cudagraph "
         "trees those outputs are overwritten by the next replay; use cache_backend=para_attn to keep CUDA graphs",
     ),
+    # Context parallelism: every rank holds a shard of the tokens and all must take the same path.
+    Rule(
+        "first_block_cache",
+        lambda config, env: config.first_block_cache and config.context_parallel > 1,
+        "not applied under context parallelism: each rank would judge the residual of its own shard of tokens, "
+        "and ranks that decide differently wait for each other forever",
+    ),
+    Rule(
+        "cuda_graphs",
+        lambda config, env: config.cuda_graphs and config.context_parallel > 1,
+        "not applied under context parallelism: capturing the all-to-all collectives in cudagraph trees has not been verified",
+    ),
     Rule(
         "compile",
         lambda config, env: config.compile and diffusers_cache_in_blocks(config),
