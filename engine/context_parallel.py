@@ -8,7 +8,9 @@ ranks over a gloo "control" group before running it, and they run the same edit 
 things must agree across ranks beyond the inputs: the seed (rank 0 picks it), the text embeddings
 (rank 0's are broadcast, which also covers any tokenizer that is not deterministic across
 processes), and stopping early (rank 0's `should_stop` is broadcast after every step, so all ranks
-stop at the same step or none does). Only rank 0's result is used.
+stop at the same step or none does). Only rank 0's result is used. A shape whose token counts do
+not divide by the number of ranks (diffusers splits evenly; several Kontext resolutions have an odd
+token count) runs unsplit on every rank: the same result, without the speed-up.
 
 The control group is gloo on the CPU with a long timeout: followers wait there between requests,
 for as long as the server is idle, and NCCL's default timeout (10 minutes) would end them.
@@ -28,9 +30,11 @@ import torch.distributed as dist
 
 from .engine import KontextEngine
 from .requests import EditRequest, EditResult
+from .sizes import SIZE_MULTIPLE, closest_kontext_resolution, output_size
 
 log = logging.getLogger(__name__)
 
+T5_TOKENS = 512  # FluxKontextPipeline pads the prompt to max_sequence_length
 IDLE_TIMEOUT = datetime.timedelta(days=365)  # followers may wait this long for the next request
 _control_group = None
 
@@ -68,8 +72,29 @@ class ContextParallelEngine(KontextEngine):
             raise RuntimeError("on context-parallel followers, edits come from rank 0 (follow())")
         if request.seed is None:  # every rank must draw the same noise
             request = dataclasses.replace(request, seed=secrets.randbelow(2**31))
+        degree = self.resolve(config).effective.context_parallel
+        if degree > 1 and not self._splits_evenly(request, degree):
+            # diffusers splits tokens into equal shards: this shape runs whole on every rank instead (same result, no speed-up)
+            log.info("context parallelism: this shape's token counts do not divide by %d; the edit runs unsplit", degree)
+            config = (config or self.default_config).with_changes(context_parallel=1)
         _broadcast_object(("edit", request, config))
         return self._edit_in_lockstep(request, config, progress, should_stop)
+
+    def _splits_evenly(self, request: EditRequest, degree: int) -> bool:
+        """Image tokens (output + reference image) and text tokens (T5's 512) divide by `degree`, as
+        FluxKontextPipeline will make them (it snaps the reference to a preferred resolution)."""
+        spec = self.loaded.spec
+        width, height = output_size(
+            request.width, request.height, request.image.size if request.image else None, request.max_area or spec.default_max_area
+        )
+        tokens = (width // SIZE_MULTIPLE) * (height // SIZE_MULTIPLE)
+        if request.image is not None:
+            if spec.snap_input_to_kontext_resolutions:
+                reference = closest_kontext_resolution(request.image.size[0] / request.image.size[1])
+            else:
+                reference = (width, height)  # resized to the output size (engine._conditioning_image)
+            tokens += (reference[0] // SIZE_MULTIPLE) * (reference[1] // SIZE_MULTIPLE)
+        return tokens % degree == 0 and T5_TOKENS % degree == 0
 
     def follow(self) -> None:
         """Ranks other than 0: run every edit rank 0 runs, until it says stop."""

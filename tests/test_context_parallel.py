@@ -132,3 +132,22 @@ def test_serve_context_parallel_matches_the_single_process_engine(context_parall
     process.wait(120)
     log = log_path.read_text(errors="replace")
     assert "drained: every accepted request was answered" in log and "could not release" not in log
+
+
+def test_shapes_whose_tokens_do_not_divide_run_unsplit():
+    from types import SimpleNamespace
+
+    from engine.context_parallel import ContextParallelEngine
+    from engine.loading import FULL_MAX_AREA
+    from engine.model_specs import ModelSpec
+
+    full = SimpleNamespace(loaded=SimpleNamespace(spec=ModelSpec("x", "hub", False, FULL_MAX_AREA, True)))
+
+    def splits(width, height, image_size, degree):
+        image = Image.new("RGB", image_size) if image_size else None
+        return ContextParallelEngine._splits_evenly(full, EditRequest(prompt="p", image=image, width=width, height=height), degree)
+
+    assert splits(1024, 1024, (1024, 1024), 8)  # 4096 + 4096 image tokens, 512 text tokens
+    assert splits(1392, 752, (1392, 752), 2) and not splits(1392, 752, (1392, 752), 4)  # 4089 + 4089
+    assert not splits(1392, 752, None, 2)  # text to image: 4089 tokens
+    assert not splits(1024, 1024, (1024, 1024), 3)  # 512 text tokens
