@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -55,6 +56,12 @@ def serve_context_parallel(args: argparse.Namespace, settings) -> int:
 
     if args.gpus:
         raise ValueError("--gpus and --context-parallel are two different launches: a worker per GPU, or one edit over all of them")
+    if "RANK" not in os.environ:
+        ranks = args.context_parallel
+        raise ValueError(
+            "--context-parallel needs one process per GPU, started by torchrun: "
+            f".venv/bin/torchrun --nproc_per_node={ranks} flux_kontext_optimized.py serve --context-parallel {ranks}"
+        )
     rank, world, device = init_process_group()
     if (args.context_parallel or 1) != world:
         raise ValueError(f"--context-parallel {args.context_parallel} under a torchrun launch of {world} processes: give the same number")

@@ -22,6 +22,10 @@ WAIT_S = 240.0
 @pytest.fixture(scope="module")
 def server():
     server = start_server("gpus", ["--gpus", "0,1", "--device", "cpu", "--no-warmup", "--queue-size", "32"])
+    deadline = time.monotonic() + WAIT_S  # /ready turns 200 with the first worker; these tests need both
+    while httpx.get(f"{server.url}/health", timeout=30).json()["queue"]["workers_ready"] < 2:
+        assert time.monotonic() < deadline, f"the second worker never became ready:\n{server.log()}"
+        time.sleep(0.5)
     yield server
     assert server.stop() == 0
 
