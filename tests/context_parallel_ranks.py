@@ -1,6 +1,12 @@
 """Run by tests/test_context_parallel.py under `torchrun --nproc_per_node=2` (gloo, CPU): the
 context-parallel stage on the tiny transformer with a kernel that is not diffusers' (standing in for
-FA3), against the same kernel in one process. Rank 0 prints one JSON line."""
+FA3), against the same kernel in one process. Rank 0 prints one JSON line.
+
+On GPUs (NCCL), the real kernels, with FLUX's head size (128, which FA3 needs) and 24 heads:
+
+    CP_KERNEL=fa3 .venv/bin/torchrun --nproc_per_node=4 tests/context_parallel_ranks.py      # or fa3_fp8, sdpa
+    CP_KERNEL=fa3 CP_COMPILE=1 .venv/bin/torchrun --nproc_per_node=4 tests/context_parallel_ranks.py
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from engine.context_parallel import init_process_group
 from engine.model_builders import build_tiny_pipeline
 from engine.variants import clone_sharing_tensors
 from patches.diffusers_context_parallel_cpu import cpu_device_count
+from stages.attention_kernels import KERNELS
 from stages.base import BuildContext
 from stages.config import OptimizationConfig
 from stages.context_parallel import ContextParallel, check_processors
@@ -46,16 +53,25 @@ def inputs(transformer, image_tokens=512, text_tokens=64):
 def main() -> None:
     rank, world, device = init_process_group()
     torch.set_num_threads(1)
-    transformer = build_tiny_pipeline().transformer
-    set_attention_kernel(transformer, manual_attention)
-    kwargs = inputs(transformer)
+    kernel_name = os.environ.get("CP_KERNEL", "manual")
+    if device.startswith("cuda"):  # FLUX's attention shape: 24 heads of 128
+        overrides = dict(attention_head_dim=128, num_attention_heads=24, axes_dims_rope=(16, 56, 56))
+        transformer = build_tiny_pipeline(dtype=torch.bfloat16, device=device, transformer_overrides=overrides).transformer
+    else:
+        transformer = build_tiny_pipeline().transformer
+    set_attention_kernel(transformer, manual_attention if kernel_name == "manual" else KERNELS[kernel_name])
+    kwargs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs(transformer).items()}
+    if device.startswith("cuda"):
+        kwargs = {
+            key: value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() else value
+            for key, value in kwargs.items()
+        }
     with torch.no_grad():
         reference = transformer(**kwargs)[0]
     parallel = clone_sharing_tensors(transformer)
-    env = current_environment("cpu")
-    ContextParallel().apply_execution(
-        parallel, OptimizationConfig(context_parallel=world), BuildContext(env, torch.device("cpu"), torch.float32)
-    )
+    env = current_environment(device)
+    build = BuildContext(env, torch.device(device), transformer.dtype)
+    ContextParallel().apply_execution(parallel, OptimizationConfig(context_parallel=world), build)
     if os.environ.get("CP_COMPILE") == "1":  # by hand, for the record: regional compile over the wrapped kernel
         parallel.compile_repeated_blocks(fullgraph=True)
     with torch.no_grad():
@@ -81,6 +97,8 @@ def main() -> None:
     if rank == 0:
         result = {
             "world": world,
+            "device": device,
+            "kernel": kernel_name,
             "env_world_size": env.world_size,
             "max_abs_error": float((out - reference).abs().max()),
             "reference_max": float(reference.abs().max()),
