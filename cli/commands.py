@@ -4,8 +4,10 @@ the parser and --help stay fast."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from .options import given_optimization_flags, lora_settings_from_args, optimiza
 log = logging.getLogger("flux_kontext")
 
 
-def load_engine(args: argparse.Namespace, plan_changes: dict | None = None, preload_loras: tuple[str, ...] = ()):
+def load_engine(args: argparse.Namespace, plan_changes: dict | None = None, preload_loras: tuple[str, ...] = (), engine_class=None):
     """The engine for `args`: the memory plan for this GPU (or --memory-budget), the preset, then the flags.
-    `plan_changes` replaces the plan's knobs (quantize keeps the heavy components in host memory)."""
+    `plan_changes` replaces the plan's knobs (quantize keeps the heavy components in host memory);
+    `engine_class` is the context-parallel engine under torchrun."""
     from engine.compile_cache import configure_compile_cache
     from engine.engine import KontextEngine
     from engine.loading import default_model_name
@@ -35,7 +38,9 @@ def load_engine(args: argparse.Namespace, plan_changes: dict | None = None, prel
     log.info("loading %s on %s", model, env.device)
     lora = lora_settings_from_args(args, preload_loras)
     memory_plan = plan if plan_changes is None else None
-    engine = KontextEngine.load(model, env.device, config, max_variants=args.max_variants, lora=lora, memory_plan=memory_plan)
+    engine = (engine_class or KontextEngine).load(
+        model, env.device, config, max_variants=args.max_variants, lora=lora, memory_plan=memory_plan
+    )
     _log_stages(engine)
     for adapter in engine.loras.loaded():
         log.info(
@@ -183,6 +188,11 @@ def cmd_precompile(args) -> int:
     return 0
 
 
+def load_worker_engine(args: argparse.Namespace, device: str):
+    """The engine of one `serve --gpus` worker process (a module-level function: it is pickled to the worker)."""
+    return load_engine(argparse.Namespace(**{**vars(args), "device": device}), preload_loras=tuple(args.preload_lora or ()))
+
+
 def cmd_serve(args) -> int:
     from service.app import create_app
     from service.server import serve
@@ -192,16 +202,36 @@ def cmd_serve(args) -> int:
         log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
     elif not settings.listens_on_loopback:
         log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
-    # The model loads on the GPU worker after the server is up: /health answers at once, /ready
-    # turns 200 once the model is loaded and warm.
-    app = create_app(settings=settings, loader=lambda: load_engine(args, preload_loras=tuple(args.preload_lora or ())))
+    if (args.context_parallel or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        from .scale import serve_context_parallel
+
+        return serve_context_parallel(args, settings)
+    if args.gpus:
+        from service.pool_service import PoolService
+
+        from .scale import worker_gpus
+
+        gpus = worker_gpus(args.gpus, args.device)
+        log.info("one worker process per GPU: %s", ", ".join(gpu or "cpu" for gpu in gpus))
+        app = create_app(service=PoolService(settings, gpus, functools.partial(load_worker_engine, args)))
+    else:
+        # The model loads on the GPU worker after the server is up: /health answers at once, /ready
+        # turns 200 once the model is loaded and warm.
+        app = create_app(settings=settings, loader=lambda: load_engine(args, preload_loras=tuple(args.preload_lora or ())))
     status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
     if status:
         print(f"error: {app.state.service.error}", file=sys.stderr)
     return status
 
 
+def cmd_fleet(args) -> int:
+    from .fleet import cmd_fleet as run_fleet
+
+    return run_fleet(args)
+
+
 HANDLERS = {
+    "fleet": cmd_fleet,
     "doctor": cmd_doctor,
     "edit": cmd_edit,
     "benchmark": cmd_benchmark,

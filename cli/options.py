@@ -26,7 +26,8 @@ COMPILE_CACHE_HELP = (
 
 DESCRIPTION = """FLUX.1-Kontext image editing, fast.
 
-    serve       HTTP service on 127.0.0.1:8000
+    serve       HTTP service on 127.0.0.1:8000 (--gpus: one worker process per GPU)
+    fleet       the HTTP service as a Ray Serve application, one replica per GPU
     edit        edit one image (or generate one from the prompt alone)
     benchmark   stage-by-stage speed table under benchmarks/results/
     precompile  compile every reachable shape once and write a bundle that serve loads
@@ -169,7 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="load this adapter from --lora-dir at start (repeatable); warm-up then also compiles the LoRA variant",
     )
+    serve.add_argument(
+        "--gpus",
+        default=None,
+        help="one worker process per GPU behind this server: 'all' or ids such as 0,1,3 (with --device cpu: that many "
+        "CPU worker processes, for tests); default: one in-process worker on --device",
+    )
     _add_service_options(serve)
+
+    fleet = commands.add_parser(
+        "fleet",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="the HTTP service as a Ray Serve application: one replica per GPU, on a local Ray instance or a cluster",
+    )
+    fleet.add_argument("--host", default=os.environ.get("FLUX_KONTEXT_HOST", "127.0.0.1"), help="where Ray's HTTP proxy listens")
+    fleet.add_argument("--port", type=int, default=int(os.environ.get("FLUX_KONTEXT_PORT", "8000")), help="TCP port of Ray's HTTP proxy")
+    _add_fleet_options(fleet)
+    _add_service_options(fleet)
 
     edit = commands.add_parser("edit", parents=[common], formatter_class=HelpFormatter, help="edit one image (or generate one from text)")
     edit.add_argument("--image", type=Path, default=None, help="input image; omit to generate from the prompt alone")
@@ -243,6 +261,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--out", type=Path, required=True, help="new directory for the checkpoint")
     return parser
+
+
+def _add_fleet_options(fleet: argparse.ArgumentParser) -> None:
+    ray = fleet.add_argument_group("Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (one per GPU) when not autoscaling")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale between --min-replicas and this many replicas")
+    ray.add_argument("--min-replicas", type=int, default=1, help="fewest replicas when autoscaling")
+    ray.add_argument(
+        "--target-queue-depth",
+        type=float,
+        default=2.0,
+        help="autoscaling target: requests in each replica (running + waiting); more add replicas, fewer remove them",
+    )
+    ray.add_argument("--upscale-delay", type=float, default=30.0, help="seconds above the target before a replica is added")
+    ray.add_argument("--downscale-delay", type=float, default=600.0, help="seconds below the target before a replica is removed")
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs Ray reserves for each replica (default: 1 where torch sees a GPU, else 0)",
+    )
+    ray.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (e.g. auto, or ray://head:10001); default: start a local one"
+    )
 
 
 def _add_service_options(serve: argparse.ArgumentParser) -> None:

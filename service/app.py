@@ -35,9 +35,14 @@ from .settings import ServiceSettings
 DESCRIPTION = 'FLUX.1-Kontext image editing with per-request optimization stages. Errors: {"error": {"type", "field", "message"}}.'
 
 
-def create_app(engine: KontextEngine | None = None, settings: ServiceSettings | None = None, loader: EngineLoader | None = None) -> FastAPI:
-    settings = settings or ServiceSettings()
-    service = Service(settings, engine=engine, loader=loader)
+def create_app(
+    engine: KontextEngine | None = None,
+    settings: ServiceSettings | None = None,
+    loader: EngineLoader | None = None,
+    service: Service | None = None,  # a prepared one, e.g. service/pool_service.py's (serve --gpus)
+) -> FastAPI:
+    settings = service.settings if service else settings or ServiceSettings()
+    service = service or Service(settings, engine=engine, loader=loader)
     set_pillow_pixel_limit(settings.max_input_pixels)
 
     @contextlib.asynccontextmanager

@@ -17,12 +17,14 @@ from engine.lora_files import LoraError
 from engine.requests import EditRequest, EditResult, LoraChoice
 from engine.sizes import output_size
 
+from .engine_calls import EditCall
 from .errors import APIError, from_lora_error, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
 from .optimizations import MergedConfig, merge
-from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobRefused, JobTimeout, QueueFull, WorkerStopped
+from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
 from .runtime import Service
 from .schemas import InferenceRequest
+from .worker_pool import WorkerDied
 
 log = logging.getLogger("flux_kontext.service")
 
@@ -62,8 +64,10 @@ async def prepare(service: Service, body: InferenceRequest, image: bytes | None,
         loras=tuple(LoraChoice(use.name, use.scale) for use in body.loras or ()),
     )
     check_limits(service, edit, names)
+    library = service.engine.loras  # None in front of worker processes: each worker checks against its own
     try:  # the engine checks again on the GPU worker; this answers a wrong name without waiting in the queue
-        service.engine.loras.pick(edit.loras)
+        if library is not None:
+            library.pick(edit.loras)
     except LoraError as refused:
         raise from_lora_error(refused) from None
     warnings = (decoded.notes if decoded else []) + merged.warnings
@@ -130,20 +134,13 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     """Through the GPU queue, with the request's deadline counted from its arrival."""
     settings = service.settings
     deadline = arrived + settings.request_timeout_s
-
-    def on_worker() -> EditResult:
-        # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
-        try:
-            return service.engine.edit(prepared.edit, prepared.merged.config, should_stop=lambda: time.monotonic() > deadline)
-        except LoraError as refused:  # an adapter unloaded between this request's arrival and its turn
-            raise JobRefused(refused) from None
-
+    call = EditCall(prepared.edit, prepared.merged.config, deadline)  # stops at the next step once the deadline has passed
     edit = prepared.edit
     size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
     with worker_errors(service, request, "edit", size, "retry, or ask for a smaller size or fewer images"):
         try:
-            result, job = await service.worker.run("inference", on_worker, deadline, request.is_disconnected)
-        except LoraError as refused:
+            result, job = await service.worker.run("inference", service.engine_call(call), deadline, request.is_disconnected)
+        except LoraError as refused:  # an adapter unloaded between this request's arrival and its turn
             raise from_lora_error(refused) from None
     service.metrics.record_edit(result)
     return result, job
@@ -189,6 +186,14 @@ def worker_errors(service: Service, request: Request, what: str, context: str, o
             f"the GPU ran out of memory on this request ({context}): {oom}. "
             f"The memory was released and the server keeps serving; {out_of_memory_advice}",
             headers={"Retry-After": "1"},
+        ) from None
+    except WorkerDied as died:
+        raise APIError(
+            503,
+            "worker_died",
+            f"the edit failed: {died}. The worker is being restarted and the other requests go on; "
+            "the edit was not retried, in case it was the cause: retry it",
+            headers={"Retry-After": "5"},
         ) from None
     except JobFailed as failed:
         request_id = getattr(request.state, "request_id", None)

@@ -19,13 +19,28 @@ from fastapi import APIRouter, Depends, Path, Request
 from engine.lora_files import SUFFIX, LoraError, file_in_directory
 
 from .edits import worker_errors
-from .errors import from_lora_error, invalid
+from .errors import APIError, from_lora_error, invalid
 from .openai_images import require_json
 from .queue import JobRefused
 from .schemas import ErrorResponse, LoraLibraryState, LoraLoaded, LoraLoadRequest, LoraUnloaded, SeedLoraRequest
 
 router = APIRouter(tags=["LoRA adapters"])
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503, 504)}
+
+
+def _library(service):
+    """The engine's adapter library; a front of worker processes (serve --gpus) has none of its own."""
+    library = service.require_ready().loras
+    if library is None:
+        raise APIError(
+            501,
+            "not_implemented",
+            "this server runs one worker process per GPU (serve --gpus): adapters are loaded in every worker at start "
+            "with --preload-lora, and cannot be loaded or unloaded over HTTP here",
+        )
+    return library
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 501, 503, 504)}
 
 
 @router.get(
@@ -35,8 +50,7 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 4
     responses={status: {"model": ErrorResponse} for status in (401, 503)},
 )
 async def list_loras(request: Request) -> dict:
-    engine = request.app.state.service.require_ready()
-    return engine.loras.report()
+    return _library(request.app.state.service).report()
 
 
 @router.post("/v1/loras", summary="Load an adapter from the LoRA directory, by name", response_model=LoraLoaded, responses=_ERRORS)
@@ -56,7 +70,7 @@ async def unload_lora(request: Request, name: Annotated[str, Path(min_length=1, 
     responses=_ERRORS,
 )
 async def seed_lora(request: Request, body: SeedLoraRequest, _json: None = Depends(require_json)) -> dict:
-    library = request.app.state.service.require_ready().loras
+    library = _library(request.app.state.service)
     file = None
     if body.path is not None:
         try:
@@ -74,7 +88,7 @@ async def seed_lora(request: Request, body: SeedLoraRequest, _json: None = Depen
 
 async def _load(request: Request, name: str, file: str | None, scale: float) -> dict:
     service = request.app.state.service
-    library = service.require_ready().loras
+    library = _library(service)
 
     def on_worker():
         replaced = any(adapter.name == name for adapter in library.loaded())
@@ -102,7 +116,7 @@ async def _load(request: Request, name: str, file: str | None, scale: float) -> 
 
 async def _unload(request: Request, name: str) -> dict:
     service = request.app.state.service
-    library = service.require_ready().loras
+    library = _library(service)
 
     def on_worker():
         try:

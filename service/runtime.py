@@ -161,6 +161,10 @@ class Service:
             )
         return self.engine
 
+    def engine_call(self, call) -> Callable[[], object]:
+        """A job for this service's worker that runs `call` (service/engine_calls.py) on the engine."""
+        return lambda: call.run(self.engine)
+
     def gpu_memory_bytes(self) -> dict[str, int]:
         if self.engine is None or not self.engine.env.has_cuda:
             return {}
@@ -174,7 +178,7 @@ class Service:
         }
 
     def lora_counts(self) -> tuple[int, int]:
-        if self.engine is None:
+        if self.engine is None or self.engine.loras is None:
             return 0, 0
         loaded = self.engine.loras.loaded()
         return len(loaded), sum(adapter.nbytes for adapter in loaded)
@@ -196,7 +200,7 @@ class Service:
             "stages": engine.stage_status() if engine else [],
             "variants": engine.variants.report() if engine else [],
             "startup": self.startup,
-            "loras": engine.loras.report(with_files=False) if engine else None,
+            "loras": engine.loras.report(with_files=False) if engine and engine.loras is not None else None,
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
             "limits": {

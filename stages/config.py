@@ -133,6 +133,12 @@ class OptimizationConfig(BaseModel):
     cuda_graphs: Annotated[bool, Knob("cuda_graphs", "variant", preset=5, legacy=(LegacyFlag("use_cuda_graphs", True, False),))] = Field(
         False, description="CUDA graph capture of the transformer blocks (through compile)."
     )
+    context_parallel: Annotated[int, Knob("context_parallel", "variant")] = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Ulysses context parallelism: one edit split over this many GPUs (a torchrun launch of as many ranks, one per GPU).",
+    )
     t5_fp8: Annotated[bool, Knob("text_encoder_fp8", "load")] = Field(
         False, description="FP8 weight-only T5 text encoder (about half its memory); chosen when the model loads."
     )

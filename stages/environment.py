@@ -46,6 +46,7 @@ class Environment:
     gpu: GpuInfo | None
     packages: dict[str, str | None] = field(default_factory=dict)  # import name -> version or None
     has_cxx_compiler: bool = True  # Inductor on the CPU compiles C++
+    world_size: int = 1  # processes in the torch.distributed group (torchrun), for context parallelism
 
     @property
     def has_cuda(self) -> bool:
@@ -76,6 +77,7 @@ class Environment:
             "gpu": gpu,
             "packages": dict(self.packages),
             "cxx_compiler": self.has_cxx_compiler,
+            "world_size": self.world_size,
         }
 
 
@@ -115,4 +117,5 @@ def current_environment(device: str | None = None) -> Environment:
         gpu=gpu,
         packages=packages,
         has_cxx_compiler=shutil.which("g++") is not None or shutil.which("c++") is not None,
+        world_size=torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1,
     )

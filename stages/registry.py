@@ -18,6 +18,7 @@ from .base import Availability, Phase, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
 from .config import KNOBS, OptimizationConfig
+from .context_parallel import ContextParallel
 from .cuda_graphs import CudaGraphs
 from .environment import Environment
 from .fast_gelu import FastGelu
@@ -50,6 +51,7 @@ STAGES: tuple[Stage, ...] = (
     FlashAttention(),
     FirstBlockCache(),
     TrimReferenceTokens(),
+    ContextParallel(),  # after the attention kernel is chosen (it wraps it), before compile traces it
     FastGelu(),
     Compile(),
     CudaGraphs(),

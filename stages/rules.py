@@ -43,6 +43,13 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
+    # Context parallelism: every rank holds a shard of the tokens and all must take the same path.
+    Rule(
+        "first_block_cache",
+        lambda config, env: config.first_block_cache and config.context_parallel > 1,
+        "not applied under context parallelism: each rank would judge the residual of its own shard of tokens, "
+        "and ranks that decide differently wait for each other forever",
+    ),
     Rule(
         "quantization",
         lambda config, env: config.quantization != "none" and fp8_from_load(config),
@@ -105,6 +112,11 @@ RULES: tuple[Rule, ...] = (
         "split_proj_out",
         lambda config, env: config.split_proj_out and config.lora_slots > 0,
         "not applied with LoRA adapters: they target the single blocks' unsplit proj_out",
+    ),
+    Rule(
+        "cuda_graphs",
+        lambda config, env: config.cuda_graphs and config.context_parallel > 1,
+        "not applied under context parallelism: capturing the all-to-all collectives in cudagraph trees has not been verified",
     ),
     Rule(
         "compile",

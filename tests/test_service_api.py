@@ -35,6 +35,10 @@ README_TRY_IT = (
     'curl -s -X POST http://localhost:8000/inference -H "Accept: image/png" '
     '-F image=@in.png -F prompt="make the sky red" -F seed=0 -o out.png',
 )
+README_OPENAI_EDIT = (
+    'curl -s -X POST http://localhost:8000/v1/images/edits -F image=@in.png -F prompt="make the sky red" -F size=256x256 '
+    "-F response_format=b64_json | jq -r '.data[0].b64_json' | base64 -d > out.png"
+)
 README_TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 SMALL = {"prompt": "make the sky red", "width": 64, "height": 64, "steps": 2, "seed": 3}
 
@@ -80,7 +84,7 @@ def wait_benchmark_idle(client: httpx.Client, timeout: float = 240) -> None:
 
 # -- the README's commands, verbatim --------------------------------------------------------------
 def test_the_commands_tested_here_are_the_readmes():
-    for command in (README_INFERENCE, README_BENCHMARK, README_HEALTH, *README_TRY_IT):
+    for command in (README_INFERENCE, README_BENCHMARK, README_HEALTH, README_OPENAI_EDIT, *README_TRY_IT):
         assert command in README_TEXT, command
 
 

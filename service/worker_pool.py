@@ -1,0 +1,464 @@
+"""`serve --gpus`: one worker process per GPU behind the one HTTP front and its bounded queue.
+
+    pool = WorkerPool(["0", "1"], loader, settings, capacity=16, metrics=metrics); pool.start()
+    result, job = await pool.run("inference", EditCall(request, config, deadline), deadline, is_disconnected)
+
+It is a GpuWorker to the HTTP side (the same submit / run / cancel, waiting / running / snapshot,
+429 when the queue is full, metrics), so routes do not change; only the work crosses a process
+boundary (service/engine_calls.py; the worker side is service/worker_process.py).
+
+Why processes, and why not a process pool: one engine per GPU needs one process per GPU (the
+variants, compiled graphs and CUDA graphs are per-process state), and concurrent.futures'
+ProcessPoolExecutor marks the whole pool broken when one worker dies, failing every queued job.
+Here each worker is a spawned torch.multiprocessing process (never forked: a forked CUDA context is
+unusable) with two one-way pipes; one dispatcher thread waits on every worker's pipe and process
+sentinel at once, so a death is seen at once. Jobs wait in the front's queue and go to the least
+loaded ready worker with a free slot (`slots`: 1 by default, the edit running; a second slot hides
+the hand-off at the cost of a job waiting behind one worker while another may free up first).
+
+When a worker dies: the job it had acked as started fails with WorkerDied (never retried: it may be
+what killed the worker, and it may have half run), the jobs it had been sent but had not started go
+back to the front of the queue, in order, and the worker is restarted with exponential backoff,
+getting work again only once it has loaded and warmed its engine. A worker whose engine fails to
+load is not restarted (the error is the user's to fix: /health says it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
+from typing import Any, Callable
+
+import torch.multiprocessing
+
+from .queue import GpuOutOfMemory, GpuWorker, Job, JobFailed, JobTimeout, WorkerStopped
+from .worker_process import worker_main
+
+log = logging.getLogger("flux_kontext.service.workers")
+
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before restart 1, 2, ... (the last repeats)
+
+
+class WorkerDied(Exception):
+    """The worker process running this job died; the job is not retried (it may have caused it)."""
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    index: int
+    gpu: str | None  # the GPU id it owns; None for a CPU worker
+    state: str = "starting"  # starting -> ready -> restarting -> starting ... | failed | stopped
+    process: Any = None
+    inbox: Any = None  # the front's end: jobs and cancels go in
+    outbox: Any = None  # the front's end: acks and results come out
+    pid: int | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    completed: int = 0
+    error: str | None = None
+    started_at: float = 0.0
+    info: dict = field(default_factory=dict)  # what it said when ready: model, stages, startup, ...
+    status: dict = field(default_factory=dict)  # memory and variants after its latest job
+    last_exit: dict | None = None
+    sent: dict[int, Job] = field(default_factory=dict)  # handed over, not started
+    running: dict[int, Job] = field(default_factory=dict)  # acked as started
+
+    @property
+    def load(self) -> int:
+        return len(self.sent) + len(self.running)
+
+    def report(self) -> dict:
+        running = next(iter(self.running.values()), None)
+        return {
+            "worker": self.index,
+            "gpu": self.gpu,
+            "device": f"cuda:{self.gpu}" if self.gpu is not None else "cpu",
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "running": running.kind if running else None,
+            "running_for_s": round(running.run_s, 3) if running else None,
+            "buffered": len(self.sent),
+            "completed": self.completed,
+            "error": self.error,
+            "last_exit": self.last_exit,
+            "startup": self.info.get("startup"),
+            "memory": self.status.get("memory"),
+            "variants": self.status.get("variants", []),
+        }
+
+
+class WorkerPool(GpuWorker):
+    def __init__(
+        self,
+        gpus: list[str | None],
+        loader: Callable[[str], Any],
+        settings,
+        capacity: int,
+        metrics=None,
+        slots: int = 1,
+        max_restarts: int = 5,
+        on_ready: Callable[[WorkerProcess], None] | None = None,
+        on_failed: Callable[[str], None] | None = None,
+    ):
+        super().__init__(capacity, metrics)
+        if not gpus:
+            raise ValueError("a worker pool needs at least one worker")
+        self.loader, self.settings, self.slots, self.max_restarts = loader, settings, slots, max_restarts
+        self.on_ready, self.on_failed = on_ready, on_failed
+        self.workers = [WorkerProcess(index, gpu) for index, gpu in enumerate(gpus)]
+        cpu_workers = sum(1 for gpu in gpus if gpu is None)
+        self.cpu_threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+        self._context = torch.multiprocessing.get_context("spawn")
+        self._ids = itertools.count()
+        self._cancels: list[tuple[WorkerProcess, int]] = []  # sent by the dispatcher thread, the only writer to the pipes
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._metrics = _worker_metrics(metrics, self) if metrics else None
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def running(self) -> Job | None:
+        return next((job for worker in self.workers for job in worker.running.values()), None)
+
+    @property
+    def running_count(self) -> int:
+        return sum(len(worker.running) for worker in self.workers)
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for worker in self.workers if worker.state == "ready")
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._jobs and not any(worker.load for worker in self.workers)
+
+    def retry_after(self) -> int:
+        per_job = self._seconds_per_job or 1.0
+        return int(min(300, max(1, math.ceil(per_job * (self.waiting + 1) / max(1, self.ready_workers)))))
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            return {
+                "capacity": self.capacity,
+                "waiting": len(self._jobs),
+                "running": self.running_count,
+                "completed": self.completed,
+                "seconds_per_job": round(self._seconds_per_job, 3) if self._seconds_per_job else None,
+                "workers": len(self.workers),
+                "workers_ready": self.ready_workers,
+                "slots_per_worker": self.slots,
+            }
+
+    def workers_report(self) -> list[dict]:
+        with self._cond:
+            return [worker.report() for worker in self.workers]
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        for worker in self.workers:
+            self._spawn(worker)
+        self._thread = threading.Thread(target=self._loop, name="worker-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drop the waiting jobs, let the started ones finish (until `timeout`), end the workers."""
+        deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
+        super().stop(None if self._thread is None else 0)  # drops the waiting jobs; the thread ends below
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            if worker.process is not None and worker.process.is_alive():
+                try:
+                    worker.inbox.send(("stop",))
+                except OSError:
+                    pass
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.join(max(0.1, deadline - time.monotonic()))
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(5)
+            worker.state = "stopped"
+
+    # -- submitting -----------------------------------------------------------------------------------
+    def submit(self, kind: str, fn, on_done=None, system: bool = False) -> Job:
+        """Queue a picklable call (`fn.run(engine)` runs in a worker); QueueFull beyond the capacity."""
+        job = super().submit(kind, fn, on_done, system)
+        self._wake()
+        return job
+
+    def cancel(self, job: Job, reason: str) -> bool:
+        """Drop a job still waiting here, or sent to a worker that has not started it (True)."""
+        if super().cancel(job, reason):
+            return True
+        with self._cond:
+            owner = next((worker for worker in self.workers if job in worker.sent.values()), None)
+            if owner is None or job.state != "queued":
+                return False
+            job.state = "cancelled"  # keeps its slot until the worker skips it (or, in a race, runs it for nobody)
+            job_id = next(key for key, value in owner.sent.items() if value is job)
+            self._cancels.append((owner, job_id))
+        if self.metrics:
+            self.metrics.jobs.labels(job.kind, f"cancelled_{reason}").inc()
+        self._wake()
+        return True
+
+    def run_waiting(self, exclude_kinds: tuple[str, ...] = ()) -> int:
+        raise RuntimeError("jobs that yield to others run on the in-process worker only, not with serve --gpus")
+
+    # -- the dispatcher thread ------------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def _spawn(self, worker: WorkerProcess) -> None:
+        inbox_read, inbox_write = self._context.Pipe(duplex=False)
+        outbox_read, outbox_write = self._context.Pipe(duplex=False)
+        worker.process = self._context.Process(
+            target=worker_main,
+            args=(worker.index, worker.gpu, self.loader, self.settings, inbox_read, outbox_write, self.cpu_threads),
+            name=f"kontext-worker-{worker.index}",
+            daemon=True,
+        )
+        worker.process.start()
+        inbox_read.close()  # the child holds these ends now; closing ours makes its death an EOF here
+        outbox_write.close()
+        worker.inbox, worker.outbox = inbox_write, outbox_read
+        worker.pid, worker.state, worker.started_at = worker.process.pid, "starting", time.monotonic()
+        log.info("worker %d (%s) started as pid %d", worker.index, worker.gpu if worker.gpu is not None else "cpu", worker.pid)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                in_flight = any(worker.load for worker in self.workers)
+                if self._stopping and not in_flight and not self._jobs:
+                    return
+                alive = [worker for worker in self.workers if worker.process is not None]
+            waitables = [self._wake_r] + [worker.outbox for worker in alive] + [worker.process.sentinel for worker in alive]
+            for ready in wait_for(waitables, timeout=1.0):
+                if ready == self._wake_r:
+                    while True:
+                        try:
+                            if not os.read(self._wake_r, 4096):
+                                break
+                        except BlockingIOError:
+                            break
+                    continue
+                for worker in alive:
+                    if worker.process is None:
+                        continue
+                    if ready is worker.outbox:
+                        self._receive(worker)
+                    elif ready == worker.process.sentinel:
+                        self._receive(worker)  # a result sent just before the death still counts
+                        self._on_death(worker)
+            self._send_cancels()
+            self._restart_due()
+            self._dispatch()
+
+    def _receive(self, worker: WorkerProcess) -> None:
+        try:
+            while worker.outbox.poll():
+                self._handle(worker, worker.outbox.recv())
+        except (EOFError, OSError):
+            pass  # the process sentinel reports the death
+
+    def _handle(self, worker: WorkerProcess, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            with self._cond:
+                worker.state, worker.info, worker.error = "ready", message[1], None
+                worker.status = {"memory": message[1].get("memory"), "variants": message[1].get("variants", [])}
+            log.info("worker %d ready (pid %s) after %.1f s", worker.index, worker.pid, time.monotonic() - worker.started_at)
+            if self.on_ready:
+                self.on_ready(worker)
+        elif kind == "load_failed":
+            with self._cond:
+                worker.state, worker.error = "failed", message[1]
+            log.error("worker %d could not load its engine: %s", worker.index, message[1])
+            self._check_all_failed()
+        elif kind == "started":
+            with self._cond:
+                job = worker.sent.pop(message[1])
+                worker.running[message[1]] = job
+                if job.state == "queued":
+                    job.state, job.started_at = "running", time.monotonic()
+            if self.metrics and job.state == "running":
+                self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
+        elif kind == "skipped":
+            with self._cond:
+                job = worker.sent.pop(message[1], None)
+            if job is not None and job.state == "queued":  # its deadline passed before it could start
+                self._finish_cancelled(job, "timeout", JobTimeout(job.queue_s, was_running=False))
+        elif kind in ("done", "failed"):
+            self._finished(worker, message)
+
+    def _finished(self, worker: WorkerProcess, message: tuple) -> None:
+        job_id, status = message[1], message[-1]
+        with self._cond:
+            job = worker.running.pop(job_id)
+            worker.completed += 1
+            worker.status = status
+            self.completed += 1
+            abandoned = job.state == "cancelled"  # cancelled while buffered, started in a race: nobody waits
+            job.finished_at = time.monotonic()
+        if message[0] == "done":
+            outcome, job.result = "ok", message[2]
+        else:
+            outcome = message[2]
+            job.error = _rebuild(outcome, job.kind, message[3])
+        if self._metrics:
+            self._metrics.jobs.labels(str(worker.index), outcome).inc()
+            self._metrics.memory(worker)
+        if abandoned:
+            return
+        job.state = "done" if job.error is None else "failed"
+        if self.metrics:
+            self.metrics.jobs.labels(job.kind, outcome).inc()
+            self.metrics.job_duration.labels(job.kind).observe(job.run_s)
+        if job.kind in ("inference", "edit") and job.error is None:
+            run_s = job.run_s
+            self._seconds_per_job = run_s if self._seconds_per_job is None else 0.8 * self._seconds_per_job + 0.2 * run_s
+        self._notify(job)
+
+    def _on_death(self, worker: WorkerProcess) -> None:
+        worker.process.join()
+        code = worker.process.exitcode
+        for end in (worker.inbox, worker.outbox):
+            end.close()
+        with self._cond:
+            lost = [job for job in worker.running.values() if job.state == "running"]
+            requeue = [job for job in worker.sent.values() if job.state == "queued"]
+            worker.running.clear()
+            worker.sent.clear()
+            self._jobs.extendleft(reversed(requeue))  # back to the front of the queue, in their order
+            worker.process, worker.inbox, worker.outbox = None, None, None
+            worker.last_exit = {"exit_code": code, "at": time.time(), "jobs_failed": len(lost), "jobs_requeued": len(requeue)}
+            was = worker.state
+            if self._stopping:
+                worker.state = "stopped"
+            elif was == "failed":
+                pass  # could not load: not restarted
+            elif worker.restarts >= self.max_restarts:
+                worker.state = "failed"
+                worker.error = f"died {worker.restarts + 1} times (last exit code {code}); not restarted again"
+            else:
+                worker.state = "restarting"
+                worker.next_start = time.monotonic() + BACKOFF_S[min(worker.restarts, len(BACKOFF_S) - 1)]
+        if not self._stopping and was != "failed":
+            log.warning(
+                "worker %d (pid %s) died with exit code %s: %d running job(s) failed, %d re-queued; %s",
+                worker.index,
+                worker.pid,
+                code,
+                len(lost),
+                len(requeue),
+                "restarting" if worker.state == "restarting" else worker.error,
+            )
+        for job in lost:
+            job.finished_at = time.monotonic()
+            job.state, job.error = "failed", WorkerDied(f"worker {worker.index} died with exit code {code} while running it")
+            if self.metrics:
+                self.metrics.jobs.labels(job.kind, "worker_died").inc()
+            self._notify(job)
+        self._check_all_failed()
+
+    def _check_all_failed(self) -> None:
+        if self.on_failed and all(worker.state == "failed" for worker in self.workers):
+            self.on_failed("; ".join(f"worker {worker.index}: {worker.error}" for worker in self.workers))
+
+    def _restart_due(self) -> None:
+        for worker in self.workers:
+            if worker.state == "restarting" and time.monotonic() >= worker.next_start and not self._stopping:
+                worker.restarts += 1
+                if self._metrics:
+                    self._metrics.restarts.labels(str(worker.index)).inc()
+                self._spawn(worker)
+
+    def _send_cancels(self) -> None:
+        with self._cond:
+            cancels, self._cancels = self._cancels, []
+        for worker, job_id in cancels:
+            self._send(worker, ("cancel", job_id))
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                free = [worker for worker in self.workers if worker.state == "ready" and worker.load < self.slots]
+                if not free or not self._jobs:
+                    return
+                worker = min(free, key=lambda candidate: candidate.load)
+                job = self._jobs.popleft()
+                job_id = next(self._ids)
+                worker.sent[job_id] = job
+            self._send(worker, ("job", job_id, job.kind, job.fn, getattr(job.fn, "deadline", math.inf)))
+
+    def _send(self, worker: WorkerProcess, message: tuple) -> None:
+        try:
+            worker.inbox.send(message)
+        except (OSError, AttributeError):
+            pass  # dying: its sentinel fires next and _on_death re-queues what it had not started
+
+
+def _rebuild(outcome: str, kind: str, portable: tuple[str, str, bytes | None]) -> BaseException:
+    """The worker's exception on this side: the original when it unpickles, else its name and message."""
+    import pickle
+
+    name, text, blob = portable
+    error: BaseException | None = None
+    if blob is not None:
+        try:
+            error = pickle.loads(blob)
+        except Exception:  # noqa: BLE001
+            error = None
+    if error is None:
+        error = RuntimeError(f"{name}: {text}")
+    if outcome == "out_of_memory":
+        return error if isinstance(error, GpuOutOfMemory) else GpuOutOfMemory(text)
+    if outcome == "failed":
+        return JobFailed(kind, error)
+    return error  # refused (the job's own reason, e.g. a LoraError) or cancelled (EditCancelled, JobCancelled), as raised
+
+
+class _WorkerMetrics:
+    def __init__(self, metrics, pool: WorkerPool):
+        from prometheus_client import Counter, Gauge
+
+        registry = metrics.registry
+        self.up = Gauge("kontext_worker_up", "1 while the worker has its engine loaded and takes jobs", ["worker"], registry=registry)
+        self.running = Gauge("kontext_worker_jobs_running", "Jobs running in the worker (0 or 1)", ["worker"], registry=registry)
+        self.restarts = Counter("kontext_worker_restarts_total", "Restarts after the worker died", ["worker"], registry=registry)
+        self.jobs = Counter("kontext_worker_jobs_total", "Jobs the worker finished, by outcome", ["worker", "outcome"], registry=registry)
+        self.gpu_memory = Gauge(
+            "kontext_worker_gpu_memory_bytes", "The worker's GPU memory after its latest job", ["worker", "kind"], registry=registry
+        )
+        for worker in pool.workers:
+            label = str(worker.index)
+            self.up.labels(label).set_function(lambda worker=worker: 1 if worker.state == "ready" else 0)
+            self.running.labels(label).set_function(lambda worker=worker: len(worker.running))
+            self.restarts.labels(label)
+
+    def memory(self, worker: WorkerProcess) -> None:
+        for key, value in (worker.status.get("memory") or {}).items():
+            if key.endswith("_gb") and isinstance(value, (int, float)):
+                self.gpu_memory.labels(str(worker.index), key[: -len("_gb")]).set(value * 2**30)
+
+
+def _worker_metrics(metrics, pool: WorkerPool) -> _WorkerMetrics:
+    return _WorkerMetrics(metrics, pool)
+
+
+__all__ = ["WorkerDied", "WorkerPool", "WorkerProcess", "WorkerStopped"]
