@@ -295,6 +295,10 @@ class GpuWorker:
             job.state = "done" if job.error is None else "failed"
             self._running = outer
             self.completed += 1
+        self._account(job, outcome)
+
+    def _account(self, job: Job, outcome: str) -> None:
+        """A finished job: its metrics, the Retry-After estimate, then whoever waits for it."""
         if self.metrics:
             self.metrics.jobs.labels(job.kind, outcome).inc()
             self.metrics.job_duration.labels(job.kind).observe(job.run_s)

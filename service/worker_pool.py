@@ -326,13 +326,7 @@ class WorkerPool(GpuWorker):
         if abandoned:
             return
         job.state = "done" if job.error is None else "failed"
-        if self.metrics:
-            self.metrics.jobs.labels(job.kind, outcome).inc()
-            self.metrics.job_duration.labels(job.kind).observe(job.run_s)
-        if job.kind in ("inference", "edit") and job.error is None:
-            run_s = job.run_s
-            self._seconds_per_job = run_s if self._seconds_per_job is None else 0.8 * self._seconds_per_job + 0.2 * run_s
-        self._notify(job)
+        self._account(job, outcome)
 
     def _on_death(self, worker: WorkerProcess) -> None:
         worker.process.join()
