@@ -61,7 +61,7 @@ class KontextReplica:
 
         from service.app import create_app
 
-        from .commands import load_engine
+        from .engine_loader import load_engine
         from .options import service_settings_from_args
 
         settings = service_settings_from_args(self.args)

@@ -52,7 +52,7 @@ def serve_context_parallel(args: argparse.Namespace, settings) -> int:
     from service.app import create_app
     from service.server import serve
 
-    from .commands import load_engine
+    from .engine_loader import load_engine
 
     if args.gpus:
         raise ValueError("--gpus and --context-parallel are two different launches: a worker per GPU, or one edit over all of them")

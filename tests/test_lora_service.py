@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 
-import httpx
 import pytest
 import safetensors.torch
 import torch
@@ -17,6 +16,7 @@ from engine.engine import KontextEngine
 from engine.lora_settings import LoraSettings
 from service.app import create_app
 from service.settings import ServiceSettings
+from tests.asgi_client import ready_client
 from tests.conftest import LORA_TEST_RANK
 from tests.test_lora_files import BAD_FILES, _bad_files
 
@@ -39,13 +39,7 @@ def scenario(app, steps):
     """Run `steps(client)` against a started app."""
 
     async def run():
-        service = app.state.service
-        service.start()
-        for _ in range(200):
-            if service.ready:
-                break
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+        async with await ready_client(app, timeout=120) as client:
             return await steps(client)
 
     return asyncio.run(run())

@@ -104,10 +104,9 @@ def test_vae_tiling_tiles_only_above_the_tile_size(monkeypatch, request_at_tile_
 def test_out_of_memory_in_an_offloaded_edit_fails_that_request_and_the_next_is_served(request_at_tile_size):
     """As for a resident model (tests/test_service_queue.py): 503, memory released, serving on,
     here with the transformer's and text encoders' offload hooks in the way."""
-    import httpx
-
     from service.app import create_app
     from service.settings import ServiceSettings
+    from tests.asgi_client import ready_client
 
     engine = _engine(**get_tier("tiny").changes)
     body = {"prompt": "make the sky red", "width": 64, "height": 64, "steps": 2, "seed": 4}
@@ -123,13 +122,7 @@ def test_out_of_memory_in_an_offloaded_edit_fails_that_request_and_the_next_is_s
     app = create_app(engine, ServiceSettings(warmup=False))
 
     async def scenario():
-        service = app.state.service
-        service.start()
-        for _ in range(100):
-            if service.ready:
-                break
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client:
+        async with await ready_client(app) as client:
             failed = await client.post("/inference", json=body, headers={"Accept": "application/json"})
             served = await client.post("/inference", json=body, headers={"Accept": "image/png"})
             return failed, served

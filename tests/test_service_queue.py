@@ -9,7 +9,6 @@ import asyncio
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ import service.queue as queue_module
 from service.app import create_app
 from service.queue import ClientGone, GpuWorker
 from service.settings import ServiceSettings
+from tests.asgi_client import ready_client
 
 SMALL = {"prompt": "make the sky red", "width": 32, "height": 32, "steps": 1, "seed": 1}
 
@@ -47,16 +47,6 @@ def _app(engine, **settings):
     return create_app(engine, ServiceSettings(warmup=False, **settings))
 
 
-async def _ready(app) -> httpx.AsyncClient:
-    service = app.state.service
-    service.start()
-    for _ in range(100):
-        if service.ready:
-            break
-        await asyncio.sleep(0.05)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
-
-
 def _metric(text: str, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
@@ -70,7 +60,7 @@ def test_out_of_memory_fails_one_request_and_the_server_recovers(tiny_engine, mo
     app = _app(engine)
 
     async def scenario():
-        async with await _ready(app) as client:
+        async with await ready_client(app) as client:
             failed = await client.post("/inference", json=SMALL)
             served = await client.post("/inference", json=SMALL)
             health = await client.get("/health")
@@ -103,7 +93,7 @@ def test_timeouts_count_queued_time_and_queued_jobs_never_run(tiny_engine):
     app = _app(engine, request_timeout_s=1.0)
 
     async def scenario():
-        async with await _ready(app) as client:
+        async with await ready_client(app) as client:
             first = asyncio.create_task(client.post("/inference", json=SMALL))
             await asyncio.sleep(0.3)
             second = await client.post("/inference", json=SMALL)
@@ -135,7 +125,7 @@ def test_full_queue_answers_429_with_retry_after_at_once(tiny_engine):
     app = _app(engine, queue_size=1)
 
     async def scenario():
-        async with await _ready(app) as client:
+        async with await ready_client(app) as client:
             running = asyncio.create_task(client.post("/inference", json=SMALL))
             await asyncio.sleep(0.3)
             waiting = asyncio.create_task(client.post("/inference", json=SMALL))
@@ -181,7 +171,7 @@ def test_without_per_request_variants_build_stages_follow_the_server(tiny_engine
     app = _app(tiny_engine, per_request_variants=False)
 
     async def scenario():
-        async with await _ready(app) as client:
+        async with await ready_client(app) as client:
             return await client.post(
                 "/inference", json={**SMALL, "optimizations": {"compile": True, "cache_threshold": 0.3}, "use_qkv_fusion": True}
             )
@@ -253,7 +243,7 @@ def test_a_benchmark_through_http_yields_to_an_edit(tiny_engine):
     engine.edit = edit
 
     async def scenario():
-        async with await _ready(app) as client:
+        async with await ready_client(app) as client:
             assert (await client.post("/benchmark")).status_code == 202
             while not benchmark_edits:
                 await asyncio.sleep(0.02)
