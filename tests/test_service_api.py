@@ -39,6 +39,12 @@ README_OPENAI_EDIT = (
     'curl -s -X POST http://localhost:8000/v1/images/edits -F image=@in.png -F prompt="make the sky red" -F size=256x256 '
     "-F response_format=b64_json | jq -r '.data[0].b64_json' | base64 -d > out.png"
 )
+README_JSON_EDIT = (
+    'base64 -w0 in.png | jq -Rs \'{prompt: "make the sky red", image: ., seed: 0, optimizations: {compile: false, fuse_qkv: true, '
+    'first_block_cache: true, cache_threshold: 0.12, attention: "fa3", quantization: "auto", scheduler: "dpmpp_2m_karras"}}\' \\\n'
+    '  | curl -s -X POST http://localhost:8000/inference -H "Content-Type: application/json" -d @- \\\n'
+    "  | jq '{seed, width, height, timings, active_stages, skipped_stages, quantization, model, extras, warnings}'"
+)
 README_TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 SMALL = {"prompt": "make the sky red", "width": 64, "height": 64, "steps": 2, "seed": 3}
 
@@ -84,7 +90,7 @@ def wait_benchmark_idle(client: httpx.Client, timeout: float = 240) -> None:
 
 # -- the README's commands, verbatim --------------------------------------------------------------
 def test_the_commands_tested_here_are_the_readmes():
-    for command in (README_INFERENCE, README_BENCHMARK, README_HEALTH, README_OPENAI_EDIT, *README_TRY_IT):
+    for command in (README_INFERENCE, README_BENCHMARK, README_HEALTH, README_OPENAI_EDIT, README_JSON_EDIT, *README_TRY_IT):
         assert command in README_TEXT, command
 
 
@@ -97,6 +103,11 @@ def test_readme_try_it_commands_work_as_written(server, tmp_path):
     run_literal(README_TRY_IT[2], server.port, cwd=tmp_path)
     with Image.open(tmp_path / "out.png") as edited:
         assert edited.format == "PNG" and edited.size == (256, 256)
+    # The JSON edit with per-stage overrides, on the picture the second command made.
+    body = json.loads(run_literal(README_JSON_EDIT, server.port, cwd=tmp_path))
+    assert (body["seed"], body["width"], body["height"]) == (0, 256, 256), body
+    assert {"fuse_qkv", "first_block_cache", "scheduler"} <= set(body["active_stages"]), body["active_stages"]
+    assert set(body["skipped_stages"]) == {"attention", "quantization"}, body["skipped_stages"]
 
 
 def test_readme_inference_curl_succeeds_and_reports_skipped_gpu_stages(server):
