@@ -70,7 +70,7 @@ TIERS: tuple[Tier, ...] = (
         {},
         TRANSFORMER_BF16_GIB + T5_BF16_GIB + CLIP_GIB + VAE_GIB,
         0.0,
-        "everything resident, as configured (a quantized variant is built from the resident bf16 weights)",
+        "everything resident, as configured (a quantized variant is built from the resident full-precision weights)",
         "the reference",
     ),
     Tier(

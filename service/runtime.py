@@ -109,7 +109,10 @@ class Service:
             path = default_bundle_path(active_cache_dir(), key)
         outcome = load_bundle(Path(path) if path else None, key)
         self.startup["compile_artifacts"] = outcome.as_dict()
-        log.info(describe(outcome))
+        # The default place is empty on every start without `precompile` (and always with compile
+        # off): worth a line only when a bundle was asked for or found there.
+        found = path is not None and Path(path).is_file()
+        log.log(logging.INFO if self.settings.compile_artifacts is not None or found else logging.DEBUG, describe(outcome))
 
     def begin_drain(self) -> None:
         if not self.draining:

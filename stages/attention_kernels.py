@@ -58,51 +58,39 @@ def qk_norm_bound(*norms: torch.nn.Module, head_dim: int) -> torch.Tensor:
     return largest * head_dim**0.5
 
 
-@dataclass(frozen=True)
-class Fp8Qkv:
-    """Q, K and V in e4m3 with the descales FA3 takes (one per batch and head)."""
-
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    q_scale: torch.Tensor
-    k_scale: torch.Tensor
-    v_scale: torch.Tensor
-
-
-def quantize_qkv_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> Fp8Qkv:
-    """Q and K scaled by their norm bound (one fused pass, no reduction); V, which no norm bounds, by
-    its per-head maximum."""
+def quantize_qkv_fp8(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(q8, k8, v8, q_scale, k_scale, v_scale): e4m3 tensors and the descales FA3 takes, one per batch
+    and head. Q and K are scaled by their norm bound (one fused pass, no reduction); V, which no norm
+    bounds, by its per-head maximum. Plain tensors, not a container: this runs inside compiled graphs."""
     q8, q_scale = _fp8_bounded(query, q_bound)
     k8, k_scale = _fp8_bounded(key, k_bound)
     v8, v_scale = _fp8_per_head(value)
-    return Fp8Qkv(q8, k8, v8, q_scale, k_scale, v_scale)
+    return q8, k8, v8, q_scale, k_scale, v_scale
 
 
-def fa3_on_fp8(qkv: Fp8Qkv) -> torch.Tensor:
+def fa3_on_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor):
     """The FA3 FP8 kernel alone (the roofline times it apart from the quantization, which the
     compiled model fuses into the kernels before it); the output is bf16."""
-    scale = qkv.query.shape[-1] ** -0.5
-    out, *_ = _fa3_forward()(
-        qkv.query, qkv.key, qkv.value, q_descale=qkv.q_scale, k_descale=qkv.k_scale, v_descale=qkv.v_scale, softmax_scale=scale
-    )
+    out, *_ = _fa3_forward()(q8, k8, v8, q_descale=q_scale, k_descale=k_scale, v_descale=v_scale, softmax_scale=q8.shape[-1] ** -0.5)
     return out
 
 
 def fa3_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
     """FA3 with FP8 Q/K/V; the output is bf16."""
-    return fa3_on_fp8(quantize_qkv_fp8(query, key, value, q_bound, k_bound)).to(query.dtype)
+    return fa3_on_fp8(*quantize_qkv_fp8(query, key, value, q_bound, k_bound)).to(query.dtype)
 
 
 def fp8_emulated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
     """fa3_fp8's quantization with exact attention on the dequantized values: the CPU reference for
     what the FP8 scaling alone costs (tests; no FA3 needed)."""
-    qkv = quantize_qkv_fp8(query, key, value, q_bound, k_bound)
+    q8, k8, v8, q_scale, k_scale, v_scale = quantize_qkv_fp8(query, key, value, q_bound, k_bound)
 
     def restore(x8, scale):
         return x8.float() * scale[:, None, :, None]
 
-    return sdpa(restore(qkv.query, qkv.q_scale), restore(qkv.key, qkv.k_scale), restore(qkv.value, qkv.v_scale)).to(query.dtype)
+    return sdpa(restore(q8, q_scale), restore(k8, k_scale), restore(v8, v_scale)).to(query.dtype)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
         # fused into the kernels before attention (the profile counts it as quantization). Timing it
         # here, eager and unfused, put this ceiling at 471 TFLOP/s, below bf16 FA3's 679 (H100).
         quantized = attention_kernels.quantize_qkv_fp8(q, k, v, q.abs().amax(), k.abs().amax())
-        ceilings["attention_fa3_fp8"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_on_fp8(quantized)) / 1e9
+        ceilings["attention_fa3_fp8"] = attention_flops / median_cuda_ms(lambda: attention_kernels.fa3_on_fp8(*quantized)) / 1e9
     except (ImportError, RuntimeError):
         pass
     return {name: round(value, 1) for name, value in ceilings.items()}
