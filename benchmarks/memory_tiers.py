@@ -49,11 +49,10 @@ TIER_ROWS = {  # row -> (tier, knobs that differ from the tier's own)
 # The T5 on the CPU may take seconds per request: that row times one edit, to keep the run near 5 minutes.
 ROW_REPEATS = {"small-cpu-text": 1}
 LOAD_ROWS = ("bf16, quantized on the GPU", "bf16, quantized while read", "prequantized")
-# Imported once in the fork server, before any job forks from it. Only torch, which leaves CUDA
-# uninitialised: with transformers and the engine's modules preloaded too, every child failed on an
-# H100 with "Cannot re-initialize CUDA in forked subprocess" (one of those imports initialises CUDA;
-# diffusers and torchao alone do not, checked there).
-PRELOAD = ["torch"]
+# Imported once in the fork server, before any job forks from it: only what leaves CUDA uninitialised
+# (checked on an H100 for these three). With transformers and the engine's modules preloaded too,
+# every child failed there with "Cannot re-initialize CUDA in forked subprocess".
+PRELOAD = ["torch", "diffusers", "torchao"]
 
 
 def main(argv: list[str] | None = None) -> int:
