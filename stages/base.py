@@ -153,6 +153,16 @@ class Stage:
     def active_detail(self, config: OptimizationConfig, env: Environment) -> str:
         return ""
 
+    def unrequested_or_unmet(self, config: OptimizationConfig, env: Environment) -> tuple[OptimizationConfig, StageReport] | None:
+        """The start of a `resolve` that picks a format itself rather than asking `availability`: the
+        answer when this stage is not asked for or this machine lacks its requirements, else None."""
+        if not self.is_requested(config):
+            return config, StageReport(self.name, requested=False, active=False)
+        unmet = self.requirements.unmet(env)
+        if unmet:
+            return self.switched_off(config), StageReport(self.name, True, False, reason=unmet)
+        return None
+
     # -- the phases (a stage implements exactly the hooks of the phases it declares) ------------
     def apply_weights(self, transformer: torch.nn.Module, config: OptimizationConfig, build: BuildContext) -> None:
         raise NotImplementedError

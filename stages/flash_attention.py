@@ -10,7 +10,7 @@ through diffusers' own `_native_cudnn` backend and says so; `cudnn` asks for tha
 from __future__ import annotations
 
 from .attention_kernels import FA3_MODULE, KERNELS
-from .base import Availability, ChoiceStage, Phase, StageReport
+from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
 from .flux_attention_processor import flux_attention_modules, set_attention_kernel
 
 HOPPER = (9, 0)
@@ -34,6 +34,7 @@ class FlashAttention(ChoiceStage):
     benchmark_stage = 2
     title = "FlashAttention 3"
     summary = "FlashAttention 3 (bf16, or FP8 with per-head scales) for the joint attention; cuDNN SDPA fallback."
+    requirements = Requirements(cuda=True)
     phases = frozenset({Phase.EXECUTION})
 
     def availability(self, env):
@@ -45,10 +46,9 @@ class FlashAttention(ChoiceStage):
         return Availability(False, reason)
 
     def resolve(self, config, env):
-        if not self.is_requested(config):
-            return config, StageReport(self.name, requested=False, active=False)
-        if not env.has_cuda:
-            return self.switched_off(config), StageReport(self.name, True, False, reason="needs a CUDA GPU; this machine has none")
+        settled = self.unrequested_or_unmet(config, env)
+        if settled is not None:
+            return settled
         if config.attention in ("fa3", "fa3_fp8"):
             reason = _fa3_unavailable_reason(env)
             if reason:

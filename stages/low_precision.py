@@ -119,11 +119,9 @@ class LowPrecision(ChoiceStage):
         return Availability(True, detail=f"native: {best}; auto = {best}")
 
     def resolve(self, config, env):
-        if not self.is_requested(config):
-            return config, StageReport(self.name, requested=False, active=False)
-        unmet = self.requirements.unmet(env)
-        if unmet:
-            return self.switched_off(config), StageReport(self.name, True, False, reason=unmet)
+        settled = self.unrequested_or_unmet(config, env)
+        if settled is not None:
+            return settled
         fmt, detail, reason = _plan(config.quantization, env.compute_capability)
         if fmt is None:
             return self.switched_off(config), StageReport(self.name, True, False, reason=reason)

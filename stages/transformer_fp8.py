@@ -88,11 +88,9 @@ class TransformerFp8(ChoiceStage):
         return Availability(True, detail="auto = weight_only (no FP8 tensor cores here: FP8 storage, bf16 GEMMs)")
 
     def resolve(self, config, env):
-        if not self.is_requested(config):
-            return config, StageReport(self.name, requested=False, active=False)
-        unmet = self.requirements.unmet(env)
-        if unmet:
-            return self.switched_off(config), StageReport(self.name, True, False, reason=unmet)
+        settled = self.unrequested_or_unmet(config, env)
+        if settled is not None:
+            return settled
         fmt, reason = config.transformer_fp8, ""
         if fmt == "auto":
             fmt = "rowwise" if has_fp8_gemms(env) else "weight_only"
