@@ -9,7 +9,10 @@
 #
 # Parts: startup (cold compile via precompile, then serve with the bundle on empty caches),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
-# the option rows), lora, tiers. Everything uses synthetic-full (random weights) at 1024x1024.
+# the option rows), lora (slots, the default), lora-merge (merge mode); whichever of these two runs
+# second compares its one-adapter picture with the other's; lora-sized (slots sized to one rank-32 adapter), lora-gpu-tests,
+# gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
+# tiers. Everything uses synthetic-full (random weights) at 1024x1024.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=/tmp/gs/results
@@ -38,8 +41,22 @@ for name in "$@"; do
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
     lora)
-      python3 -m benchmarks.lora_bench --model synthetic-full --compile-cache "$CACHE" --out "$RESULTS/lora"
+      compare=(); [ -f "$RESULTS/lora-merge/lora.json" ] && compare=(--compare-with "$RESULTS/lora-merge")
+      python3 -m benchmarks.lora_bench --model synthetic-full "${compare[@]}" --compile-cache "$CACHE" --out "$RESULTS/lora"
       done_ lora $? ;;
+    lora-merge)
+      compare=(); [ -f "$RESULTS/lora/lora.json" ] && compare=(--compare-with "$RESULTS/lora")
+      python3 -m benchmarks.lora_bench --model synthetic-full --mode merge "${compare[@]}" --compile-cache "$CACHE" --out "$RESULTS/lora-merge"
+      done_ lora-merge $? ;;
+    lora-sized)
+      python3 -m benchmarks.lora_bench --model synthetic-full --slots 1 --max-rank 32 --repeats 3 --compile-cache "$CACHE" --out "$RESULTS/lora-sized"
+      done_ lora-sized $? ;;
+    lora-gpu-tests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_lora_gpu.py > "$RESULTS/lora_gpu_tests.txt" 2>&1
+      done_ lora-gpu-tests $? ;;
+    gemm-templates)
+      timeout 330 python3 -m benchmarks.step_lab inductor --stages 3 --candidates default,gemm_templates --out "$RESULTS/gemm-templates"
+      done_ gemm-templates $? ;;
     tiers)
       python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers"
       done_ tiers $? ;;

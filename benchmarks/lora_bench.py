@@ -1,16 +1,22 @@
-"""LoRA on the full stack: adapter load and swap times, step time with one and two adapters against
-none, new compiled graphs after swaps (must be 0), peak memory. Writes lora.json and lora.md.
+"""LoRA on the full stack, in one of the two modes (serve --lora-mode): adapter load and swap times,
+step time with one and two adapters against none, new compiled graphs after swaps (must be 0), peak
+memory. Writes lora.json, lora.md and one_adapter.png (the one-adapter picture, so that two runs in
+different modes can be compared with --compare-with).
 
     python -m benchmarks.lora_bench --model synthetic-full --out benchmarks/results/lora-<gpu>-<date>
     python -m benchmarks.lora_bench --model tiny --device cpu --size 64 --steps 2 --repeats 1 --out /tmp/lora-cpu
+    python -m benchmarks.lora_bench --model tiny --device cpu --size 64 --steps 2 --repeats 1 --mode merge \
+        --compare-with /tmp/lora-cpu --out /tmp/lora-cpu-merge
 
 Two adapters are made in code with peft (rank 32 by default, every attention and MLP Linear of the
 blocks), saved in diffusers' layout into a temporary LoRA directory and loaded through the engine's
 library, as a server loads them. The config is the cumulative preset (5: everything) with the
 first-block cache off, whose skips on random weights would mean nothing. After warm-up (compiling
 the variants with and without LoRA slots), a sequence of swaps runs (other adapters, other scales,
-scale 0, none), then timed edits interleave none / one / two adapters. Exits 1 when a swap compiled
-anything or scale 0 did not reproduce the output without adapters bit for bit.
+scale 0, none), then timed edits interleave none / one / two adapters, so that in merge mode every
+timed edit changes the adapter set (the worst case: a restore and a merge each time). Exits 1 when a
+swap compiled anything, scale 0 did not reproduce the output without adapters bit for bit, or the
+output without adapters after all the swaps is not the first one bit for bit.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="synthetic-full")
     parser.add_argument("--device", default=None, help="default: cuda:0 if present")
     parser.add_argument("--preset", type=int, default=5, help="cumulative preset (the first-block cache is always off)")
+    parser.add_argument("--mode", choices=("slots", "merge"), default="slots", help="how adapters run (serve --lora-mode)")
+    parser.add_argument("--compare-with", type=Path, default=None, help="another run's folder: PSNR of its one-adapter picture to ours")
     parser.add_argument("--rank", type=int, default=32, help="rank of the two adapters made in code")
     parser.add_argument("--slots", type=int, default=None, help="LoRA slots (default: the server's default)")
     parser.add_argument("--max-rank", type=int, default=None, help="slot rank (default: the server's default)")
@@ -68,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = LoraSettings()
     lora_dir = Path(tempfile.mkdtemp(prefix="lora-bench-"))
-    settings = LoraSettings(directory=str(lora_dir), slots=args.slots or defaults.slots, max_rank=args.max_rank or defaults.max_rank)
+    settings = LoraSettings(
+        directory=str(lora_dir), mode=args.mode, slots=args.slots or defaults.slots, max_rank=args.max_rank or defaults.max_rank
+    )
     config = cumulative_config(args.preset).with_changes(first_block_cache=False)
     engine = KontextEngine.load(args.model, args.device, config, lora=settings)
     cuda = engine.env.has_cuda
     report: dict = {
         "model": args.model,
+        "mode": args.mode,
         "config": engine.resolve(config).effective.describe(),
         "adapter_rank": args.rank,
         "slots": settings.slots,
@@ -97,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         return result, peak
 
     report["first_edit_s"] = {}
+    first_images = {}
     for label, loras in SETS.items():  # warm-up: the first edit of each variant compiles it
         for index in range(args.warmup):
             started = time.perf_counter()
-            run(loras)
+            result, _ = run(loras)
+            first_images.setdefault(label, result.images[0])
             if index == 0:
                 report["first_edit_s"][label] = round(time.perf_counter() - started, 2)
 
@@ -109,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for loras in SWAPS:
         result, _ = run(loras)
         swap_images[loras] = result.images[0].tobytes()
-    rows = {label: {"step_s": [], "edit_s": [], "swap_ms": [], "peak_gb": []} for label in SETS}
+    rows = {label: {"step_s": [], "edit_s": [], "swap_ms": [], "restore_ms": [], "peak_gb": []} for label in SETS}
     for _ in range(args.repeats):  # interleaved, so that drift (clocks, heat) hits every set alike
         for label, loras in SETS.items():
             result, peak = run(loras)
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             row["edit_s"].append(result.timings.total_s)
             if "lora" in result.extras:
                 row["swap_ms"].append(result.extras["lora"]["swap_s"] * 1e3)
+                if "restore_s" in result.extras["lora"]:
+                    row["restore_ms"].append(result.extras["lora"]["restore_s"] * 1e3)
             if peak is not None:
                 row["peak_gb"].append(peak)
     report["swaps"] = len(SWAPS)
@@ -125,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     moved = {key: value - inductor.get(key, 0) for key, value in counters["inductor"].items() if value != inductor.get(key, 0)}
     report["cudagraph_counters_after_warmup"] = {key: change for key, change in moved.items() if "cudagraph" in key}
     report["scale_0_is_the_base_bit_for_bit"] = swap_images[(("bench_a", 0.0),)] == swap_images[()]
+    last_none, _ = run(())
+    report["base_after_all_swaps_is_the_first_bit_for_bit"] = last_none.images[0].tobytes() == first_images["none"].tobytes()
+    if args.mode == "merge":
+        report["host_backup_gb"] = round(engine.merged.backup_bytes / 2**30, 2)
     report["steps"] = result.steps
     report["size"] = f"{side}x{side}"
     report["rows"] = _summarize(rows)
@@ -132,13 +151,34 @@ def main(argv: list[str] | None = None) -> int:
     report["meta"] = environment_meta(engine)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    first_images["one adapter"].save(args.out / "one_adapter.png")
+    if args.compare_with:
+        report["vs_other_run"] = _compare(args.compare_with, first_images["one adapter"])
     (args.out / "lora.json").write_text(json.dumps(report, indent=2))
     (args.out / "lora.md").write_text(markdown(report))
     print(markdown(report))
     ok = report["new_graphs_after_warmup"] == 0 and report["scale_0_is_the_base_bit_for_bit"]
+    ok = ok and report["base_after_all_swaps_is_the_first_bit_for_bit"]
     if not ok:
-        print("FAILED: a swap compiled new graphs, or scale 0 did not reproduce the base output")
+        print("FAILED: a swap compiled new graphs, or scale 0 or the last edit without adapters did not reproduce the base output")
     return 0 if ok else 1
+
+
+def _compare(other_run: Path, image) -> dict:
+    """PSNR and relative L2 of this run's one-adapter picture against another run's (e.g. slots vs merge)."""
+    import numpy as np
+    from PIL import Image
+
+    other = json.loads((other_run / "lora.json").read_text())
+    ours = np.asarray(image, dtype=np.float64)
+    theirs = np.asarray(Image.open(other_run / "one_adapter.png").convert("RGB"), dtype=np.float64)
+    mse = float(((ours - theirs) ** 2).mean())
+    return {
+        "other_mode": other.get("mode", "slots"),
+        "psnr_db": round(float(10 * np.log10(255**2 / mse)), 2) if mse else float("inf"),
+        "relative_l2": round(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)), 5),
+        "max_abs": int(np.abs(ours - theirs).max()),
+    }
 
 
 def _make_and_load(engine, lora_dir: Path, rank: int, random_adapter, save_diffusers, block_targets) -> list[dict]:
@@ -171,6 +211,7 @@ def _summarize(rows: dict) -> dict:
             "step_vs_none": round(step / none, 3) if none else None,
             "median_edit_s": round(statistics.median(row["edit_s"]), 3),
             "median_swap_ms": round(statistics.median(row["swap_ms"]), 2) if row["swap_ms"] else None,
+            "median_restore_ms": round(statistics.median(row["restore_ms"]), 2) if row["restore_ms"] else None,
             "peak_gb": round(max(row["peak_gb"]), 2) if row["peak_gb"] else None,
         }
     return summary
@@ -178,16 +219,21 @@ def _summarize(rows: dict) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# LoRA on {report['meta']['device']}: {report['model']}, {report['size']}, {report['steps']} steps",
+        f"# LoRA ({report['mode']} mode) on {report['meta']['device']}: {report['model']}, {report['size']}, {report['steps']} steps",
         "",
         f"Config: {report['config']}. Adapters: rank {report['adapter_rank']} on every attention and MLP Linear of the blocks; "
-        f"{report['slots']} slots of rank {report['slot_rank']}.",
+        + (
+            f"{report['slots']} slots of rank {report['slot_rank']}."
+            if report["mode"] == "slots"
+            else f"merged into the weights (host copy of the base weights: {report.get('host_backup_gb')} GB)."
+        ),
         "",
-        "| adapters | median step ms | vs none | median edit s | swap ms | peak GB |",
-        "|---|---|---|---|---|---|",
+        "| adapters | median step ms | vs none | median edit s | swap ms | of which restore ms | peak GB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, row in report["rows"].items():
-        cells = [row["median_step_ms"], row["step_vs_none"], row["median_edit_s"], row["median_swap_ms"], row["peak_gb"]]
+        cells = [row["median_step_ms"], row["step_vs_none"], row["median_edit_s"], row["median_swap_ms"]]
+        cells += [row.get("median_restore_ms"), row["peak_gb"]]
         lines.append(f"| {label} | " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
     lines += ["", "| adapter | file MB | layers | load s | device MB |", "|---|---|---|---|---|"]
     for row in report["adapters"]:
@@ -201,7 +247,13 @@ def markdown(report: dict) -> str:
         f"- First edit per adapter set (compiles its variant): {report['first_edit_s']}",
         f"- New compiled graphs over {report['swaps']} swaps and the timed edits after warm-up: **{report['new_graphs_after_warmup']}** "
         f"(Dynamo's unique_graphs); CUDA-graph counters that moved: {report['cudagraph_counters_after_warmup'] or 'none'}",
-        f"- Scale 0 reproduces the output without adapters bit for bit: **{report['scale_0_is_the_base_bit_for_bit']}**",
+        f"- Scale 0 reproduces the output without adapters bit for bit: **{report['scale_0_is_the_base_bit_for_bit']}**; "
+        f"the last edit without adapters reproduces the first: **{report['base_after_all_swaps_is_the_first_bit_for_bit']}**",
+        *(
+            [f"- One-adapter picture against the {report['vs_other_run']['other_mode']} run: {report['vs_other_run']}"]
+            if "vs_other_run" in report
+            else []
+        ),
         f"- torch {report['meta']['torch']}, CUDA {report['meta']['cuda']}, {report['meta']['date']}",
     ]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from engine import __version__
-from engine.lora_settings import DEFAULT_LORA_DIR, LORA_DIR_ENV, LoraSettings
+from engine.lora_settings import DEFAULT_LORA_DIR, LORA_DIR_ENV, LORA_MODES, LoraSettings
 from engine.memory_plan import TIERS
 from engine.model_specs import HUB_DEFAULT, MODEL_ENV_VAR
 from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
@@ -128,12 +128,19 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the adapter directory: NAME.safetensors files (env {LORA_DIR_ENV}; default ~/{DEFAULT_LORA_DIR.relative_to(Path.home())})",
     )
+    group.add_argument(
+        "--lora-mode",
+        choices=LORA_MODES,
+        default=d.mode,
+        help="slots: adapters run beside the weights, any mix of requests, extra time per step; "
+        "merge: adapters merged into the weights, no extra time per step, a restore and merge whenever the adapter set changes",
+    )
     group.add_argument("--lora-slots", type=int, default=d.slots, help="adapters one request may combine")
     group.add_argument(
         "--lora-max-rank",
         type=int,
         default=d.max_rank,
-        help="the largest adapter rank accepted; every slot has this rank (memory, GEMM width)",
+        help="the largest adapter rank accepted; in slots mode every slot has this rank (memory, GEMM width)",
     )
     group.add_argument("--lora-max-mb", type=float, default=d.max_bytes / 2**20, help="adapter file size limit")
     group.add_argument("--lora-max-loaded", type=int, default=d.max_loaded, help="adapters kept loaded at once (in device memory)")
@@ -142,6 +149,7 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
 def lora_settings_from_args(args: argparse.Namespace, preload: tuple[str, ...] = ()) -> LoraSettings:
     return LoraSettings(
         directory=args.lora_dir,
+        mode=args.lora_mode,
         slots=args.lora_slots,
         max_rank=args.lora_max_rank,
         max_bytes=int(args.lora_max_mb * 2**20),

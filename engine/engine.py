@@ -6,8 +6,9 @@
 An edit has three parts. `prepare` resolves the config against this machine (unavailable stages are
 switched off and reported), fetches or builds the matching variant (engine/variants.py), and lets
 the stages set per-request state (a request's LoRA adapters, picked from the engine's library, run on
-the LoRA variant's slots; engine/loras.py); `denoise` runs the pipeline to latents, with timing marks around
-text encoding, VAE encoding and every step; `decode` turns the latents into pictures.
+the LoRA variant's slots, or are merged into the weights in merge mode; engine/loras.py); `denoise`
+runs the pipeline to latents, with timing marks around text encoding, VAE encoding and every step;
+`decode` turns the latents into pictures.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from stages.base import BuildContext, Phase, RequestContext
 from stages.config import LOAD_FIELDS, OptimizationConfig
 from stages.environment import Environment, current_environment
+from stages.lora_merge import MergedLoras, UnmergeableWeight
 from stages.registry import ResolvedConfig, resolve, stage_status, stages_in
 from stages.scheduler import DEFAULT_STEPS, build_scheduler
 from stages.tensors import has_quantized_weights
@@ -87,6 +89,7 @@ class KontextEngine:
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
         self._apply_load_stages()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
+        self.merged = MergedLoras()  # merge mode: the adapters in the weights now
         self.loras.preload()
 
     @classmethod
@@ -177,7 +180,7 @@ class KontextEngine:
             timings = timer.finish(variant_build_s=prepared.build_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
-            if "swap_s" in prepared.stage_state.extras.get("lora", {}):
+            if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
                 self.loras.record_swap(prepared.stage_state.extras["lora"]["swap_s"])
         return EditResult(
             images=images,
@@ -201,10 +204,13 @@ class KontextEngine:
     def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
         """Resolve the config, fetch or build its variant, and decide size, seed, steps and sampler."""
         loras = self.loras.pick(request.loras)
-        resolved = self.resolve(self.with_lora_slots(config or self.default_config, bool(loras)))
-        if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
+        merging = self.loras.settings.merges
+        resolved = self.resolve(self.with_lora_slots(config or self.default_config, bool(loras) and not merging))
+        if loras and not merging and not resolved.report("lora").active:  # never run a request without the adapters it named
             raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
         effective = resolved.effective
+        merge_key = self.variants.execution_key(effective)
+        restore_s = self.merged.restore() if merging and not self.merged.holds(merge_key, loras) else 0.0
         pipe, variant, build_s = self.variants.pipeline_for(effective)
         pipe.scheduler = build_scheduler(effective.scheduler, self.loaded.pipe.scheduler.config)
         input_size = request.image.size if request.image else None
@@ -219,6 +225,8 @@ class KontextEngine:
         for stage in stages_in(Phase.REQUEST):
             if stage.is_requested(effective):
                 stage.apply_request(state, effective)
+        if merging and (loras or restore_s):
+            state.extras["lora"] = self._merged_for(pipe.transformer, merge_key, loras, restore_s)
         return PreparedEdit(
             request=request,
             resolved=resolved,
@@ -232,6 +240,24 @@ class KontextEngine:
             height=height,
             image=self._conditioning_image(request.image, width, height),
         )
+
+    def _merged_for(self, transformer: torch.nn.Module, key: tuple, loras, restore_s: float) -> dict:
+        """Merge mode: the request's adapters in the weights (merged unless they already are), and
+        what it cost; a refused merge leaves the base weights and raises a 422."""
+        merge_s = 0.0
+        if not self.merged.holds(key, loras):
+            try:
+                merge_s = self.merged.merge(transformer, key, loras)
+            except (ValueError, UnmergeableWeight) as error:
+                raise LoraError(f"LoRA adapters cannot be merged here: {error}", field="loras") from None
+        return {
+            "mode": "merge",
+            "adapters": [{"name": weights.name, "scale": scale, "rank": weights.rank} for weights, scale in loras],
+            "swap_s": restore_s + merge_s,  # 0: these adapters were merged already
+            "restore_s": restore_s,
+            "merge_s": merge_s,
+            "host_backup_mb": round(self.merged.backup_bytes / 2**20, 1),
+        }
 
     def with_lora_slots(self, config: OptimizationConfig, has_adapters: bool) -> OptimizationConfig:
         """The LoRA knobs are the engine's: slots exactly when this request runs adapters."""

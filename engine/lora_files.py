@@ -23,7 +23,7 @@ import struct
 
 import torch
 
-from stages.lora_slots import FUSED_PARTS, LoraFactors, linear_names
+from stages.lora_weights import FUSED_PARTS, LoraFactors, linear_names
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".safetensors"

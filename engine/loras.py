@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from stages.lora_slots import LoraFactors, LoraWeights, ScaledLora
+from stages.lora_weights import LoraFactors, LoraWeights, ScaledLora
 
 from .lora_files import LoraError, adapter_path, available_files, check_against, check_name, linear_shapes, read_safetensors, to_factors
 from .lora_settings import LoraSettings
@@ -173,6 +173,7 @@ class LoraLibrary:
         files = {"directory": str(self.directory), "available": self.available()} if with_files else {}
         return {
             **files,
+            "mode": settings.mode,
             "slots": settings.slots,
             "max_rank": settings.max_rank,
             "max_mb": round(settings.max_bytes / 2**20, 1),

@@ -107,7 +107,7 @@ class VariantCache:
         start = time.perf_counter()
         built = False
         weights_key, execution_key = phase_key(config, Phase.WEIGHTS), phase_key(config, Phase.EXECUTION)
-        exec_key = weights_key + execution_key
+        exec_key = self.execution_key(config)
         execution = self._executions.get(exec_key)
         if execution is None:
             weights = self._weight_variant(config, weights_key)
@@ -133,6 +133,11 @@ class VariantCache:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe, execution, (time.perf_counter() - start) if (built or vae_built) else 0.0
+
+    @staticmethod
+    def execution_key(config: OptimizationConfig) -> tuple:
+        """The key of the execution variant that runs `config` (it includes its weight variant's)."""
+        return phase_key(config, Phase.WEIGHTS) + phase_key(config, Phase.EXECUTION)
 
     def report(self) -> list[dict]:
         """Every built variant with its memory, build time and uses; safe to call from any thread."""

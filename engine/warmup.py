@@ -63,9 +63,11 @@ def shapes_for(engine: KontextEngine) -> list[Shape]:
     shapes = [Shape(width, height, edit) for edit in (True, False) for width, height in sizes]
     # With adapters loaded at start (serve --preload-lora), requests that name one run the variant
     # with LoRA slots: it is compiled and recorded too, so the first such request does not pay for it.
+    # In merge mode they run the same variant; one merge makes the host copies of the base weights.
     loaded = engine.loras.loaded()
     if loaded:
-        shapes += [Shape(shape.width, shape.height, shape.edit, loaded[0].name) for shape in shapes]
+        with_lora = shapes[:1] if engine.loras.settings.merges else shapes
+        shapes += [Shape(shape.width, shape.height, shape.edit, loaded[0].name) for shape in with_lora]
     return shapes
 
 

@@ -29,7 +29,7 @@ from .config import KNOBS, OptimizationConfig
 from .environment import Environment
 
 if TYPE_CHECKING:
-    from .lora_slots import ScaledLora
+    from .lora_weights import ScaledLora
 
 log = logging.getLogger(__name__)
 

@@ -9,54 +9,29 @@ stay zero; afterwards every slot is zeroed again. Why this shape:
   dtypes, `requires_grad`, peft's active adapter and its float scaling. Only parameter storage
   changes, in place, so switching adapters or scales never recompiles (diffusers' `set_adapters`
   recompiles for every new combination) and CUDA graphs replay the same addresses.
-* Nothing is merged into the base weights: the variant shares them with the other variants, and
-  an FP8 weight cannot take a bf16 delta without requantizing. On FP8 peft wraps the torchao
+* Nothing is merged into the base weights: the variant shares them with the other variants, so
+  requests with different adapters can follow each other at no cost beyond the copies (the merge
+  mode, stages/lora_merge.py, trades that for zero cost per step). On FP8 peft wraps the torchao
   Linear as its TorchaoLoraLinear, whose forward is the FP8 GEMM plus the bf16 LoRA path.
 * One concatenated adapter costs two skinny GEMMs per Linear, whatever the number of slots.
 
 A fused projection (QKV fusion drops to_q/to_k/to_v) holds the three unfused LoRAs exactly: its slot
 has rank 3*rank, with A stacked ([A_q; A_k; A_v]) and B block-diagonal, so q's LoRA only reaches
-q's output rows. Adapters are always described with the unfused names.
+q's output rows (stages/lora_weights.py places them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .lora_weights import FUSED_PARTS, ScaledLora, linear_names, lora_places, part_rows
+
 SLOT_ADAPTER = "slots"  # the peft adapter name on every slot layer
-FUSED_PARTS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    down: torch.Tensor  # A: [rank, in_features]
-    up: torch.Tensor  # B: [out_features, rank], alpha/rank already folded in
-
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """One adapter as the slots receive it: factors by unfused diffusers module name."""
-
-    name: str
-    modules: dict[str, LoraFactors]
-
-    @property
-    def rank(self) -> int:
-        return max(factors.down.shape[0] for factors in self.modules.values())
-
-
-# An adapter and the scale one request runs it at.
-ScaledLora = tuple[LoraWeights, float]
-
-
-def linear_names(transformer: nn.Module) -> list[str]:
-    return [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
 
 
 class LoraSlotBank:
@@ -86,14 +61,7 @@ class LoraSlotBank:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
         self.layers = {name: transformer.get_submodule(name) for name in targets}
-        self._places: dict[str, tuple[nn.Module, int | None]] = {}
-        for name, layer in self.layers.items():
-            prefix, _, leaf = name.rpartition(".")
-            if leaf in FUSED_PARTS:
-                for index, part in enumerate(FUSED_PARTS[leaf]):
-                    self._places[f"{prefix}.{part}"] = (layer, index)
-            else:
-                self._places[name] = (layer, None)
+        self._places = lora_places(transformer, targets)
         for down, up in self._factors(self.layers.values()):
             for parameter in (down, up):
                 parameter.requires_grad_(False)  # inference only, and one requires_grad guard value forever
@@ -132,11 +100,8 @@ class LoraSlotBank:
                 layer, part = self._places[module]
                 down, up = next(self._factors([layer]))
                 self._dirty.add(layer)
-                if part is None:
-                    column, rows = slot * self.rank, slice(None)
-                else:  # one of q, k, v in a fused projection: its own rank block and its own output rows
-                    column, height = (3 * slot + part) * self.rank, up.shape[0] // 3
-                    rows = slice(part * height, (part + 1) * height)
+                # one of q, k, v in a fused projection has its own rank block and its own output rows
+                column, rows = (slot if part is None else 3 * slot + part) * self.rank, part_rows(up.shape[0], part)
                 down[column : column + rank].copy_(factors.down)
                 block = up[rows, column : column + rank].copy_(factors.up)
                 if scale != 1.0:

@@ -1,6 +1,7 @@
 """LoRA under regional compile (tiny model, CPU Inductor): once the variants with and without LoRA
 slots have compiled, switching among loaded adapters, changing scales and going back to no adapter
-compile nothing, as Dynamo's own counters and its error_on_recompile switch show."""
+compile nothing, as Dynamo's own counters and its error_on_recompile switch show; in merge mode,
+where adapters change the weights themselves, neither."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def test_switching_adapters_and_scales_under_compile_never_recompiles(lora_engin
         assert np.abs(outputs[loras].astype(int) - edit(lora_engine, *loras, config=eager).astype(int)).max() <= 1
     assert np.array_equal(outputs[(("style", 0.7), ("kohya", 1.3))], outputs[(("kohya", 1.3), ("style", 0.7))])
     assert np.array_equal(outputs[(("style", 0.0),)], outputs[()])
+
+
+def test_merging_adapters_under_compile_never_recompiles(tiny_engine, lora_dir):
+    from tests.test_lora_merge import merge_engine_for
+
+    engine = merge_engine_for(tiny_engine, lora_dir)
+    edit(engine)  # compiles the one variant both modes of request run on
+    graphs = counters["stats"]["unique_graphs"]
+    switches = [(("style", 0.5),), (("kohya",),), (("style", 0.7), ("kohya", 1.3)), (), (("style", -0.4),)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = {loras: edit(engine, *loras) for loras in switches}
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager = COMPILED.with_changes(compile=False)
+    for loras in [(("style", 0.7), ("kohya", 1.3)), (("style", -0.4),)]:  # the compiled code read the merged weights
+        assert np.abs(outputs[loras].astype(int) - edit(engine, *loras, config=eager).astype(int)).max() <= 1
+    assert np.abs(outputs[()].astype(int) - edit(engine, config=eager).astype(int)).max() <= 1
 
 
 def test_building_the_lora_variant_changes_nothing_the_other_variants_guard_on(tiny_engine):

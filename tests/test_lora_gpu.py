@@ -1,7 +1,7 @@
-"""LoRA on the GPU-only stages: FP8 GEMMs (peft's TorchaoLoraLinear around torchao's Linear, no merge)
-and CUDA graphs (slots filled in place, so replays read the new adapter), on a small model with
-FLUX's head size. Skipped, with the reason, on machines without a CUDA GPU. Not run yet: written
-on a CPU-only machine (see the LoRA report); the CPU tests cover everything else."""
+"""LoRA on the GPU-only stages: FP8 GEMMs (peft's TorchaoLoraLinear around torchao's Linear, no merge;
+in merge mode, row-wise FP8 weights re-quantized) and CUDA graphs (slots filled in place, or weights
+merged in place, so replays read the new adapter), on a small model with FLUX's head size. Skipped,
+with the reason, on machines without a CUDA GPU; the CPU tests cover everything else."""
 
 from __future__ import annotations
 
@@ -28,19 +28,29 @@ pytestmark = [requires_cuda, pytest.mark.gpu]
 FULL_STACK = cumulative_config(MAX_PRESET).with_changes(first_block_cache=False)  # as benchmarks/lora_bench.py runs it
 
 
-@pytest.fixture(scope="module")
-def lora_gpu_engine(tmp_path_factory) -> KontextEngine:
-    from benchmarks.lora_adapters import block_targets, random_adapter, save_diffusers
-
+def _gpu_engine(directory, mode: str) -> KontextEngine:
     env = current_environment("cuda:0")
     pipe = build_tiny_pipeline(dtype=torch.bfloat16, device="cuda:0", transformer_overrides=GPU_TEST_TRANSFORMER)
+    spec = ModelSpec("tiny-hd128", "tiny", random_weights=True, default_max_area=256 * 256, snap_input_to_kontext_resolutions=False)
+    settings = LoraSettings(directory=str(directory), mode=mode, max_rank=16, preload=("a", "b"))
+    return KontextEngine(LoadedModel(pipe, spec, torch.device("cuda:0"), torch.bfloat16), env, max_variants=8, lora=settings)
+
+
+@pytest.fixture(scope="module")
+def gpu_lora_dir(tmp_path_factory):
+    from benchmarks.lora_adapters import block_targets, random_adapter, save_diffusers
+
+    transformer = build_tiny_pipeline(dtype=torch.bfloat16, device="cuda:0", transformer_overrides=GPU_TEST_TRANSFORMER).transformer
     directory = tmp_path_factory.mktemp("gpu-loras")
     for seed, name in enumerate(("a", "b"), start=1):
-        state, config = random_adapter(pipe.transformer, 8, seed=seed, targets=block_targets(pipe.transformer))
+        state, config = random_adapter(transformer, 8, seed=seed, targets=block_targets(transformer))
         save_diffusers(directory / f"{name}.safetensors", state, config)
-    spec = ModelSpec("tiny-hd128", "tiny", random_weights=True, default_max_area=256 * 256, snap_input_to_kontext_resolutions=False)
-    settings = LoraSettings(directory=str(directory), max_rank=16, preload=("a", "b"))
-    return KontextEngine(LoadedModel(pipe, spec, torch.device("cuda:0"), torch.bfloat16), env, max_variants=8, lora=settings)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lora_gpu_engine(gpu_lora_dir) -> KontextEngine:
+    return _gpu_engine(gpu_lora_dir, "slots")
 
 
 def _edit(engine, config, photo, *loras):
@@ -94,3 +104,28 @@ def test_requests_without_adapters_keep_running_the_variant_without_lora_layers(
     executions = [row for row in lora_gpu_engine.variants.report() if row["kind"] == "execution"]
     lora_rows = [row for row in executions if row["key"].get("lora_slots")]
     assert lora_rows and all(row["added_memory_mb"] > 0 for row in lora_rows)  # slots are the LoRA variant's only extra memory
+
+
+def test_merge_mode_requantizes_fp8_and_cuda_graphs_replay_the_merged_weights(lora_gpu_engine, gpu_lora_dir, photo):
+    """The same full stack in merge mode: FP8 row-wise weights re-quantized with the adapters in them,
+    close to the slots' output; no recompile; the base back bit for bit after every change."""
+    if current_environment("cuda:0").compute_capability < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+    merging = _gpu_engine(gpu_lora_dir, "merge")
+    base = np.asarray(_edit(merging, FULL_STACK, photo).images[0])
+    pipe, _, _ = merging.variants.pipeline_for(merging.resolve(FULL_STACK).effective)
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_qkv.weight).__name__ == "Float8Tensor"
+    graphs = counters["stats"]["unique_graphs"]
+    outputs = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for loras in [(("a", 0.7), ("b", 1.3)), (), (("b",),), (("a", 0.7), ("b", 1.3)), ()]:
+            image = np.asarray(_edit(merging, FULL_STACK, photo, *loras).images[0])
+            assert np.array_equal(outputs.setdefault(loras, image), image), loras
+    assert counters["stats"]["unique_graphs"] == graphs and np.array_equal(outputs[()], base)
+    # Against bf16 weights with the adapters beside them, the merge (FP8 rounding of W + BA) deviates
+    # about as much as the slots (FP8 rounding of W, BA in bf16): FP8 itself sets both deviations.
+    reference = np.asarray(_edit(lora_gpu_engine, OptimizationConfig(fuse_qkv=True), photo, ("a", 0.7), ("b", 1.3)).images[0])
+    slots = np.asarray(_edit(lora_gpu_engine, FULL_STACK, photo, ("a", 0.7), ("b", 1.3)).images[0])
+    merged = outputs[(("a", 0.7), ("b", 1.3))]
+    assert image_distance(merged, reference)[0] <= 1.5 * image_distance(slots, reference)[0] + 0.01
+    assert image_distance(merged, base)[0] > 0.01
