@@ -9,8 +9,8 @@
 #
 # Parts: startup (cold compile via precompile, then serve with the bundle on empty caches),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
-# the option rows), lora (slots, the default), lora-merge (merge mode); whichever of these two runs
-# second compares its one-adapter picture with the other's; lora-sized (slots sized to one rank-32 adapter), lora-gpu-tests,
+# the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
+# each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
 # tiers. Everything uses synthetic-full (random weights) at 1024x1024.
 set -uo pipefail
@@ -41,15 +41,16 @@ for name in "$@"; do
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
     lora)
-      compare=(); [ -f "$RESULTS/lora-merge/lora.json" ] && compare=(--compare-with "$RESULTS/lora-merge")
-      python3 -m benchmarks.lora_bench --model synthetic-full "${compare[@]}" --compile-cache "$CACHE" --out "$RESULTS/lora"
+      python3 -m benchmarks.lora_bench --model synthetic-full --compile-cache "$CACHE" --out "$RESULTS/lora"
       done_ lora $? ;;
     lora-merge)
-      compare=(); [ -f "$RESULTS/lora/lora.json" ] && compare=(--compare-with "$RESULTS/lora")
-      python3 -m benchmarks.lora_bench --model synthetic-full --mode merge "${compare[@]}" --compile-cache "$CACHE" --out "$RESULTS/lora-merge"
+      python3 -m benchmarks.lora_bench --model synthetic-full --mode merge --compile-cache "$CACHE" --out "$RESULTS/lora-merge"
       done_ lora-merge $? ;;
+    lora-fidelity)
+      python3 -m benchmarks.lora_fidelity --model synthetic-full --out "$RESULTS/lora-fidelity"
+      done_ lora-fidelity $? ;;
     lora-sized)
-      python3 -m benchmarks.lora_bench --model synthetic-full --slots 1 --max-rank 32 --repeats 3 --compile-cache "$CACHE" --out "$RESULTS/lora-sized"
+      python3 -m benchmarks.lora_bench --model synthetic-full --slots 2 --max-rank 32 --repeats 3 --compile-cache "$CACHE" --out "$RESULTS/lora-sized"
       done_ lora-sized $? ;;
     lora-gpu-tests)
       python3 -m pytest -q -p no:cacheprovider tests/test_lora_gpu.py > "$RESULTS/lora_gpu_tests.txt" 2>&1

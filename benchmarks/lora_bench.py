@@ -1,12 +1,11 @@
 """LoRA on the full stack, in one of the two modes (serve --lora-mode): adapter load and swap times,
 step time with one and two adapters against none, new compiled graphs after swaps (must be 0), peak
-memory. Writes lora.json, lora.md and one_adapter.png (the one-adapter picture, so that two runs in
-different modes can be compared with --compare-with).
+memory. Writes lora.json and lora.md. What each mode does to the picture: benchmarks/lora_fidelity.py
+(one process: synthetic-full's random weights differ from one process to the next).
 
     python -m benchmarks.lora_bench --model synthetic-full --out benchmarks/results/lora-<gpu>-<date>
     python -m benchmarks.lora_bench --model tiny --device cpu --size 64 --steps 2 --repeats 1 --out /tmp/lora-cpu
-    python -m benchmarks.lora_bench --model tiny --device cpu --size 64 --steps 2 --repeats 1 --mode merge \
-        --compare-with /tmp/lora-cpu --out /tmp/lora-cpu-merge
+    python -m benchmarks.lora_bench --model tiny --device cpu --size 64 --steps 2 --repeats 1 --mode merge --out /tmp/lora-cpu-merge
 
 Two adapters are made in code with peft (rank 32 by default, every attention and MLP Linear of the
 blocks), saved in diffusers' layout into a temporary LoRA directory and loaded through the engine's
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda:0 if present")
     parser.add_argument("--preset", type=int, default=5, help="cumulative preset (the first-block cache is always off)")
     parser.add_argument("--mode", choices=("slots", "merge"), default="slots", help="how adapters run (serve --lora-mode)")
-    parser.add_argument("--compare-with", type=Path, default=None, help="another run's folder: PSNR of its one-adapter picture to ours")
     parser.add_argument("--rank", type=int, default=32, help="rank of the two adapters made in code")
     parser.add_argument("--slots", type=int, default=None, help="LoRA slots (default: the server's default)")
     parser.add_argument("--max-rank", type=int, default=None, help="slot rank (default: the server's default)")
@@ -151,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     report["meta"] = environment_meta(engine)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    first_images["one adapter"].save(args.out / "one_adapter.png")
-    if args.compare_with:
-        report["vs_other_run"] = _compare(args.compare_with, first_images["one adapter"])
     (args.out / "lora.json").write_text(json.dumps(report, indent=2))
     (args.out / "lora.md").write_text(markdown(report))
     print(markdown(report))
@@ -162,23 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print("FAILED: a swap compiled new graphs, or scale 0 or the last edit without adapters did not reproduce the base output")
     return 0 if ok else 1
-
-
-def _compare(other_run: Path, image) -> dict:
-    """PSNR and relative L2 of this run's one-adapter picture against another run's (e.g. slots vs merge)."""
-    import numpy as np
-    from PIL import Image
-
-    other = json.loads((other_run / "lora.json").read_text())
-    ours = np.asarray(image, dtype=np.float64)
-    theirs = np.asarray(Image.open(other_run / "one_adapter.png").convert("RGB"), dtype=np.float64)
-    mse = float(((ours - theirs) ** 2).mean())
-    return {
-        "other_mode": other.get("mode", "slots"),
-        "psnr_db": round(float(10 * np.log10(255**2 / mse)), 2) if mse else float("inf"),
-        "relative_l2": round(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)), 5),
-        "max_abs": int(np.abs(ours - theirs).max()),
-    }
 
 
 def _make_and_load(engine, lora_dir: Path, rank: int, random_adapter, save_diffusers, block_targets) -> list[dict]:
@@ -249,11 +227,6 @@ def markdown(report: dict) -> str:
         f"(Dynamo's unique_graphs); CUDA-graph counters that moved: {report['cudagraph_counters_after_warmup'] or 'none'}",
         f"- Scale 0 reproduces the output without adapters bit for bit: **{report['scale_0_is_the_base_bit_for_bit']}**; "
         f"the last edit without adapters reproduces the first: **{report['base_after_all_swaps_is_the_first_bit_for_bit']}**",
-        *(
-            [f"- One-adapter picture against the {report['vs_other_run']['other_mode']} run: {report['vs_other_run']}"]
-            if "vs_other_run" in report
-            else []
-        ),
         f"- torch {report['meta']['torch']}, CUDA {report['meta']['cuda']}, {report['meta']['date']}",
     ]
     return "\n".join(lines) + "\n"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 LORA_DIR_ENV = "FLUX_KONTEXT_LORA_DIR"
-LORA_MODES = ("slots", "merge")
+LoraMode = Literal["slots", "merge"]
+LORA_MODES = get_args(LoraMode)
 DEFAULT_LORA_DIR = Path.home() / ".cache" / "flux-kontext-optimized" / "loras"
 
 
@@ -19,7 +21,7 @@ class LoraSettings:
     the weights when a request's adapter set differs from the last one (stages/lora_merge.py)."""
 
     directory: str | None = None  # None: $FLUX_KONTEXT_LORA_DIR, else ~/.cache/flux-kontext-optimized/loras
-    mode: str = "slots"  # slots: any mix of requests, extra cost per step; merge: no cost per step, seconds per change of adapters
+    mode: LoraMode = "slots"  # slots: any mix of requests, extra cost per step; merge: no cost per step, seconds per change of adapters
     slots: int = 2  # adapters one request may combine
     max_rank: int = 64  # the largest adapter rank accepted, and each slot's rank
     max_bytes: int = 2 * 2**30  # adapter file size limit

@@ -61,7 +61,7 @@ TINY_VAE_CONFIG = {
     "norm_num_groups": 8,
     "sample_size": 256,
 }
-TINY_SEED = 20260101
+RANDOM_WEIGHTS_SEED = 20260101
 
 
 @contextlib.contextmanager
@@ -98,7 +98,7 @@ def build_tiny_pipeline(
     128, which the FA3 kernels require)."""
     clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(clip_tokenizer),
@@ -167,10 +167,15 @@ def synthetic_full_configs() -> dict:
 def build_synthetic_full_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> FluxKontextPipeline:
     """The real Kontext architecture with random weights, created directly on `device` in `dtype`.
 
-    On "meta" it allocates nothing, which lets a CPU-only machine check the architecture.
+    On "meta" it allocates nothing, which lets a CPU-only machine check the architecture. The draw is
+    seeded (RANDOM_WEIGHTS_SEED), so that two processes on the same GPU and versions build the same weights and
+    their pictures can be compared.
     """
     configs = synthetic_full_configs()
-    with _default_dtype_and_device(dtype, device):
+    place = torch.device(device)
+    cuda_devices = [place.index if place.index is not None else torch.cuda.current_device()] if place.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), _default_dtype_and_device(dtype, device):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
         transformer = FluxTransformer2DModel(**configs["transformer"])
         vae = AutoencoderKL(**configs["vae"])
         text_encoder = CLIPTextModel(configs["clip"])

@@ -62,7 +62,10 @@ class ServiceMetrics:
         self.gpu_memory = Gauge("kontext_gpu_memory_bytes", "GPU memory (allocated, reserved, free, total)", ["kind"], registry=r)
         self.lora_edits = Counter("kontext_lora_edits_total", "Edits that ran with LoRA adapters", registry=r)
         self.lora_swap = Histogram(
-            "kontext_lora_swap_seconds", "Copying a request's adapters into the LoRA slots", buckets=SWAP_BUCKETS, registry=r
+            "kontext_lora_swap_seconds",
+            "Changing adapters: copying them into the LoRA slots, or (merge mode) restoring and merging the weights",
+            buckets=SWAP_BUCKETS,
+            registry=r,
         )
         self.lora_loads = Counter("kontext_lora_loads_total", "Adapter loads by outcome (ok, refused)", ["outcome"], registry=r)
         self.lora_load_seconds = Histogram(
@@ -77,10 +80,11 @@ class ServiceMetrics:
         if cache:
             self.cache_calls.labels("computed").inc(cache.get("computed", 0))
             self.cache_calls.labels("skipped").inc(cache.get("skipped", 0))
-        lora = result.extras.get("lora")
-        if lora:
+        lora = result.extras.get("lora", {})
+        if lora.get("adapters"):  # in merge mode a request without adapters may report the restore it paid
             self.lora_edits.inc()
-            self.lora_swap.observe(lora.get("swap_s", 0.0))
+        if lora.get("swap_s"):  # in merge mode, a request with the adapters already merged swaps nothing
+            self.lora_swap.observe(lora["swap_s"])
 
     def bind(
         self,

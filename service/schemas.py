@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from engine.lora_settings import LoraMode
 from engine.requests import DEFAULT_GUIDANCE
 from stages.config import LEGACY_FLAGS, USER_FIELDS, OptimizationConfig
 
@@ -333,7 +334,7 @@ class LoraInfo(BaseModel):
 
 
 class LoraSwaps(BaseModel):
-    count: int = Field(..., description="Requests that copied adapters into the LoRA slots.")
+    count: int = Field(..., description="Requests that changed adapters: copied them into the slots, or restored and merged the weights.")
     last_ms: Optional[float] = None
     median_ms: Optional[float] = Field(None, description="Over the recent swaps.")
 
@@ -341,6 +342,7 @@ class LoraSwaps(BaseModel):
 class LoraLibraryState(BaseModel):
     directory: str
     available: list[str] = Field(..., description="Adapter files in the LoRA directory, by name.")
+    mode: LoraMode = Field(..., description="How adapters run (serve --lora-mode).")
     slots: int = Field(..., description="Adapters one request may combine.")
     max_rank: int
     max_mb: float

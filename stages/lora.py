@@ -1,7 +1,8 @@
 """Runtime LoRA adapters: slots in a LoRA execution variant, filled for one request at a time.
 
-The engine switches this stage on only for a request that names adapters (it sets `lora_slots` and
-`lora_rank` from the server's LoRA settings), so such requests run on their own execution variant:
+In slots mode (serve --lora-mode slots, the default; merge mode is stages/lora_merge.py), the engine
+switches this stage on only for a request that names adapters (it sets `lora_slots` and `lora_rank`
+from the server's LoRA settings), so such requests run on their own execution variant:
 a structural clone of the same weight variant (no extra base memory) with slot layers on every
 Linear (stages/lora_slots.py says why slots). Requests without adapters, or whose adapters all have
 scale 0, run the variant without LoRA layers, so "no adapter" is the base output bit for bit and
@@ -18,6 +19,7 @@ import torch
 
 from .base import Phase, Stage
 from .lora_slots import LoraSlotBank
+from .lora_weights import wait_for_copies
 
 BANK_ATTRIBUTE = "lora_slot_bank"  # where a LoRA variant's transformer keeps its slots
 
@@ -67,12 +69,6 @@ class LoraSlots(Stage):
 def _filled(bank: LoraSlotBank, adapters, stats: dict):
     started = time.perf_counter()
     with bank.applied(adapters):
-        _wait_for_device(bank)
+        wait_for_copies(bank.device)
         stats["swap_s"] = time.perf_counter() - started  # copying the adapters in: what a switch costs
         yield
-
-
-def _wait_for_device(bank: LoraSlotBank) -> None:
-    """On a GPU the copies are asynchronous: wait for them, so that the swap time is the real one."""
-    if bank.device.type == "cuda":
-        torch.cuda.synchronize(bank.device)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .lora_weights import ScaledLora, lora_places, part_rows
+from .lora_weights import ScaledLora, lora_places, part_rows, wait_for_copies
 from .tensors import is_quantized, leaf_tensors
 
 
@@ -106,7 +106,7 @@ class MergedLoras:
         for weight in self._changed:
             for leaf, copy in zip(leaf_tensors(weight), self._backups[weight]):
                 leaf.copy_(copy, non_blocking=True)
-        _wait(self._changed[0])
+        wait_for_copies(self._changed[0].device)
         self._changed, self.variant_key, self.adapters = [], None, ()
         return time.perf_counter() - started
 
@@ -141,7 +141,7 @@ class MergedLoras:
             self.restore()
             raise
         if self._changed:
-            _wait(self._changed[0])
+            wait_for_copies(self._changed[0].device)
         self.variant_key, self.adapters = variant_key, tuple(adapters)
         return time.perf_counter() - started
 
@@ -154,9 +154,3 @@ class MergedLoras:
             copy = torch.empty(leaf.shape, dtype=leaf.dtype, device="cpu", pin_memory=pinned)
             copies.append(copy.copy_(leaf))
         self._backups[weight] = copies
-
-
-def _wait(tensor: torch.Tensor) -> None:
-    """On a GPU the copies are asynchronous: wait for them, so that swap times are the real ones."""
-    if tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)

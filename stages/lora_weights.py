@@ -62,3 +62,10 @@ def part_rows(layer_out_features: int, part: int | None) -> slice:
         return slice(None)
     height = layer_out_features // 3
     return slice(part * height, (part + 1) * height)
+
+
+def wait_for_copies(device: torch.device) -> None:
+    """On a GPU, copies into adapter slots or weights are asynchronous: wait for them, so that a
+    measured swap time is the real one."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -28,7 +28,10 @@ def test_serve_options_become_the_engines_lora_settings(tmp_path):
     )
     settings = lora_settings_from_args(args, tuple(args.preload_lora))
     assert (settings.directory, settings.slots, settings.max_rank, settings.max_bytes) == (str(tmp_path), 3, 32, 100 * 2**20)
-    assert settings.preload == ("a", "b")
+    assert settings.preload == ("a", "b") and settings.mode == "slots" and not settings.merges
+    assert lora_settings_from_args(build_parser().parse_args(["serve", "--lora-mode", "merge"])).merges
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-mode", "fuse"])
     assert build_parser().parse_args(["edit", "--prompt", "x", "--lora", "a:0.5", "--lora", "b"]).lora == ["a:0.5", "b"]
 
 
@@ -62,3 +65,25 @@ def test_the_lora_benchmark_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch):
     assert report["rows"]["two adapters"]["median_swap_ms"] > 0 and report["rows"]["none"]["median_swap_ms"] is None
     assert [row["layers"] for row in report["adapters"]] == [39, 39] and "compile" in report["config"]
     assert "| two adapters |" in (tmp_path / "lora.md").read_text()
+    assert report["base_after_all_swaps_is_the_first_bit_for_bit"] is True
+
+    merged = tmp_path / "merge"
+    assert lora_bench.main(argv[:-1] + [str(merged), "--mode", "merge"]) == 0
+    report = json.loads((merged / "lora.json").read_text())
+    assert report["mode"] == "merge" and report["new_graphs_after_warmup"] == 0 and report["host_backup_gb"] >= 0
+    assert report["rows"]["two adapters"]["median_swap_ms"] > 0 and report["rows"]["none"]["median_restore_ms"] > 0
+    assert "merged into the weights" in (merged / "lora.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_lora_fidelity_benchmark_puts_both_modes_next_to_the_reference(tmp_path):
+    from benchmarks import lora_fidelity
+
+    assert lora_fidelity.main(["--model", "tiny", "--device", "cpu", "--size", "64", "--rank", "4", "--out", str(tmp_path)]) == 0
+    rows = {row["run"]: row for row in json.loads((tmp_path / "lora_fidelity.json").read_text())["rows"]}
+    reference = rows["reference: bf16 weights, adapter beside them (slots)"]
+    assert reference["image_psnr_db"] is None and reference["lora"]["adapters"][0]["name"] == "fidelity"
+    assert rows["merge on bf16 weights"]["lora"]["mode"] == "merge"
+    # on a CPU both "FP8" rows run in full precision: the merge is the slots' computation up to rounding
+    assert rows["merge on FP8 GEMMs (re-quantized)"]["image_rel_l2"] < 1e-3
+    assert rows["FP8 GEMMs without the adapter"]["image_rel_l2"] > 10 * rows["merge on FP8 GEMMs (re-quantized)"]["image_rel_l2"]

@@ -240,3 +240,25 @@ def test_health_and_metrics_report_adapters_and_swap_times(lora_server):
     assert values["kontext_loras_loaded"] == 1 and values["kontext_lora_memory_bytes"] > 0
     assert values["kontext_lora_swap_seconds_count"] >= 1 and values["kontext_lora_edits_total"] >= 1
     assert values['kontext_lora_loads_total{outcome="ok"}'] >= 1
+
+
+def test_merge_mode_over_http_counts_changes_not_requests(tiny_engine, lora_dir):
+    """serve --lora-mode merge: /v1/loras and /health say so; a request with the adapters already
+    merged swaps nothing, and the request after them without adapters pays the restore, which is a
+    swap but not an edit with adapters."""
+    from tests.test_lora_merge import merge_engine_for
+
+    app = create_app(merge_engine_for(tiny_engine, lora_dir), ServiceSettings(warmup=False))
+
+    async def steps(client):
+        images = [await _image(client, loras=[{"name": "style"}]) for _ in range(2)]
+        images.append(await _image(client))
+        listed, health = (await client.get("/v1/loras")).json(), (await client.get("/health")).json()
+        return images, listed, health, (await client.get("/metrics")).text
+
+    images, listed, health, metrics = scenario(app, steps)
+    assert images[0] == images[1] != images[2]
+    assert listed["mode"] == "merge" and health["loras"]["mode"] == "merge"
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert values["kontext_lora_edits_total"] == 2  # the two requests that named the adapter
+    assert values["kontext_lora_swap_seconds_count"] == 2 and health["loras"]["swaps"]["count"] == 2  # merge, then restore
