@@ -23,7 +23,7 @@ import struct
 
 import torch
 
-from stages.lora_weights import FUSED_PARTS, LoraFactors, linear_names
+from stages.lora_weights import LoraFactors, lora_places
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUFFIX = ".safetensors"
@@ -202,16 +202,10 @@ def _shape(tensor: torch.Tensor | None):
 
 def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(out, in) of every Linear by unfused diffusers name (a fused projection answers for its parts)."""
-    shapes = {}
-    for name in linear_names(transformer):
-        layer = transformer.get_submodule(name)
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in FUSED_PARTS:
-            for part in FUSED_PARTS[leaf]:
-                shapes[f"{prefix}.{part}"] = (layer.out_features // 3, layer.in_features)
-        else:
-            shapes[name] = (layer.out_features, layer.in_features)
-    return shapes
+    return {
+        name: (layer.out_features if part is None else layer.out_features // 3, layer.in_features)
+        for name, (layer, part) in lora_places(transformer).items()
+    }
 
 
 def check_against(modules: dict[str, LoraFactors], shapes: dict[str, tuple[int, int]], max_rank: int) -> None:
