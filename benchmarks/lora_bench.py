@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     last_none, _ = run(())
     report["base_after_all_swaps_is_the_first_bit_for_bit"] = last_none.images[0].tobytes() == first_base
     if args.mode == "merge":
-        report["host_backup_gb"] = round(engine.merged.backup_bytes / 2**30, 2)
+        report["host_backup_gb"] = round(engine.variants.merged.backup_bytes / 2**30, 2)
     report["steps"] = result.steps
     report["size"] = f"{side}x{side}"
     report["rows"] = _summarize(rows)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ran = result.config.describe()
         rows.append({"run": label, "config": ran, "image_rel_l2": rel, "image_psnr_db": psnr, "lora": result.extras.get("lora", {})})
         print({key: rows[-1][key] for key in ("run", "image_rel_l2", "image_psnr_db")}, flush=True)
-    engine.merged.restore()
+    engine.variants.merged.restore()
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = environment_meta(engine)

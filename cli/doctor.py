@@ -29,7 +29,7 @@ def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan
     lines.append("")
     resolved = resolve(config, env)
     lines.append(f"stages, in benchmark order (default config: {config.describe()})")
-    rows = sorted(stage_status(env), key=lambda row: (row["benchmark_stage"] is None, row["benchmark_stage"] or 0))
+    rows = sorted(stage_status(env), key=lambda row: (row["preset"] is None, row["preset"] or 0))
     for row in rows:
         report = resolved.report(row["name"])
         state = "available" if row["available"] else "unavailable"
@@ -40,7 +40,7 @@ def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan
             why = report.reason
         else:
             why = row["detail"] if row["available"] else row["reason"]
-        preset = "-" if row["benchmark_stage"] is None else row["benchmark_stage"]
+        preset = "-" if row["preset"] is None else row["preset"]
         lines.append(f"  [{preset}] {row['name']:<22} {state:<12} {use:<8} {why}")
     return "\n".join(lines)
 

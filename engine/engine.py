@@ -4,16 +4,20 @@
     result = engine.edit(EditRequest(prompt="make the sky red", image=img), OptimizationConfig(compile=True))
 
 An edit has three parts. `prepare` resolves the config against this machine (unavailable stages are
-switched off and reported), fetches or builds the matching variant (engine/variants.py), and lets
-the stages set per-request state (a request's LoRA adapters, picked from the engine's library, run on
-the LoRA variant's slots, or are merged into the weights in merge mode; engine/loras.py); `denoise`
-runs the pipeline to latents, with timing marks around text encoding, VAE encoding and every step;
-`decode` turns the latents into pictures.
+switched off and reported, load-scope knobs are held at what the model was loaded with), fetches or
+builds the matching variant (engine/variants.py: the stages' WEIGHTS, EXECUTION and VAE phases), and
+runs the stages' REQUEST phase (the sampler, the request's LoRA adapters from the engine's library,
+the cache state); `denoise` runs the pipeline to latents, with timing marks around text encoding,
+VAE encoding and every step; `decode` turns the latents into pictures. Stages act only through
+`stages.registry.apply`, phase by phase: LOAD here once, the build phases in the variant cache, and
+REQUEST in `prepare`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import secrets
@@ -26,11 +30,10 @@ from diffusers import FluxKontextPipeline
 from PIL import Image
 
 from stages.base import BuildContext, Phase, RequestContext
-from stages.config import LOAD_FIELDS, OptimizationConfig
+from stages.config import KNOBS, LOAD_FIELDS, OptimizationConfig
 from stages.environment import Environment, current_environment
-from stages.lora_merge import MergedLoras
-from stages.registry import ResolvedConfig, resolve, stage_status, stages_in
-from stages.scheduler import DEFAULT_STEPS, build_scheduler
+from stages.lora_merge import MergeRefused
+from stages.registry import ResolvedConfig, apply, get_stage, resolve, stage_status
 from stages.tensors import has_quantized_weights
 from stages.transformer_fp8 import format_of
 
@@ -46,6 +49,10 @@ from .timing import Clock, EditTimer
 from .variants import Variant, VariantCache
 
 log = logging.getLogger(__name__)
+
+
+LOAD_TIME = "chosen when the model loads; requests cannot change it"
+_current_timer: contextvars.ContextVar["EditTimer | None"] = contextvars.ContextVar("kontext_edit_timer", default=None)
 
 
 class EditCancelled(Exception):
@@ -89,7 +96,6 @@ class KontextEngine:
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
         self._apply_load_stages()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
-        self.merged = MergedLoras()  # merge mode: the adapters in the weights now
         self.loras.preload()
 
     @classmethod
@@ -115,9 +121,7 @@ class KontextEngine:
         """Load-scope stages (precision and placement of the base components) act once, on the default config."""
         resolved = self.resolve(self.default_config)
         build = BuildContext(self.env, self.loaded.device, self.loaded.dtype)
-        for stage in stages_in(Phase.LOAD):
-            if stage.is_requested(resolved.effective):
-                stage.apply_load(self.loaded.pipe, resolved.effective, build)
+        apply(Phase.LOAD, self.loaded.pipe, resolved.effective, build)
         self.loaded.notes.extend(build.notes)
         self._loaded_knobs = {name: getattr(resolved.effective, name) for name in LOAD_FIELDS}
         if self.env.has_cuda:
@@ -131,8 +135,26 @@ class KontextEngine:
         return info
 
     def resolve(self, config: OptimizationConfig | None = None) -> ResolvedConfig:
-        config = (config or self.default_config).with_changes(**self._loaded_knobs)
-        return _resolve_cached(config, self.env)
+        """What `config` runs here: each stage against this machine and the rules, with the load-scope
+        knobs as the model was loaded (the one place they are checked: a request that asks for other
+        values gets the reason in its stage reports and warnings)."""
+        requested = config or self.default_config
+        resolved = _resolve_cached(requested.with_changes(**self._loaded_knobs), self.env)
+        differing = [name for name, loaded in self._loaded_knobs.items() if getattr(requested, name) != loaded]
+        if not differing:
+            return resolved
+        reports, notes = {report.name: report for report in resolved.reports}, []
+        for name in differing:
+            asked, loaded = getattr(requested, name), self._loaded_knobs[name]
+            stage = KNOBS[name].stage
+            report = reports[stage]
+            reason = f"{name}={asked!r} not applied: {LOAD_TIME} (it runs with {loaded!r})"
+            asked_for_stage = report.requested or get_stage(stage).is_requested(requested)
+            reports[stage] = dataclasses.replace(report, requested=asked_for_stage, reason=reason)
+            if report.active:  # a stage that still runs, differently: say so (skipped stages are reported as such)
+                notes.append(reason)
+        ordered = tuple(reports[report.name] for report in resolved.reports)
+        return dataclasses.replace(resolved, requested=requested, reports=ordered, notes=tuple(notes))
 
     def stage_status(self, config: OptimizationConfig | None = None) -> list[dict]:
         """Every stage: available on this machine (and why not), and active in `config` (default: the server's)."""
@@ -175,7 +197,10 @@ class KontextEngine:
             first_use = prepared.variant.first_call_s is None
             prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
             with torch.no_grad():
-                latents = self.denoise(prepared, timer, should_stop)
+                try:
+                    latents = self.denoise(prepared, timer, should_stop)
+                except MergeRefused as refused:  # merge mode: a Linear this variant lacks, or a format the merge cannot write
+                    raise LoraError(f"LoRA adapters cannot be merged here: {refused}", field="loras") from None
                 images = self.decode(prepared, latents, timer)
             timings = timer.finish(variant_build_s=prepared.build_s)
             if first_use:
@@ -199,70 +224,56 @@ class KontextEngine:
                 "added_memory_mb": round(prepared.variant.added_bytes / 2**20, 1),
             },
             extras=prepared.stage_state.extras,
+            warnings=list(prepared.resolved.notes),
         )
 
     def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
-        """Resolve the config, fetch or build its variant, and decide size, seed, steps and sampler."""
+        """Resolve the config, fetch or build its variant, run the stages' REQUEST phase, and decide
+        size, seed, steps and sampler: everything but the GPU work."""
         loras = self.loras.pick(request.loras)
-        merging = self.loras.settings.merges
-        resolved = self.resolve(self.with_lora_slots(config or self.default_config, bool(loras) and not merging))
-        if loras and not merging and not resolved.report("lora").active:  # never run a request without the adapters it named
+        resolved = self.resolve(self.with_lora(config or self.default_config, loras))
+        if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
             raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
         effective = resolved.effective
-        merge_key = self.variants.execution_key(effective)
-        restore_s = self.merged.restore() if merging and not self.merged.holds(merge_key, loras) else 0.0
-        pipe, variant, build_s = self.variants.pipeline_for(effective)
-        pipe.scheduler = build_scheduler(effective.scheduler, self.loaded.pipe.scheduler.config)
+        pipe, variant, build_s = self.variants.pipeline_for(effective)  # WEIGHTS, EXECUTION and VAE phases, cached
         input_size = request.image.size if request.image else None
         width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
         latent_cell = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 latent patches per token
-        state = RequestContext(
+        base_scheduler = self.loaded.pipe.scheduler
+        run = RequestContext(
             pipe.transformer,
             true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None,
             output_tokens=(height // latent_cell) * (width // latent_cell),
             loras=loras,
+            scheduler=type(base_scheduler).from_config(base_scheduler.config),  # samplers keep state: a fresh one per request
+            variant_key=variant.key,
+            merged=self.variants.merged,
         )
-        for stage in stages_in(Phase.REQUEST):
-            if stage.is_requested(effective):
-                stage.apply_request(state, effective)
-        if merging and (loras or restore_s):
-            state.extras["lora"] = self._merged_for(pipe.transformer, merge_key, loras, restore_s)
+        apply(Phase.REQUEST, run, effective)  # the sampler, the adapters, the cache state
+        pipe.scheduler = run.scheduler
         return PreparedEdit(
             request=request,
             resolved=resolved,
             pipe=pipe,
             variant=variant,
             build_s=build_s,
-            stage_state=state,
-            steps=request.steps or DEFAULT_STEPS[effective.scheduler],
+            stage_state=run,
+            steps=request.steps or run.default_steps,
             seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
             width=width,
             height=height,
             image=self._conditioning_image(request.image, width, height),
         )
 
-    def _merged_for(self, transformer: torch.nn.Module, key: tuple, loras, restore_s: float) -> dict:
-        """Merge mode: the request's adapters in the weights (merged unless they already are), and
-        what it cost; a refused merge leaves the base weights and raises a 422."""
-        merge_s = 0.0
-        if not self.merged.holds(key, loras):
-            try:
-                merge_s = self.merged.merge(transformer, key, loras)
-            except ValueError as error:  # a Linear this variant lacks, or a weight format the merge cannot write
-                raise LoraError(f"LoRA adapters cannot be merged here: {error}", field="loras") from None
-        return {
-            "mode": "merge",
-            "adapters": [{"name": weights.name, "scale": scale, "rank": weights.rank} for weights, scale in loras],
-            "swap_s": restore_s + merge_s,  # 0: these adapters were merged already
-            "restore_s": restore_s,
-            "merge_s": merge_s,
-            "host_backup_mb": round(self.merged.backup_bytes / 2**20, 1),
-        }
-
-    def with_lora_slots(self, config: OptimizationConfig, has_adapters: bool) -> OptimizationConfig:
-        """The LoRA knobs are the engine's: slots exactly when this request runs adapters."""
+    def with_lora(self, config: OptimizationConfig, loras) -> OptimizationConfig:
+        """The LoRA knobs are the engine's, from the server's settings: the lora stage runs exactly for
+        requests with adapters, and in merge mode also for a request that must restore the base weights."""
         settings = self.loras.settings
-        return config.with_changes(lora_slots=settings.slots if has_adapters else 0, lora_rank=settings.max_rank if has_adapters else 0)
+        if settings.merges:
+            return config.with_changes(lora="merge" if loras or self.variants.merged.merged_any else "off", lora_slots=0, lora_rank=0)
+        if loras:
+            return config.with_changes(lora="slots", lora_slots=settings.slots, lora_rank=settings.max_rank)
+        return config.with_changes(lora="off", lora_slots=0, lora_rank=0)
 
     def denoise(self, prepared: PreparedEdit, timer: EditTimer, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Text and VAE encoding and the denoising loop: the packed latents of the output."""
@@ -332,9 +343,19 @@ def _resolve_cached(config: OptimizationConfig, env: Environment) -> ResolvedCon
     return resolve(config, env)
 
 
+def _step_started(module, args) -> None:
+    timer = _current_timer.get()
+    if timer is not None:
+        timer.transformer_called()
+
+
 @contextlib.contextmanager
 def _instrumented(pipe: FluxKontextPipeline, timer: EditTimer):
-    """Timing marks around the pipeline's own text and VAE encoders and each transformer step."""
+    """Timing marks around the pipeline's own text and VAE encoders and each transformer step.
+
+    The step mark is a hook that stays on the transformer and reads the edit's timer from a context
+    variable: a hook added per edit would be copied into any variant cloned from this module while
+    the edit runs (a build on another thread), with this edit's timer in it."""
     encode_prompt, encode_vae_image = pipe.encode_prompt, pipe._encode_vae_image
 
     def timed_encode_prompt(*args, **kwargs):
@@ -346,8 +367,11 @@ def _instrumented(pipe: FluxKontextPipeline, timer: EditTimer):
             return encode_vae_image(*args, **kwargs)
 
     pipe.encode_prompt, pipe._encode_vae_image = timed_encode_prompt, timed_encode_vae_image
-    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: timer.transformer_called())
+    if not getattr(pipe.transformer, "_kontext_step_hook", False):
+        pipe.transformer.register_forward_pre_hook(_step_started)
+        pipe.transformer._kontext_step_hook = True
+    token = _current_timer.set(timer)
     try:
         yield
     finally:
-        hook.remove()
+        _current_timer.reset(token)

@@ -61,6 +61,7 @@ class EditResult:
     model: dict
     variant: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # per-stage statistics (e.g. cache hits)
+    warnings: list[str] = field(default_factory=list)  # how what ran differs from what was asked, beyond skipped stages
 
     @property
     def active_stages(self) -> list[str]:

@@ -30,7 +30,8 @@ from diffusers import FluxKontextPipeline
 from stages.base import BuildContext, Phase
 from stages.config import OptimizationConfig
 from stages.environment import Environment
-from stages.registry import stages_in
+from stages.lora_merge import MergedLoras
+from stages.registry import apply, stages_in
 from stages.tensors import leaf_tensors
 
 log = logging.getLogger(__name__)
@@ -99,24 +100,34 @@ class VariantCache:
         self._executions: OrderedDict[tuple, Variant] = OrderedDict()
         self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
         self._report_lock = threading.Lock()  # /health reads the report while the GPU worker changes the cache
+        # LoRA merge mode's adapters live in the weights the variants share: builds, evictions and
+        # residency moves happen only on base values, under its lock (stages/lora_merge.py)
+        self.merged = MergedLoras()
 
     # -- public -----------------------------------------------------------------------------------
     def pipeline_for(self, config: OptimizationConfig) -> tuple[FluxKontextPipeline, Variant, float]:
         """A pipeline that runs `config` (already resolved for this machine), its execution variant,
-        and the seconds spent building variants for it (0 when everything was cached)."""
+        and the seconds spent building variants for it (0 when everything was cached).
+
+        This is flux-fast's `optimize()` with a cache per part: the transformer's weights (WEIGHTS
+        phase: fusion, the split projection, quantization), then its execution (EXECUTION phase: LoRA
+        slots, offload, the attention kernel, the cache, trimming, context parallelism, GELU,
+        compile, CUDA graphs), then the VAE (VAE phase); stages/registry.py orders the stages within
+        a phase. The LOAD phase ran once on the base model, the REQUEST phase runs per edit."""
         start = time.perf_counter()
         built = False
-        weights_key, execution_key = phase_key(config, Phase.WEIGHTS), phase_key(config, Phase.EXECUTION)
         exec_key = self.execution_key(config)
         execution = self._executions.get(exec_key)
         if execution is None:
-            weights = self._weight_variant(config, weights_key)
-            execution = self._build(exec_key, weights.module, config, Phase.EXECUTION, clone=bool(execution_key))
-            execution.parent_key = weights_key
-            with self._report_lock:
-                self._executions[exec_key] = execution
-                self._evict()
-            self._settle_base_residency()
+            with self.merged.lock:  # builds, evictions and residency moves see base weights only
+                self.merged.restore()
+                weights = self._weight_variant(config, phase_key(config, Phase.WEIGHTS))
+                execution = self._build(exec_key, weights.module, config, Phase.EXECUTION, clone=bool(phase_key(config, Phase.EXECUTION)))
+                execution.parent_key = weights.key
+                with self._report_lock:
+                    self._executions[exec_key] = execution
+                    self._evict()
+                self._settle_base_residency()
             built = True
         with self._report_lock:
             self._executions.move_to_end(exec_key)
@@ -160,9 +171,7 @@ class VariantCache:
         allocated_before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         build = BuildContext(self.env, self.device, self.dtype)
         module = copy.deepcopy(source) if own_tensors else clone_sharing_tensors(source)
-        for stage in stages_in(phase):
-            if stage.is_requested(config):
-                getattr(stage, phase.value)(module, config, build)
+        apply(phase, module, config, build)
         extra = added_bytes(module, source)
         if self.device.type == "cuda":
             build.note(f"GPU memory allocated by the build: {(torch.cuda.memory_allocated(self.device) - allocated_before) / 2**20:.0f} MB")

@@ -127,7 +127,7 @@ def run_warnings(result: EditResult, prepared: PreparedEdit) -> list[str]:
     model's own warning (random weights)."""
     skipped = [f"{name} requested but not run: {reason}" for name, reason in result.skipped_stages.items()]
     model = [result.model["warning"]] if result.model.get("warning") else []
-    return prepared.warnings + skipped + model
+    return prepared.warnings + result.warnings + skipped + model
 
 
 async def run_edit(service: Service, request: Request, prepared: PreparedEdit, arrived: float) -> tuple[EditResult, Job]:

@@ -3,7 +3,9 @@ flags, then the structured `optimizations` object, then the server's policy.
 
 A stage this machine cannot run is not an error: the engine switches it off and the response says
 why (the README's first curl asks for FA3, MXFP4 and CUDA graphs and succeeds on a CPU that has
-none of them). What the server's policy forbids is dropped here, with a warning.
+none of them); the engine also holds load-scope knobs at what the model was loaded with. What the
+server's policy forbids (build-time stages under --no-per-request-variants) is dropped here, with a
+warning.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from .errors import from_pydantic, invalid
 FIXED_VARIANT = (
     "this server runs a fixed optimization variant (serve --no-per-request-variants); build-time stages follow the server's defaults"
 )
-LOAD_TIME = "chosen when the model loads; requests cannot change it"
 
 
 @dataclass
@@ -42,13 +43,11 @@ def merge(default: OptimizationConfig, flags: dict[str, bool | None], overrides:
         raise from_pydantic(error, ("optimizations",)) from None
     merged = MergedConfig(requested, requested)
     for name, value in changes.items():
-        scope = KNOBS[name].scope
-        if value == getattr(default, name) or scope == "request" or (scope == "variant" and per_request_variants):
+        if value == getattr(default, name) or KNOBS[name].scope != "variant" or per_request_variants:
             continue
-        why = LOAD_TIME if scope == "load" else FIXED_VARIANT
-        merged.warnings.append(f"{name}={value!r} ignored: {why}")
+        merged.warnings.append(f"{name}={value!r} ignored: {FIXED_VARIANT}")
         stage = get_stage(KNOBS[name].stage)
         if stage.is_requested(requested):  # asked for a stage that will not run: report it as skipped
-            merged.ignored[stage.name] = why
+            merged.ignored[stage.name] = FIXED_VARIANT
         merged.config = merged.config.with_changes(**{name: getattr(default, name)})
     return merged

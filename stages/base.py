@@ -1,45 +1,38 @@
 """The small contract every stage implements, and the typed contexts it receives.
 
-A stage declares what it needs (`requirements`), says whether this machine meets it
-(`availability`), declares the phases it acts in (`phases`), and implements one hook per phase:
+A stage is declared once, by its Switch in stages/config.py (its name, when it is off, its preset,
+its phases). Its class names that switch and adds what only code can say: what the stage needs
+(`requirements`), whether this machine meets it (`availability`), and one hook per declared phase:
 
-    WEIGHTS       apply_weights(transformer, config, build)   once per weight variant (fusion, quantization)
-    VAE           apply_vae(vae, config, build)               once per VAE variant (fusion, channels_last, compile)
-    EXECUTION     apply_execution(transformer, config, build) once per execution variant (kernels, cache, compile, graphs)
     LOAD          apply_load(pipe, config, build)             once, when the model loads (precision and placement
                                                               of the base components: FP8 weights, offload, tiling)
-    REQUEST       apply_request(run, config)                  on every request (cache state)
+    WEIGHTS       apply_weights(transformer, config, build)   once per weight variant (fusion, quantization)
+    EXECUTION     apply_execution(transformer, config, build) once per execution variant (kernels, cache, compile, graphs)
+    VAE           apply_vae(vae, config, build)               once per VAE variant (fusion, channels_last, compile)
+    REQUEST       apply_request(run, config)                  on every request (sampler, adapters, cache state)
 
 `resolve` says what a requested stage will do on this machine: switched off (or replaced by its
 fallback) with the reason when it cannot run, so a request never fails for asking too much. Rules
-between two stages live in stages/registry.py, not here. Nothing in this package imports the
+between two stages live in stages/rules.py, not here. Nothing in this package imports the
 engine: the contexts below are all a stage sees of it.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 import torch
 
-from .config import KNOBS, OptimizationConfig
+from .config import DECLARATIONS, KNOBS, OptimizationConfig, Phase, StageDeclaration
 from .environment import Environment
 
 if TYPE_CHECKING:
+    from .lora_merge import MergedLoras
     from .lora_weights import ScaledLora
 
 log = logging.getLogger(__name__)
-
-
-class Phase(enum.Enum):
-    WEIGHTS = "apply_weights"
-    VAE = "apply_vae"
-    EXECUTION = "apply_execution"
-    LOAD = "apply_load"
-    REQUEST = "apply_request"
 
 
 @dataclass
@@ -64,6 +57,10 @@ class RequestContext:
     true_cfg: bool  # two transformer calls per step (conditional and unconditional)
     output_tokens: int  # the output's latent tokens per image (an edit adds as many reference tokens)
     loras: tuple["ScaledLora", ...] = ()  # this request's adapters and scales (the engine's library picked them)
+    scheduler: Any = None  # the sampler that will run: a fresh copy of the pipeline's own unless a stage sets one
+    default_steps: int = 28  # steps when the request names none: FluxKontextPipeline's default, unless a stage sets them
+    variant_key: tuple = ()  # the execution variant that runs (what merged LoRA weights were merged through)
+    merged: "MergedLoras | None" = None  # merge mode: the adapters in the variants' shared weights now
     contexts: list[ContextManager] = field(default_factory=list)  # entered around the pipeline call
     extras: dict[str, Any] = field(default_factory=dict)  # per-stage statistics, reported in the result
 
@@ -113,23 +110,40 @@ class StageReport:
 
 
 class Stage:
-    name: ClassVar[str]
-    benchmark_stage: ClassVar[int | None]  # the cumulative preset that introduces it (None: an option)
+    """A stage's code. Its name, off value, preset and phases come from its Switch (stages/config.py)."""
+
+    switch: ClassVar[str]  # the config field that switches this stage on, and declares it
     title: ClassVar[str]  # a few words for tables: "Inductor compile"
     summary: ClassVar[str]  # one sentence for doctor and /health
     requirements: ClassVar[Requirements] = Requirements()
-    phases: ClassVar[frozenset[Phase]] = frozenset()
+
+    # -- its declaration ----------------------------------------------------------------------------
+    @property
+    def declaration(self) -> StageDeclaration:
+        return DECLARATIONS[self.switch]
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def preset(self) -> int | None:
+        return self.declaration.preset
+
+    @property
+    def phases(self) -> frozenset[Phase]:
+        return self.declaration.phases
 
     # -- what the config asks for -------------------------------------------------------------
     def is_requested(self, config: OptimizationConfig) -> bool:
-        raise NotImplementedError
+        return getattr(config, self.switch) != self.declaration.off
 
     def switched_off(self, config: OptimizationConfig) -> OptimizationConfig:
-        raise NotImplementedError
+        return config.with_changes(**{self.switch: self.declaration.off})
 
     def build_key(self, config: OptimizationConfig) -> tuple:
         """The (field, value) pairs that decide what this stage builds: its variant-scope knobs."""
-        return tuple((name, getattr(config, name)) for name, knob in KNOBS.items() if knob.stage == self.name and knob.scope == "variant")
+        return tuple((name, getattr(config, name)) for name in self.declaration.knobs if KNOBS[name].scope == "variant")
 
     # -- what the machine allows ----------------------------------------------------------------
     def availability(self, env: Environment) -> Availability:
@@ -179,28 +193,3 @@ class Stage:
 
     def apply_request(self, run: RequestContext, config: OptimizationConfig) -> None:
         raise NotImplementedError
-
-
-class FlagStage(Stage):
-    """A stage switched by one boolean field of the config."""
-
-    flag: ClassVar[str]
-
-    def is_requested(self, config):
-        return bool(getattr(config, self.flag))
-
-    def switched_off(self, config):
-        return config.with_changes(**{self.flag: False})
-
-
-class ChoiceStage(Stage):
-    """A stage selected by one multiple-choice field; `off` is the value that means "stage 0"."""
-
-    field_name: ClassVar[str]
-    off: ClassVar[str]
-
-    def is_requested(self, config):
-        return getattr(config, self.field_name) != self.off
-
-    def switched_off(self, config):
-        return config.with_changes(**{self.field_name: self.off})

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 
-class ChannelsLast(FlagStage):
-    name = "channels_last"
-    flag = "channels_last"
-    benchmark_stage = 1
+class ChannelsLast(Stage):
+    switch = "channels_last"
     title = "channels_last VAE decoder"
     summary = "channels_last memory format for the VAE decoder where it measured faster (compiled, on GPU)."
-    phases = frozenset({Phase.VAE})
 
     def active_detail(self, config, env):
         return "VAE decoder NHWC" if env.has_cuda else "VAE encoder and decoder NHWC"

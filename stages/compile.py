@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import Availability, FlagStage, Phase
+from .base import Availability, Stage
 from .rules import graph_breaks_in_blocks
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,10 @@ def transformer_compile_options(config, env) -> dict:
     return options
 
 
-class Compile(FlagStage):
-    name = "compile"
-    flag = "compile"
-    benchmark_stage = 1
+class Compile(Stage):
+    switch = "compile"
     title = "Inductor compile"
     summary = "torch.compile (Inductor) of the transformer blocks (regional) and the VAE encoder/decoder."
-    phases = frozenset({Phase.EXECUTION, Phase.VAE})
 
     def availability(self, env):
         if env.has_cuda and not env.has_package("triton"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_kernels import AttentionKernel
-from .base import Availability, Phase, Stage, StageReport
+from .base import Availability, Stage, StageReport
 from .flux_attention_processor import KontextAttnProcessor, flux_attention_modules
 
 
@@ -77,17 +77,9 @@ def check_processors(transformer: torch.nn.Module) -> None:
 
 
 class ContextParallel(Stage):
-    name = "context_parallel"
-    benchmark_stage = None
+    switch = "context_parallel"
     title = "context parallelism (Ulysses)"
     summary = "One edit over several GPUs: tokens split over torchrun ranks, all-to-all around attention (Ulysses)."
-    phases = frozenset({Phase.EXECUTION})
-
-    def is_requested(self, config):
-        return config.context_parallel > 1
-
-    def switched_off(self, config):
-        return config.with_changes(context_parallel=1)
 
     def availability(self, env):
         if env.world_size > 1:

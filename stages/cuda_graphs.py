@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlagStage, Phase, Requirements
+from .base import Requirements, Stage
 
 
 def _mark_step_begin(module, args):
     torch.compiler.cudagraph_mark_step_begin()
 
 
-class CudaGraphs(FlagStage):
-    name = "cuda_graphs"
-    flag = "cuda_graphs"
-    benchmark_stage = 5
+class CudaGraphs(Stage):
+    switch = "cuda_graphs"
     title = "CUDA graph capture"
     summary = "CUDA graph capture of the transformer blocks (Inductor cudagraph trees, static buffers per shape)."
     requirements = Requirements(cuda=True)
-    phases = frozenset({Phase.EXECUTION})
 
     def describe_available(self, env):
         return "via Inductor cudagraph trees (needs compile on)"

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
@@ -72,13 +72,10 @@ def replace_tanh_gelus(model: nn.Module) -> int:
     return replaced
 
 
-class FastGelu(FlagStage):
-    name = "fast_gelu"
-    flag = "fast_gelu"
-    benchmark_stage = 1
+class FastGelu(Stage):
+    switch = "fast_gelu"
     title = "sigmoid-form GELU"
     summary = "tanh GELU computed as x*sigmoid(2z) (same function; cheaper fused kernels under compile)."
-    phases = frozenset({Phase.EXECUTION})
 
     def apply_execution(self, transformer, config, build):
         build.note(f"transformer: {replace_tanh_gelus(transformer)} tanh GELUs computed in sigmoid form")

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import contextlib
 
-from .base import FlagStage, Phase, StageReport
+from .base import Stage, StageReport
 
 
-class FirstBlockCache(FlagStage):
-    name = "first_block_cache"
-    flag = "first_block_cache"
-    benchmark_stage = 1
+class FirstBlockCache(Stage):
+    switch = "first_block_cache"
     title = "first-block cache"
     summary = "First-block cache: skip the other blocks when the first block's residual changed less than the threshold."
-    phases = frozenset({Phase.EXECUTION, Phase.REQUEST})
 
     def describe_available(self, env):
         return f"backends: {'para_attn (patched), ' if env.has_package('para_attn') else ''}diffusers"

@@ -10,7 +10,7 @@ through diffusers' own `_native_cudnn` backend and says so; `cudnn` asks for tha
 from __future__ import annotations
 
 from .attention_kernels import FA3_MODULE, KERNELS
-from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
+from .base import Availability, Requirements, Stage, StageReport
 from .flux_attention_processor import flux_attention_modules, set_attention_kernel
 
 HOPPER = (9, 0)
@@ -27,15 +27,11 @@ def _fa3_unavailable_reason(env) -> str | None:
     return None
 
 
-class FlashAttention(ChoiceStage):
-    name = "attention"
-    field_name = "attention"
-    off = "sdpa"
-    benchmark_stage = 2
+class FlashAttention(Stage):
+    switch = "attention"
     title = "FlashAttention 3"
     summary = "FlashAttention 3 (bf16, or FP8 with per-head scales) for the joint attention; cuDNN SDPA fallback."
     requirements = Requirements(cuda=True)
-    phases = frozenset({Phase.EXECUTION})
 
     def availability(self, env):
         reason = _fa3_unavailable_reason(env)

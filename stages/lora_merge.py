@@ -14,12 +14,14 @@ How a merge stays correct and cheap:
 * Only tensor data changes, in place: compiled code guards on the same tensors and CUDA graphs replay
   the same addresses, so a swap neither recompiles nor re-records.
 * Variants share weight tensors (engine/variants.py), so a merge is seen by every variant sharing
-  them. The engine therefore keeps one merged set at a time and restores before it fetches a variant
-  for a request with other adapters or another variant.
+  them. One merged set is kept at a time; the variant cache restores the base values before it
+  builds, evicts or moves anything, and a request with other adapters or another variant restores
+  before it merges its own (stages/lora.py).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from typing import Sequence
@@ -33,6 +35,10 @@ from .tensors import is_quantized, leaf_tensors
 
 class UnmergeableWeight(ValueError):
     """A weight format the merge cannot re-quantize (the slots work with every format)."""
+
+
+class MergeRefused(ValueError):
+    """A request's adapters cannot be merged into this variant (the weights were left as they were)."""
 
 
 def _row_wise_fp8(weight: torch.Tensor) -> bool:
@@ -80,9 +86,11 @@ def _same_adapters(left: Sequence[ScaledLora], right: Sequence[ScaledLora]) -> b
 
 class MergedLoras:
     """The adapters merged into the weights now, the variant they were merged through, and the host
-    copies that undo them. Used under the engine's lock: one edit at a time."""
+    copies that undo them. `lock` is held while merged weights are in use (an edit) or while they must
+    not be (a variant build reads base weights): merges, restores and builds take turns."""
 
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self.variant_key: tuple | None = None
         self.adapters: tuple[ScaledLora, ...] = ()
         self._changed: list[torch.Tensor] = []  # weights that hold a merge now
@@ -91,6 +99,11 @@ class MergedLoras:
     def holds(self, variant_key: tuple, adapters: Sequence[ScaledLora]) -> bool:
         """True when exactly these adapters (same objects, same scales) are merged for this variant."""
         return not self._changed and not adapters or (self.variant_key == variant_key and _same_adapters(self.adapters, adapters))
+
+    @property
+    def merged_any(self) -> bool:
+        """Adapters are in the weights now (a request without them must restore first)."""
+        return bool(self._changed)
 
     @property
     def backup_bytes(self) -> int:

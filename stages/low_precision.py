@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
+from .base import Availability, Requirements, Stage, StageReport
 from .tensors import has_quantized_weights
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,11 @@ def torchao_config(fmt: str, capability: tuple[int, int]):
     raise ValueError(f"unknown low-precision format {fmt!r}")
 
 
-class LowPrecision(ChoiceStage):
-    name = "quantization"
-    field_name = "quantization"
-    off = "none"
-    benchmark_stage = 3
+class LowPrecision(Stage):
+    switch = "quantization"
     title = "low-precision GEMMs (best native format)"
     summary = "Low-precision GEMMs through torchao: FP8 row-wise on Ada/Hopper, MXFP8/MXFP4/NVFP4 on Blackwell."
     requirements = Requirements(cuda=True, packages=("torchao",))
-    phases = frozenset({Phase.WEIGHTS})
 
     def availability(self, env):
         unmet = self.requirements.unmet(env)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 # Fused module -> the unfused projections it replaces.
 _REPLACED = {
@@ -36,13 +36,10 @@ def drop_unfused_projections(model: torch.nn.Module) -> int:
     return dropped
 
 
-class QkvFusion(FlagStage):
-    name = "fuse_qkv"
-    flag = "fuse_qkv"
-    benchmark_stage = 1
+class QkvFusion(Stage):
+    switch = "fuse_qkv"
     title = "QKV fusion"
     summary = "Fused Q/K/V projections (one GEMM instead of three) in the transformer and the VAE."
-    phases = frozenset({Phase.WEIGHTS, Phase.VAE})
 
     def apply_weights(self, transformer, config, build):
         transformer.fuse_qkv_projections()

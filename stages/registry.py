@@ -1,12 +1,13 @@
-"""The ordered stage registry, and `resolve`: what a requested config will run on this machine.
+"""The ordered stage registry; `resolve`, what a requested config will run on this machine; and
+`apply`, the one loop that runs the stages' hooks.
 
-Order matters: it is the order in which stages are applied when the model loads or a variant is
-built (weights are made FP8 before they are moved to host memory; QKV fusion before quantization,
-because quantized weights cannot be concatenated; group offload before the cache wrapper, which
-hides the blocks from it, and before compilation, which cannot wrap diffusers' hooks the other way
-round; the LoRA slots before the attention kernel, the cache and compile, so that they see the slot
-layers; the attention kernel and the cache wrapper before compilation; compilation before CUDA graph
-capture).
+A stage is one module, one declaration (its Switch in config.py) and one line below. Order matters:
+it is the order in which stages are applied when the model loads or a variant is built (weights are
+made FP8 before they are moved to host memory; QKV fusion before quantization, because quantized
+weights cannot be concatenated; group offload before the cache wrapper, which hides the blocks from
+it, and before compilation, which cannot wrap diffusers' hooks the other way round; the LoRA slots
+before the attention kernel, the cache and compile, so that they see the slot layers; the attention
+kernel and the cache wrapper before compilation; compilation before CUDA graph capture).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .base import Availability, Phase, Stage, StageReport
+from .base import Availability, BuildContext, Phase, RequestContext, Stage, StageReport
 from .channels_last import ChannelsLast
 from .compile import Compile
-from .config import KNOBS, OptimizationConfig
+from .config import DECLARATIONS, KNOBS, OptimizationConfig
 from .context_parallel import ContextParallel
 from .cuda_graphs import CudaGraphs
 from .environment import Environment
 from .fast_gelu import FastGelu
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
-from .lora import LoraSlots
+from .lora import Lora
 from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
 from .rules import RULES
@@ -46,7 +47,7 @@ STAGES: tuple[Stage, ...] = (
     SplitProjection(),  # before quantization: each half gets its own FP8 weights and row scales
     ChannelsLast(),
     LowPrecision(),
-    LoraSlots(),
+    Lora(),
     TransformerOffload(),
     FlashAttention(),
     FirstBlockCache(),
@@ -58,6 +59,10 @@ STAGES: tuple[Stage, ...] = (
     Scheduler(),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+if set(STAGE_NAMES) != set(DECLARATIONS) or len(STAGE_NAMES) != len(STAGES):
+    raise TypeError(f"every declared stage needs one registry line: declared {sorted(DECLARATIONS)}, registered {sorted(STAGE_NAMES)}")
+if {rule.stage for rule in RULES} - set(STAGE_NAMES):
+    raise TypeError(f"rules name unknown stages: {sorted({rule.stage for rule in RULES} - set(STAGE_NAMES))}")
 BASELINE_TITLE = "eager diffusers (bf16 on a GPU), FlowMatch Euler, 28 steps"
 
 
@@ -72,11 +77,22 @@ def stages_in(phase: Phase) -> tuple[Stage, ...]:
     return tuple(stage for stage in STAGES if phase in stage.phases)
 
 
+def apply(phase: Phase, target, config: OptimizationConfig, context: BuildContext | None = None) -> None:
+    """Every requested stage's hook for `phase`, in registry order, on `target`: the pipeline (LOAD),
+    the transformer (WEIGHTS, EXECUTION), the VAE (VAE), or the request's RequestContext (REQUEST,
+    whose hooks take no build context). The one place that runs stage hooks: the engine calls it
+    once at load, the variant cache once per phase of each variant it builds, the edit once per request."""
+    for stage in stages_in(phase):
+        if stage.is_requested(config):
+            hook = getattr(stage, phase.value)
+            hook(target, config) if isinstance(target, RequestContext) else hook(target, config, context)
+
+
 def preset_title(preset: int) -> str:
     """What cumulative preset `preset` adds, in words."""
     if preset == 0:
         return BASELINE_TITLE
-    titles = [stage.title for stage in STAGES if stage.benchmark_stage == preset]
+    titles = [stage.title for stage in STAGES if stage.preset == preset]
     titles += [
         f"{name} {value}" for name, knob in KNOBS.items() if knob.upgrade and knob.upgrade[0] == preset for value in knob.upgrade[1:]
     ]
@@ -88,6 +104,7 @@ class ResolvedConfig:
     requested: OptimizationConfig
     effective: OptimizationConfig  # what will actually run on this machine
     reports: tuple[StageReport, ...]
+    notes: tuple[str, ...] = ()  # how stages that run differ from what was asked (e.g. a load-scope knob held as loaded)
 
     @property
     def active_stages(self) -> list[str]:
@@ -127,7 +144,7 @@ def stage_status(env: Environment) -> list[dict]:
         rows.append(
             {
                 "name": stage.name,
-                "benchmark_stage": stage.benchmark_stage,
+                "preset": stage.preset,
                 "summary": stage.summary,
                 "available": availability.available,
                 "reason": availability.reason,

@@ -1,16 +1,16 @@
 """Stage 4: the sampler. FlowMatch Euler (28 steps) is the baseline; DPM-Solver++ 2M runs 14.
 
-Every request gets a fresh scheduler built from the base pipeline's FlowMatch config, so the
-Kontext shift settings (base/max shift, sequence lengths, dynamic shifting) carry over to every
-solver and the pipeline's `mu` is honored. Which solver `use_dpm_solver` means, and the step counts,
-follow benchmarks/solver_fidelity.py (results in benchmarks/results/solver-fidelity/).
+Every request gets a fresh scheduler built from the base pipeline's FlowMatch config (the engine
+hands the stage a fresh copy of it), so the Kontext shift settings (base/max shift, sequence
+lengths, dynamic shifting) carry over to every solver and the pipeline's `mu` is honored. Which
+solver `use_dpm_solver` means, and the step counts, follow benchmarks/solver_fidelity.py (results in benchmarks/results/solver-fidelity/).
 """
 
 from __future__ import annotations
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .base import ChoiceStage
+from .base import Stage
 from .flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepScheduler
 
 # Default denoising steps per scheduler, from benchmarks/solver_fidelity.py: DPM-Solver++ 2M Karras
@@ -43,14 +43,11 @@ def build_scheduler(name: str, base_config, **overrides):
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(DEFAULT_STEPS)}")
 
 
-class Scheduler(ChoiceStage):
-    """The sampler itself is built for every request by `build_scheduler` (the engine asks for
-    `config.scheduler`, Euler included); this stage reports the choice and its default steps."""
+class Scheduler(Stage):
+    """Stage 4: a sampler other than the pipeline's own FlowMatch Euler, built fresh for each request
+    (the engine gives every request a fresh copy of the pipeline's own when this stage is off)."""
 
-    name = "scheduler"
-    field_name = "scheduler"
-    off = "euler"
-    benchmark_stage = 4
+    switch = "scheduler"
     title = "DPM-Solver++ 2M Karras, 14 steps"
     summary = "DPM-Solver++ 2M Karras at 14 steps instead of FlowMatch Euler at 28."
 
@@ -59,3 +56,7 @@ class Scheduler(ChoiceStage):
 
     def active_detail(self, config, env):
         return f"{_DESCRIPTIONS[config.scheduler]}, {DEFAULT_STEPS[config.scheduler]} steps unless the request says otherwise"
+
+    def apply_request(self, run, config):
+        run.scheduler = build_scheduler(config.scheduler, run.scheduler.config)  # on the pipeline's own shifted schedule
+        run.default_steps = DEFAULT_STEPS[config.scheduler]

@@ -29,7 +29,7 @@ from torch import nn
 
 from patches import installed_version
 
-from .base import Availability, FlagStage, Phase
+from .base import Availability, Stage
 
 KNOWN_DIFFUSERS = ("0.42.1",)
 # Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-23/README.md, full stack,
@@ -70,13 +70,10 @@ def split_single_block_output(block: nn.Module) -> None:
     block.forward = types.MethodType(_split_output_forward, block)
 
 
-class SplitProjection(FlagStage):
-    name = "split_proj_out"
-    flag = "split_proj_out"
-    benchmark_stage = None  # an option: on an H100 it measured no faster (see KNOWN_RESULT)
+class SplitProjection(Stage):
+    switch = "split_proj_out"
     title = "single-block output projection split (no concat)"
     summary = "The single blocks' output GEMM split into its attention and MLP halves: no concatenation, narrower FP8 rows."
-    phases = frozenset({Phase.WEIGHTS})
 
     def availability(self, env):
         version = installed_version("diffusers")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlagStage, Phase, Requirements
+from .base import Requirements, Stage
 from .tensors import has_quantized_weights, tensor_bytes
 
 
@@ -30,14 +30,11 @@ def text_encoder_fp8_config():
     return Float8WeightOnlyConfig()
 
 
-class TextEncoderFp8(FlagStage):
-    name = "text_encoder_fp8"
-    flag = "t5_fp8"
-    benchmark_stage = None
+class TextEncoderFp8(Stage):
+    switch = "t5_fp8"
     title = "FP8 T5 encoder"
     summary = "FP8 weight-only T5 text encoder (about half its memory), chosen when the model loads."
     requirements = Requirements(packages=("torchao",))
-    phases = frozenset({Phase.LOAD})
 
     def active_detail(self, config, env):
         return "T5 Linears FP8 e4m3 weight-only (torchao)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ChoiceStage, Phase
+from .base import Stage
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 DETAILS = {
@@ -24,14 +24,10 @@ DETAILS = {
 }
 
 
-class TextEncoderOffload(ChoiceStage):
-    name = "text_encoder_offload"
-    field_name = "text_encoders"
-    off = "resident"
-    benchmark_stage = None
+class TextEncoderOffload(Stage):
+    switch = "text_encoders"
     title = "text encoders off the GPU"
     summary = "T5 and CLIP in host memory, streamed to the GPU to encode or run on the CPU; set by the memory plan."
-    phases = frozenset({Phase.LOAD})
 
     def active_detail(self, config, env):
         return DETAILS[config.text_encoders]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Availability, ChoiceStage, Phase, Requirements, StageReport
+from .base import Availability, Requirements, Stage, StageReport
 from .low_precision import FP8_NATIVE, is_quantized_linear
 from .tensors import is_quantized
 
@@ -69,15 +69,11 @@ def format_of(transformer: torch.nn.Module) -> str | None:
     return None
 
 
-class TransformerFp8(ChoiceStage):
-    name = "transformer_fp8"
-    field_name = "transformer_fp8"
-    off = "off"
-    benchmark_stage = None
+class TransformerFp8(Stage):
+    switch = "transformer_fp8"
     title = "FP8 transformer from load"
     summary = "FP8 transformer weights from the moment the model loads (prequantized, or quantized while loading); set by the memory plan."
     requirements = Requirements(packages=("torchao",))
-    phases = frozenset({Phase.LOAD})
 
     def availability(self, env):
         unmet = self.requirements.unmet(env)

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 
-class TransformerOffload(FlagStage):
-    name = "transformer_offload"
-    flag = "transformer_offload"
-    benchmark_stage = None
+class TransformerOffload(Stage):
+    switch = "transformer_offload"
     title = "transformer group offload"
     summary = "diffusers group offload: transformer blocks stream from host memory one at a time (CUDA streams); set by the memory plan."
-    phases = frozenset({Phase.LOAD, Phase.EXECUTION})
 
     def describe_available(self, env):
         if env.has_cuda:

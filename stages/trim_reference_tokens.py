@@ -14,7 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 
 class OutputTokensNorm(nn.Module):
@@ -40,13 +40,10 @@ def _keeping(norm: OutputTokensNorm, tokens: int):
         norm.keep = None  # a request's size never reaches the next request
 
 
-class TrimReferenceTokens(FlagStage):
-    name = "trim_reference_tokens"
-    flag = "trim_reference_tokens"
-    benchmark_stage = 1
+class TrimReferenceTokens(Stage):
+    switch = "trim_reference_tokens"
     title = "reference tokens dropped before the final projection"
     summary = "The input image's tokens are dropped before the final norm and projection, whose output the pipeline discards."
-    phases = frozenset({Phase.EXECUTION, Phase.REQUEST})
 
     def apply_execution(self, transformer, config, build):
         transformer.norm_out = OutputTokensNorm(transformer.norm_out)

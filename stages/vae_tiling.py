@@ -6,16 +6,13 @@ untiled; larger outputs differ slightly where tiles are blended.
 
 from __future__ import annotations
 
-from .base import FlagStage, Phase
+from .base import Stage
 
 
-class VaeTiling(FlagStage):
-    name = "vae_tiling"
-    flag = "vae_tiling"
-    benchmark_stage = None
+class VaeTiling(Stage):
+    switch = "vae_tiling"
     title = "VAE tiling"
     summary = "The VAE encodes and decodes large images tile by tile (diffusers' tiling); set by the memory plan."
-    phases = frozenset({Phase.LOAD})
 
     def active_detail(self, config, env):
         return "tiles only above the VAE's tile size (1024 px for FLUX)"

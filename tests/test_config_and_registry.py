@@ -4,7 +4,10 @@ derived view agreeing with it, rules settled in dependency order."""
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import itertools
+import pathlib
 import typing
 
 import pytest
@@ -12,10 +15,12 @@ import torch
 from pydantic import ValidationError
 
 from cli.options import add_optimization_options, optimization_config_from_args
+from service.optimizations import merge
 from service.schemas import InferenceRequest, Optimizations
 from stages import registry
 from stages.base import Phase, Stage
 from stages.config import (
+    DECLARATIONS,
     KNOBS,
     LEGACY_FLAGS,
     LOAD_FIELDS,
@@ -23,6 +28,7 @@ from stages.config import (
     USER_FIELDS,
     VARIANT_FIELDS,
     OptimizationConfig,
+    Switch,
     cumulative_config,
     parse_presets,
 )
@@ -94,6 +100,36 @@ def test_every_knob_belongs_to_a_registered_stage_and_every_stage_has_a_knob():
     assert {knob.stage for knob in KNOBS.values()} == set(registry.STAGE_NAMES)
 
 
+RESTATED = {"name", "switch_name", "preset", "benchmark_stage", "phases", "off", "flag", "field_name", "is_requested"}
+
+
+@pytest.mark.parametrize("stage", registry.STAGES, ids=lambda stage: stage.name)
+def test_a_stage_is_declared_once_by_its_switch(stage):
+    """Name, switch, off value, preset and phases come from the stage's Switch in stages/config.py:
+    no stage class restates them, the registry holds one line per declaration, and the presets and
+    their titles follow the same declaration."""
+    knob, field = KNOBS[stage.switch], OptimizationConfig.model_fields[stage.switch]
+    assert isinstance(knob, Switch) and DECLARATIONS[stage.switch] is stage.declaration
+    assert stage.name == stage.switch == knob.stage
+    assert stage.preset == knob.preset and stage.phases == frozenset(knob.phases)
+    assert stage.declaration.off == field.default and not stage.is_requested(OptimizationConfig())
+    for cls in type(stage).__mro__[: type(stage).__mro__.index(Stage)]:
+        assert not RESTATED & set(vars(cls)), (cls, RESTATED & set(vars(cls)))
+    assert registry.STAGE_NAMES.count(stage.name) == 1
+    if knob.preset is not None:
+        assert stage.title in registry.preset_title(knob.preset)
+        assert stage.is_requested(cumulative_config(knob.preset)) and not stage.is_requested(cumulative_config(knob.preset - 1))
+
+
+def test_a_changed_declaration_is_what_the_stage_reports(monkeypatch):
+    """The stage reads its declaration; it keeps no copy of its own."""
+    stage = registry.get_stage("fast_gelu")
+    moved = dataclasses.replace(DECLARATIONS["fast_gelu"], preset=4, phases=frozenset({Phase.REQUEST}))
+    monkeypatch.setitem(DECLARATIONS, "fast_gelu", moved)
+    assert stage.preset == 4 and stage.phases == {Phase.REQUEST}
+    assert registry.stages_in(Phase.REQUEST).count(stage) == 1 and stage not in registry.stages_in(Phase.EXECUTION)
+
+
 # Each layer may import only the layers below it: entry -> cli -> service -> engine -> stages -> patches.
 LAYERS = ["patches", "stages", "engine", "service", "cli"]
 
@@ -113,13 +149,69 @@ def _imported_packages(path) -> set[str]:
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_calls_go_one_way(layer):
-    import pathlib
-
     root = pathlib.Path(registry.__file__).resolve().parents[1]
     above = set(LAYERS[LAYERS.index(layer) + 1 :]) | {"benchmarks", "tests", "flux_kontext_optimized"}
     for path in (root / layer).rglob("*.py"):
         wrong = _imported_packages(path) & above
         assert not wrong, f"{path.relative_to(root)} imports {wrong}, a layer above {layer}"
+
+
+def import_graph(root: pathlib.Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (relative or absolute, at the top or
+    inside a function: a circle through a lazy import is still a circle)."""
+    modules = {}
+    for path in (root / package).rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        wanted = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(filter(None, [base, node.module]))
+                wanted |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                wanted |= {alias.name for alias in node.names}
+        graph[name] = {other for other in wanted if other in modules and other != name}
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            if state.get(other) == "open":
+                return path[path.index(other) :] + [module, other] if other in path else [module, other]
+            if other not in state and (found := visit(other, path + [module])):
+                return found
+        state[module] = "done"
+        return None
+
+    return next((found for module in sorted(graph) if module not in state and (found := visit(module, []))), None)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_no_import_circle_inside_a_package(layer):
+    root = pathlib.Path(registry.__file__).resolve().parents[1]
+    circle = find_circle(import_graph(root, layer))
+    assert circle is None, " -> ".join(circle or [])
+
+
+def test_the_circle_check_finds_a_circle(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .sub import b\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "b.py").write_text("def later():\n    from pkg import c\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    assert find_circle(import_graph(tmp_path, "pkg")) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+    (package / "c.py").write_text("")
+    assert find_circle(import_graph(tmp_path, "pkg")) is None
 
 
 # -- one declaration per knob -------------------------------------------------------------------------
@@ -150,7 +242,7 @@ def test_cli_http_and_legacy_views_are_generated_from_the_config():
     flags = {action.dest for action in parser._actions}
     assert set(USER_FIELDS) <= flags and not (set(OptimizationConfig.model_fields) - set(USER_FIELDS)) & flags
     assert set(Optimizations.model_fields) == set(USER_FIELDS)
-    assert {"lora_slots", "lora_rank"} == set(OptimizationConfig.model_fields) - set(USER_FIELDS)  # set by the engine only
+    assert {"lora", "lora_slots", "lora_rank"} == set(OptimizationConfig.model_fields) - set(USER_FIELDS)  # set by the engine only
     assert set(LEGACY_FLAGS) <= set(InferenceRequest.model_fields)
     for name in USER_FIELDS:
         field = OptimizationConfig.model_fields[name]
@@ -179,3 +271,9 @@ def test_the_engine_runs_load_knobs_as_loaded(tiny_engine, photo):
     result = tiny_engine.edit(EditRequest(prompt="x", image=photo, seed=1, steps=1), OptimizationConfig(t5_fp8=True))
     assert result.config.t5_fp8 is False  # the tiny engine was loaded without it: that is what ran
     assert next(tiny_engine.loaded.pipe.text_encoder_2.parameters()).dtype == torch.float32
+    # the engine is the one place that holds load knobs: it says so, and the service passes the knob through
+    assert "chosen when the model loads" in result.skipped_stages["t5_fp8"]
+    passed = merge(tiny_engine.default_config, {}, {"t5_fp8": True, "text_encoders": "cpu"}, per_request_variants=False)
+    assert passed.config.t5_fp8 and passed.config.text_encoders == "cpu" and not passed.warnings
+    placed = tiny_engine.resolve(passed.config)
+    assert placed.effective.text_encoders == "resident" and "text_encoders='cpu' not applied" in placed.skipped["text_encoders"]

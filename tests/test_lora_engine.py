@@ -131,7 +131,8 @@ def test_a_request_that_stops_midway_leaves_the_slots_empty(lora_engine):
     base, style = edit(lora_engine), edit(lora_engine, ("style",))
     with pytest.raises(EditCancelled):
         lora_engine.edit(dataclasses.replace(REQUEST, loras=(LoraChoice("kohya"),)), should_stop=lambda: True)
-    lora_variant = lora_engine.variants.pipeline_for(lora_engine.resolve(lora_engine.with_lora_slots(OptimizationConfig(), True)).effective)
+    with_slots = lora_engine.with_lora(OptimizationConfig(), lora_engine.loras.pick([LoraChoice("style")]))
+    lora_variant = lora_engine.variants.pipeline_for(lora_engine.resolve(with_slots).effective)
     assert slot_bank(lora_variant[0].transformer).empty
     assert np.array_equal(edit(lora_engine), base) and np.array_equal(edit(lora_engine, ("style",)), style)
 

@@ -86,7 +86,8 @@ def test_the_full_stack_switches_adapters_without_compiling_or_leaking(lora_gpu_
     assert np.array_equal(outputs[(("a", 0.0),)], outputs[()])
     eager = _edit(lora_gpu_engine, FULL_STACK.with_changes(compile=False, cuda_graphs=False), photo, ("a", 0.7), ("b", 1.3))
     assert image_distance(outputs[(("a", 0.7), ("b", 1.3))], np.asarray(eager.images[0]))[0] < 0.25
-    pipe, _, _ = lora_gpu_engine.variants.pipeline_for(lora_gpu_engine.resolve(lora_gpu_engine.with_lora_slots(FULL_STACK, True)).effective)
+    with_slots = lora_gpu_engine.with_lora(FULL_STACK, lora_gpu_engine.loras.pick([LoraChoice("a")]))
+    pipe, _, _ = lora_gpu_engine.variants.pipeline_for(lora_gpu_engine.resolve(with_slots).effective)
     assert slot_bank(pipe.transformer).empty
 
 

@@ -181,7 +181,7 @@ def test_doctor_tells_a_4090_user_which_stages_they_get():
     attention = _stage_line(text, "attention")
     assert "ON" in attention and "cuDNN SDPA (fallback)" in attention and "Hopper" in attention
     assert "SKIPPED" in _stage_line(text, "quantization") and "FP8 from load" in _stage_line(text, "quantization")
-    for kept in ("compile", "cuda_graphs", "text_encoder_offload", "vae_tiling"):
+    for kept in ("compile", "cuda_graphs", "text_encoders", "vae_tiling"):
         assert "ON" in _stage_line(text, kept), kept
     assert "off" in _stage_line(text, "transformer_offload")
 
