@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .engine_loader import load_engine, load_worker_engine
-from .options import given_optimization_flags, optimization_config_from_args, service_settings_from_args
+from .options import engine_options_from_args, given_optimization_flags, optimization_config_from_args, service_settings_from_args
 
 log = logging.getLogger("flux_kontext")
 
@@ -39,7 +39,7 @@ def cmd_quantize(args) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} exists and is not empty: give a new directory to --out")
     started = time.perf_counter()
-    engine = load_engine(args, plan_changes=WRITING_KNOBS)
+    engine = load_engine(engine_options_from_args(args), plan_changes=WRITING_KNOBS)
     loaded_knobs = engine.memory_report()["loaded_knobs"]
     knobs = {name: loaded_knobs[name] for name in ("transformer_fp8", "t5_fp8")}
     manifest = save_prequantized(engine.loaded.pipe, args.out, source=engine.loaded.spec.name, knobs=knobs)
@@ -57,7 +57,7 @@ def cmd_edit(args) -> int:
 
     image = Image.open(args.image) if args.image else None  # fail on a bad path before loading a model
     loras = tuple(LoraChoice.parse(text) for text in args.lora or ())
-    engine = load_engine(args, preload_loras=tuple(choice.name for choice in loras))
+    engine = load_engine(engine_options_from_args(args, preload=tuple(choice.name for choice in loras)))
     width, height = args.width, args.height
     if args.aspect_ratio:
         width, height = scale_to_area(*parse_aspect_ratio(args.aspect_ratio), engine.loaded.spec.default_max_area)
@@ -108,7 +108,7 @@ def cmd_benchmark(args) -> int:
         profile=args.profile,
         overrides=given_optimization_flags(args),  # on top of every preset: --no-compile keeps a CPU run short
     )
-    engine = load_engine(args)
+    engine = load_engine(engine_options_from_args(args))
     report = run_benchmark(engine, settings, show_progress=True)
     directory = write_results(report, args.results_dir)
     print(report.markdown())
@@ -124,7 +124,7 @@ def cmd_precompile(args) -> int:
     from engine.warmup import warm_up
 
     loading = time.perf_counter()
-    engine = load_engine(args)
+    engine = load_engine(engine_options_from_args(args))
     load_s = round(time.perf_counter() - loading, 2)
     if not engine.resolve().effective.compile:
         print("nothing to precompile: compile is off in this configuration (or cannot run on this machine); no bundle written")
@@ -147,28 +147,28 @@ def cmd_serve(args) -> int:
     from service.app import create_app
     from service.server import serve
 
-    settings = service_settings_from_args(args)
+    settings, options = service_settings_from_args(args), engine_options_from_args(args)
     if settings.api_key:
-        log.info("API key required on every endpoint but /health and /ready (from $%s)", args.api_key_env)
+        log.info("API key required on every endpoint but /health and /ready (from $%s)", settings.api_key_env)
     elif not settings.listens_on_loopback:
-        log.warning("listening on %s without an API key: set $%s to require one", args.host, args.api_key_env)
+        log.warning("listening on %s without an API key: set $%s to require one", settings.host, settings.api_key_env)
     if (args.context_parallel or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         from .scale import serve_context_parallel
 
-        return serve_context_parallel(args, settings)
+        return serve_context_parallel(args, settings, options)
     if args.gpus:
         from service.pool_service import PoolService
 
         from .scale import worker_gpus
 
-        gpus = worker_gpus(args.gpus, args.device)
+        gpus = worker_gpus(args.gpus, options.device)
         log.info("one worker process per GPU: %s", ", ".join(gpu or "cpu" for gpu in gpus))
-        app = create_app(service=PoolService(settings, gpus, functools.partial(load_worker_engine, args)))
+        app = create_app(service=PoolService(settings, gpus, functools.partial(load_worker_engine, options)))
     else:
         # The model loads on the GPU worker after the server is up: /health answers at once, /ready
         # turns 200 once the model is loaded and warm.
-        app = create_app(settings=settings, loader=lambda: load_engine(args, preload_loras=tuple(args.preload_lora or ())))
-    status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+        app = create_app(settings=settings, loader=functools.partial(load_engine, options))
+    status = serve(app, settings.host, settings.port, log_level="debug" if args.verbose else "info")
     if status:
         print(f"error: {app.state.service.error}", file=sys.stderr)
     return status

@@ -36,10 +36,11 @@ HEADROOM_REQUESTS = 8  # per replica, beyond its queue: cheap requests (/health,
 
 
 class KontextReplica:
-    """One replica: the service of `serve`, on the GPU Ray gave it (CUDA_VISIBLE_DEVICES)."""
+    """One replica: the service of `serve`, on the GPU Ray gave it (CUDA_VISIBLE_DEVICES). It receives
+    the declared settings (service, engine), the same objects `serve` builds from its flags."""
 
-    def __init__(self, args: argparse.Namespace, bundle: list | None = None):
-        self.args = args
+    def __init__(self, settings, options, bundle: list | None = None):
+        self.settings, self.options = settings, options
         self.bundle_path = self._receive_bundle(bundle) if bundle else None
         self.kontext_app = None
 
@@ -49,7 +50,7 @@ class KontextReplica:
         from engine.compile_cache import configure_compile_cache
 
         name, data = ray.get(bundle[0])
-        path = configure_compile_cache(self.args.compile_cache) / "bundles" / f"fleet-{name}"
+        path = configure_compile_cache(self.options.compile_cache) / "bundles" / f"fleet-{name}"
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         partial.write_bytes(data)
@@ -58,18 +59,16 @@ class KontextReplica:
 
     async def __serve_build_asgi_app__(self):
         import dataclasses
+        import functools
 
         from service.app import create_app
 
         from .engine_loader import load_engine
-        from .options import service_settings_from_args
 
-        settings = service_settings_from_args(self.args)
+        settings = self.settings
         if self.bundle_path:
             settings = dataclasses.replace(settings, compile_artifacts=self.bundle_path)
-        self.kontext_app = create_app(
-            settings=settings, loader=lambda: load_engine(self.args, preload_loras=tuple(getattr(self.args, "preload_lora", None) or ()))
-        )
+        self.kontext_app = create_app(settings=settings, loader=functools.partial(load_engine, self.options))
         service = self.kontext_app.state.service
         service_health, replica = service.health, _replica_identity()
         service.health = lambda: {**service_health(), "replica": replica}  # which replica answered
@@ -93,13 +92,10 @@ def _replica_identity() -> dict:
     return {"id": context.replica_id.unique_id, "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def build_application(args: argparse.Namespace, bundle: list | None, gpus_per_replica: float):
+def build_application(args: argparse.Namespace, settings, options, bundle: list | None, gpus_per_replica: float):
     """The Ray Serve application: the deployment with its replica count or autoscaling policy."""
     from ray import serve
 
-    from .options import service_settings_from_args
-
-    settings = service_settings_from_args(args)
     if args.max_replicas:
         scaling = {
             "autoscaling_config": {
@@ -122,7 +118,7 @@ def build_application(args: argparse.Namespace, bundle: list | None, gpus_per_re
         health_check_period_s=10,
         **scaling,
     )
-    return deployment.bind(args, bundle)
+    return deployment.bind(settings, options, bundle)
 
 
 def start_fleet(args: argparse.Namespace) -> str:
@@ -130,6 +126,10 @@ def start_fleet(args: argparse.Namespace) -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
+
+    from .options import engine_options_from_args, service_settings_from_args
+
+    settings = service_settings_from_args(args)
 
     gpus_per_replica = args.gpus_per_replica
     if gpus_per_replica is None:
@@ -140,14 +140,15 @@ def start_fleet(args: argparse.Namespace) -> str:
     runtime_env = {"env_vars": {"PYTHONPATH": python_path, **{k: v for k, v in os.environ.items() if k.startswith("FLUX_KONTEXT_")}}}
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.verbose, runtime_env=runtime_env)
     bundle = None
-    if args.compile_artifacts:
-        path = Path(args.compile_artifacts)
+    if settings.compile_artifacts:
+        path = Path(settings.compile_artifacts)
         if not path.is_file():
             raise OSError(f"--compile-artifacts {path}: no such file (write one with `precompile`)")
         bundle = [ray.put((path.name, path.read_bytes()))]  # in a list: the replicas fetch it themselves
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_application(args, bundle, gpus_per_replica), name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{args.host}:{args.port}"
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    application = build_application(args, settings, engine_options_from_args(args), bundle, gpus_per_replica)
+    serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{settings.host}:{settings.port}"
 
 
 def stop_fleet() -> None:

@@ -1,28 +1,23 @@
-"""The command line's parser. Optimization flags are generated from the config's own declarations
-(stages/config.py), as vLLM generates its flags from its engine-args dataclass: a new knob appears
-here without an edit. Nothing here imports torch, so `--help` is instant.
+"""The command line's parser, generated from the declarations, as vLLM generates its flags from its
+engine-args dataclass: the optimization flags from the knobs (stages/config.py), and the engine's,
+the LoRA and the service's settings from their fields (cli/engine_loader.py, engine/lora_settings.py,
+service/settings.py; engine/setting.py says how a field declares its flag). A new knob or setting
+appears here without an edit. Nothing here imports torch, so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import typing
 from pathlib import Path
 
 from engine import __version__
-from engine.lora_settings import DEFAULT_LORA_DIR, LORA_DIR_ENV, LORA_MODES, LoraSettings
-from engine.memory_plan import TIERS
-from engine.model_specs import HUB_DEFAULT, MODEL_ENV_VAR
-from service.settings import API_KEY_ENV_DEFAULT, ServiceSettings
-from stages.config import MAX_PRESET, USER_FIELDS, OptimizationConfig, cumulative_config, parse_presets
+from engine.lora_settings import LoraSettings
+from engine.setting import DeclaredField, declared_fields
+from service.settings import ServiceSettings
+from stages.config import MAX_PRESET, USER_FIELDS, OptimizationConfig
 
-PRESET_ENV_VAR = "FLUX_KONTEXT_PRESET"
-DEVICE_ENV_VAR = "FLUX_KONTEXT_DEVICE"
-MEMORY_BUDGET_ENV_VAR = "FLUX_KONTEXT_MEMORY_BUDGET"
-COMPILE_CACHE_HELP = (
-    "directory for persistent compile artifacts (env FLUX_KONTEXT_COMPILE_CACHE; default ~/.cache/flux-kontext-optimized/inductor)"
-)
+from .engine_loader import PRESET_ENV_VAR, EngineOptions, optimization_config
 
 DESCRIPTION = """FLUX.1-Kontext image editing, fast.
 
@@ -44,11 +39,64 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, argparse.SUPPRESS, False) or "default" in text:
+        if action.default in (None, argparse.SUPPRESS, False, ()) or "default" in text:
             return text
         return super()._get_help_string(action)
 
 
+# -- declared settings -> flags ---------------------------------------------------------------------
+def _dest(field: DeclaredField) -> str:
+    return field.flag.lstrip("-").replace("-", "_")
+
+
+def _reader(field: DeclaredField):
+    """argparse's `type`: the declared parser or the field's type, with ValueError's words kept."""
+    read = field.setting.parse or field.kind
+
+    def parse(text: str):
+        try:
+            return read(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = getattr(read, "__name__", "value")
+    return parse
+
+
+def add_settings(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per declared field of `cls` (engine/setting.py), listed under the field's group."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in declared_fields(cls):
+        group = groups.get(field.setting.group) or groups.setdefault(field.setting.group, parser.add_argument_group(field.setting.group))
+        options: dict = {"dest": _dest(field), "help": field.setting.help, "default": field.env_default()}
+        if field.setting.metavar:
+            options["metavar"] = field.setting.metavar
+        if field.setting.repeat:
+            options.update(action="append", default=None)
+        elif field.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(field.kind) is typing.Literal:
+            options["choices"] = typing.get_args(field.kind)
+        else:
+            options["type"] = _reader(field)
+        group.add_argument(field.flag, **options)
+
+
+def settings_from_args(cls, args: argparse.Namespace, **extra):
+    """An instance of `cls` from the flags `add_settings` made (fields whose flag this command lacks keep
+    their default); `extra` adds values from elsewhere (repeatable flags are joined to them, in order)."""
+    values = {}
+    for field in declared_fields(cls):
+        value = getattr(args, _dest(field), None) if hasattr(args, _dest(field)) else field.default
+        if field.setting.repeat:
+            value = tuple(dict.fromkeys((*extra.pop(field.name, ()), *(value or ()))))
+        values[field.name] = value
+    values.update(extra)
+    build = getattr(cls, "from_options", None)
+    return build(values) if build else cls(**values)
+
+
+# -- optimization flags (generated from the knobs) ----------------------------------------------------
 def add_optimization_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimizations (each flag overrides the preset)")
     group.add_argument(
@@ -77,87 +125,26 @@ def given_optimization_flags(args: argparse.Namespace) -> dict:
 
 
 def optimization_config_from_args(args: argparse.Namespace, has_cuda: bool, plan_changes: dict | None = None) -> OptimizationConfig:
-    """The preset, then the memory plan's knobs, then every optimization flag that was given; ValueError on a bad value."""
-    preset = args.preset
-    if preset is None:
-        preset = int(os.environ.get(PRESET_ENV_VAR, MAX_PRESET if has_cuda else 0))
-    given = given_optimization_flags(args)
-    try:
-        return cumulative_config(preset).with_changes(**{**(plan_changes or {}), **given})
-    except ValueError as error:  # pydantic's ValidationError is a ValueError
-        raise ValueError(f"invalid optimization flag: {error}") from None
+    return optimization_config(args.preset, given_optimization_flags(args), has_cuda, plan_changes)
+
+
+def engine_options_from_args(args: argparse.Namespace, preload: tuple[str, ...] = ()) -> EngineOptions:
+    """Everything loading an engine needs, as one picklable object (worker processes and Ray replicas
+    receive this, never the Namespace); `preload` adds adapters to load at start."""
+    lora = settings_from_args(LoraSettings, args, preload=preload)
+    return settings_from_args(EngineOptions, args, preset=args.preset, optimizations=given_optimization_flags(args), lora=lora)
 
 
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--model",
-        default=None,
-        help=f"hub repo id, local directory, 'tiny' or 'synthetic-full' "
-        f"(env {MODEL_ENV_VAR}; default {HUB_DEFAULT} on a GPU, tiny otherwise)",
-    )
-    common.add_argument(
-        "--device",
-        default=os.environ.get(DEVICE_ENV_VAR),
-        help=f"cuda:N to pin one GPU, or cpu (env {DEVICE_ENV_VAR}; default cuda:0 if present)",
-    )
-    common.add_argument(
-        "--memory-budget",
-        type=float,
-        default=os.environ.get(MEMORY_BUDGET_ENV_VAR),  # argparse converts a string default with `type`
-        metavar="GB",
-        help="GiB of GPU memory the model may use; picks the memory tier ("
-        + ", ".join(f"{tier.name} >= {tier.min_free_gib:g}" if tier.min_free_gib else f"{tier.name} below" for tier in TIERS)
-        + f"). Default: the GPU's free memory at startup (env {MEMORY_BUDGET_ENV_VAR})",
-    )
-    common.add_argument(
-        "--max-variants", type=int, default=3, help="optimization variants kept built at once (least recently used is dropped)"
-    )
-    common.add_argument("--compile-cache", default=None, help=COMPILE_CACHE_HELP)
+    add_settings(common, EngineOptions)
     common.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
     add_optimization_options(common)
-    add_lora_options(common)
+    add_settings(common, LoraSettings)
     return common
 
 
-def add_lora_options(parser: argparse.ArgumentParser) -> None:
-    d = LoraSettings()
-    group = parser.add_argument_group("LoRA adapters (requests name them; files live in one directory)")
-    group.add_argument(
-        "--lora-dir",
-        default=None,
-        help=f"the adapter directory: NAME.safetensors files (env {LORA_DIR_ENV}; default ~/{DEFAULT_LORA_DIR.relative_to(Path.home())})",
-    )
-    group.add_argument(
-        "--lora-mode",
-        choices=LORA_MODES,
-        default=d.mode,
-        help="slots: adapters run beside the weights, any mix of requests, extra time per step; "
-        "merge: adapters merged into the weights, no extra time per step, a restore and merge whenever the adapter set changes",
-    )
-    group.add_argument("--lora-slots", type=int, default=d.slots, help="adapters one request may combine")
-    group.add_argument(
-        "--lora-max-rank",
-        type=int,
-        default=d.max_rank,
-        help="the largest adapter rank accepted; in slots mode every slot has this rank (memory, GEMM width)",
-    )
-    group.add_argument("--lora-max-mb", type=float, default=d.max_bytes / 2**20, help="adapter file size limit")
-    group.add_argument("--lora-max-loaded", type=int, default=d.max_loaded, help="adapters kept loaded at once (in device memory)")
-
-
-def lora_settings_from_args(args: argparse.Namespace, preload: tuple[str, ...] = ()) -> LoraSettings:
-    return LoraSettings(
-        directory=args.lora_dir,
-        mode=args.lora_mode,
-        slots=args.lora_slots,
-        max_rank=args.lora_max_rank,
-        max_bytes=int(args.lora_max_mb * 2**20),
-        max_loaded=args.lora_max_loaded,
-        preload=tuple(dict.fromkeys(preload)),  # each once, in the order given
-    )
-
-
+# -- the commands ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux_kontext_optimized.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -168,23 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common], formatter_class=HelpFormatter, help="run the HTTP service")
     serve.add_argument(
-        "--host", default=os.environ.get("FLUX_KONTEXT_HOST", "127.0.0.1"), help="bind address (0.0.0.0 exposes the service to the network)"
-    )
-    serve.add_argument("--port", type=int, default=int(os.environ.get("FLUX_KONTEXT_PORT", "8000")), help="TCP port")
-    serve.add_argument(
-        "--preload-lora",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="load this adapter from --lora-dir at start (repeatable); warm-up then also compiles the LoRA variant",
-    )
-    serve.add_argument(
         "--gpus",
         default=None,
         help="one worker process per GPU behind this server: 'all' or ids such as 0,1,3 (with --device cpu: that many "
         "CPU worker processes, for tests); default: one in-process worker on --device",
     )
-    _add_service_options(serve)
+    add_settings(serve, ServiceSettings)
 
     fleet = commands.add_parser(
         "fleet",
@@ -192,10 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         help="the HTTP service as a Ray Serve application: one replica per GPU, on a local Ray instance or a cluster",
     )
-    fleet.add_argument("--host", default=os.environ.get("FLUX_KONTEXT_HOST", "127.0.0.1"), help="where Ray's HTTP proxy listens")
-    fleet.add_argument("--port", type=int, default=int(os.environ.get("FLUX_KONTEXT_PORT", "8000")), help="TCP port of Ray's HTTP proxy")
     _add_fleet_options(fleet)
-    _add_service_options(fleet)
+    add_settings(fleet, ServiceSettings)
 
     edit = commands.add_parser("edit", parents=[common], formatter_class=HelpFormatter, help="edit one image (or generate one from text)")
     edit.add_argument("--image", type=Path, default=None, help="input image; omit to generate from the prompt alone")
@@ -295,118 +269,5 @@ def _add_fleet_options(fleet: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_service_options(serve: argparse.ArgumentParser) -> None:
-    d = ServiceSettings()
-    boolean = argparse.BooleanOptionalAction
-    load = serve.add_argument_group("load and timeouts")
-    load.add_argument(
-        "--queue-size",
-        type=int,
-        default=d.queue_size,
-        help="requests waiting for the GPU beyond the running one; more get 429 + Retry-After",
-    )
-    load.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout_s,
-        help="seconds from arrival to answer, queued time included; beyond: 504",
-    )
-    load.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=d.drain_timeout_s,
-        help="on SIGTERM, the most seconds the process waits for accepted work before it exits (the whole shutdown, connections included)",
-    )
-    load.add_argument(
-        "--body-timeout",
-        type=float,
-        default=d.body_timeout_s,
-        help="seconds a client may take to send its request body; slower uploads get 408",
-    )
-    load.add_argument(
-        "--warmup",
-        action=boolean,
-        default=d.warmup,
-        help="before /ready turns 200, run every shape a request can reach (builds, compiles, records)",
-    )
-    load.add_argument(
-        "--compile-artifacts",
-        type=Path,
-        default=None,
-        help="a bundle written by `precompile` (same GPU model and versions): loaded before the warm-up so that it compiles from cache "
-        "(default: the bundle precompile left in the compile cache directory, if any)",
-    )
-    load.add_argument(
-        "--per-request-variants",
-        action=boolean,
-        default=d.per_request_variants,
-        help="let requests ask for build-time stages (compile, quantization, attention kernel, ...) other than the server's; "
-        "each new combination builds a variant, and compile takes minutes per new shape",
-    )
-    limits = serve.add_argument_group("input limits")
-    limits.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="request body cap (413 beyond)")
-    limits.add_argument("--max-input-pixels", type=int, default=d.max_input_pixels, help="decoded input image cap (width x height)")
-    limits.add_argument("--max-pixels", type=int, default=d.max_output_pixels, help="output pixels per request (width x height x images)")
-    limits.add_argument("--min-size", type=int, default=None, help="smallest output side (default: 256 for real models, 16 for tiny)")
-    limits.add_argument("--max-size", type=int, default=d.max_size, help="largest output side")
-    limits.add_argument("--max-steps", type=int, default=d.max_steps, help="most denoising steps a request may ask for")
-    limits.add_argument(
-        "--default-steps",
-        type=int,
-        default=None,
-        help="steps when a request gives none (default: the scheduler's: 28 Euler, 14 DPM-Solver++)",
-    )
-    limits.add_argument("--max-images", type=int, default=d.max_images, help="most images per request")
-    security = serve.add_argument_group("security")
-    security.add_argument(
-        "--api-key-env",
-        default=API_KEY_ENV_DEFAULT,
-        help="environment variable holding the API key; when it is set, "
-        "every endpoint but /health and /ready needs Authorization: Bearer <key>",
-    )
-    security.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS; empty: CORS off")
-    bench = serve.add_argument_group("/benchmark")
-    bench.add_argument(
-        "--benchmark-runs",
-        choices=("auto", "on", "off"),
-        default=d.benchmark_runs,
-        help="may POST /benchmark start a run? auto: only on a loopback address or with an API key",
-    )
-    bench.add_argument(
-        "--benchmark-stages", default=f"0-{MAX_PRESET}", help="presets a benchmark runs by default, and the only ones a run may pick"
-    )
-    bench.add_argument("--benchmark-repeats", type=int, default=None, help="timed edits per row (default: 3 on a GPU, 1 on a CPU)")
-    bench.add_argument("--benchmark-warmup", type=int, default=d.benchmark_warmup, help="untimed edits per row")
-    bench.add_argument("--benchmark-size", type=int, default=None, help="square output side (default: the model's default size)")
-    bench.add_argument(
-        "--benchmark-results-dir", type=Path, default=None, help="also write each finished table there (CSV/JSON/markdown/PNG)"
-    )
-
-
 def service_settings_from_args(args: argparse.Namespace) -> ServiceSettings:
-    return ServiceSettings(
-        queue_size=args.queue_size,
-        request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout,
-        body_timeout_s=args.body_timeout,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_input_pixels=args.max_input_pixels,
-        max_output_pixels=args.max_pixels,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        max_steps=args.max_steps,
-        default_steps=args.default_steps,
-        max_images=args.max_images,
-        per_request_variants=args.per_request_variants,
-        warmup=args.warmup,
-        compile_artifacts=str(args.compile_artifacts) if args.compile_artifacts else None,
-        api_key=ServiceSettings.api_key_from_env(args.api_key_env),
-        cors_origins=tuple(origin.strip() for origin in args.cors_origins.split(",") if origin.strip()),
-        host=args.host,
-        benchmark_runs=args.benchmark_runs,
-        benchmark_stages=tuple(parse_presets(args.benchmark_stages)),
-        benchmark_warmup=args.benchmark_warmup,
-        benchmark_repeats=args.benchmark_repeats,
-        benchmark_size=args.benchmark_size,
-        benchmark_results_dir=str(args.benchmark_results_dir) if args.benchmark_results_dir else None,
-    )
+    return settings_from_args(ServiceSettings, args)

@@ -46,7 +46,7 @@ def worker_gpus(text: str, device: str | None) -> list[str | None]:
     return [None if cpu else gpu for gpu in ids]
 
 
-def serve_context_parallel(args: argparse.Namespace, settings) -> int:
+def serve_context_parallel(args: argparse.Namespace, settings, options) -> int:
     """`torchrun --nproc_per_node=N flux_kontext_optimized.py serve --context-parallel N`."""
     from engine.context_parallel import ContextParallelEngine, init_process_group
     from service.app import create_app
@@ -65,20 +65,17 @@ def serve_context_parallel(args: argparse.Namespace, settings) -> int:
     rank, world, device = init_process_group()
     if (args.context_parallel or 1) != world:
         raise ValueError(f"--context-parallel {args.context_parallel} under a torchrun launch of {world} processes: give the same number")
-    args = argparse.Namespace(**{**vars(args), "device": device})
+    options = options.on(device)
     if rank != 0:  # the followers: no HTTP, the same edits as rank 0
         # torchrun passes SIGTERM to every rank: followers keep going until rank 0 has drained and releases them
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        load_engine(args, preload_loras=tuple(args.preload_lora or ()), engine_class=ContextParallelEngine).follow()
+        load_engine(options, engine_class=ContextParallelEngine).follow()
         return 0
-    log.info("context parallelism over %d ranks; rank 0 serves HTTP on %s:%d", world, args.host, args.port)
-    app = create_app(
-        settings=settings,
-        loader=lambda: load_engine(args, preload_loras=tuple(args.preload_lora or ()), engine_class=ContextParallelEngine),
-    )
+    log.info("context parallelism over %d ranks; rank 0 serves HTTP on %s:%d", world, settings.host, settings.port)
+    app = create_app(settings=settings, loader=lambda: load_engine(options, engine_class=ContextParallelEngine))
     try:
-        status = serve(app, args.host, args.port, log_level="debug" if args.verbose else "info")
+        status = serve(app, settings.host, settings.port, log_level="debug" if args.verbose else "info")
     finally:
         engine = app.state.service.engine
         if engine is not None:

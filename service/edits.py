@@ -113,11 +113,11 @@ def check_limits(service: Service, edit: EditRequest, names: dict[str, str]) -> 
         edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or engine.loaded.spec.default_max_area
     )
     pixels = width * height * edit.num_images
-    if pixels > settings.max_output_pixels:
+    if pixels > settings.max_pixels:
         raise invalid(
             names["width"] if edit.width else names["num_images"],
             f"{width}x{height} x {edit.num_images} image(s) is {pixels / 1e6:.1f} MP, "
-            f"over this server's {settings.max_output_pixels / 1e6:.1f} MP per request",
+            f"over this server's {settings.max_pixels / 1e6:.1f} MP per request",
         )
     return width, height
 
@@ -133,7 +133,7 @@ def run_warnings(result: EditResult, prepared: PreparedEdit) -> list[str]:
 async def run_edit(service: Service, request: Request, prepared: PreparedEdit, arrived: float) -> tuple[EditResult, Job]:
     """Through the GPU queue, with the request's deadline counted from its arrival."""
     settings = service.settings
-    deadline = arrived + settings.request_timeout_s
+    deadline = arrived + settings.request_timeout
     call = EditCall(prepared.edit, prepared.merged.config, deadline)  # stops at the next step once the deadline has passed
     edit = prepared.edit
     size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
@@ -173,7 +173,7 @@ def worker_errors(service: Service, request: Request, what: str, context: str, o
         raise APIError(
             504,
             "timeout",
-            f"no result within the {settings.request_timeout_s:g} s request timeout (serve --request-timeout); it timed out {where}",
+            f"no result within the {settings.request_timeout:g} s request timeout (serve --request-timeout); it timed out {where}",
         ) from None
     except ClientGone:
         raise APIError(

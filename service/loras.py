@@ -97,7 +97,7 @@ async def _load(request: Request, name: str, file: str | None, scale: float) -> 
         except LoraError as refused:
             raise JobRefused(refused) from None
 
-    deadline = time.monotonic() + service.settings.request_timeout_s
+    deadline = time.monotonic() + service.settings.request_timeout
     with worker_errors(service, request, "adapter load", f"loading adapter {name!r}", "unload an adapter (DELETE /v1/loras/NAME) or retry"):
         try:
             (adapter, replaced), _ = await service.worker.run("lora_load", on_worker, deadline, request.is_disconnected)
@@ -124,7 +124,7 @@ async def _unload(request: Request, name: str) -> dict:
         except LoraError as refused:
             raise JobRefused(refused) from None
 
-    deadline = time.monotonic() + service.settings.request_timeout_s
+    deadline = time.monotonic() + service.settings.request_timeout
     with worker_errors(service, request, "adapter unload", f"unloading adapter {name!r}", "retry"):
         try:
             await service.worker.run("lora_unload", on_worker, deadline, request.is_disconnected)

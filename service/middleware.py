@@ -4,7 +4,7 @@ counting, metrics.
 Pure ASGI (no BaseHTTPMiddleware): it must see disconnects and must not buffer bodies.
 
 Two things here protect the server from slow or greedy clients. The body must arrive within
-`body_timeout_s` (a client that stalls mid-upload gets 408 instead of holding a connection, and the
+`body_timeout` (a client that stalls mid-upload gets 408 instead of holding a connection, and the
 shutdown, for ever). A body over the cap is refused with 413, but only after reading and discarding
 what the client is still sending (bounded, like nginx's lingering close): a client that does not
 wait for `100-continue` would otherwise see a connection reset instead of the answer.
@@ -64,7 +64,7 @@ class RequestTrackingMiddleware:
             early = self._early_answer(headers, work, request_id)
             if early is not None:
                 if early.status_code == 413 and headers.get("expect", "").lower() != "100-continue":
-                    await _discard_body(receive, time.monotonic() + min(LINGER_MAX_S, service.settings.body_timeout_s))
+                    await _discard_body(receive, time.monotonic() + min(LINGER_MAX_S, service.settings.body_timeout))
                 await early(scope, receive, send_tracked)
                 return
             if work:
@@ -108,7 +108,7 @@ class RequestTrackingMiddleware:
         """The body under the cap (counted as it arrives: chunked bodies have no Content-Length) and
         within the body timeout; after the body, receive() passes through (disconnect checks)."""
         settings = self.service.settings
-        deadline = time.monotonic() + settings.body_timeout_s
+        deadline = time.monotonic() + settings.body_timeout
         received = 0
         body_done = False
 
@@ -122,7 +122,7 @@ class RequestTrackingMiddleware:
                 raise APIError(
                     408,
                     "body_timeout",
-                    f"the request body did not arrive within {settings.body_timeout_s:g} s (serve --body-timeout)",
+                    f"the request body did not arrive within {settings.body_timeout:g} s (serve --body-timeout)",
                     field="body",
                     headers={"Connection": "close"},
                 ) from None

@@ -20,6 +20,7 @@ from engine.compile_artifacts import bundle_key, compile_counters, default_bundl
 from engine.compile_cache import active_cache_dir
 from engine.engine import KontextEngine
 from engine.loading import ModelLoadError
+from engine.setting import public_values
 from engine.warmup import warm_up
 
 from .benchmark_jobs import BenchmarkJobs
@@ -206,24 +207,17 @@ class Service:
             "loras": engine.loras.report(with_files=False) if engine and engine.loras is not None else None,
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
-            "limits": {
-                "queue_size": self.settings.queue_size,
-                "request_timeout_s": self.settings.request_timeout_s,
-                "body_timeout_s": self.settings.body_timeout_s,
-                "drain_timeout_s": self.settings.drain_s,
-                "max_body_bytes": self.settings.max_body_bytes,
-                "max_input_pixels": self.settings.max_input_pixels,
-                "max_output_pixels": self.settings.max_output_pixels,
-                "size": [self.min_side(), self.settings.max_size],
-                "max_steps": self.settings.max_steps,
-                "default_steps": self.settings.default_steps,
-                "max_images": self.settings.max_images,
-                "per_request_variants": self.settings.per_request_variants,
-                "benchmark_runs_allowed": self.settings.benchmark_runs_allowed,
-            },
+            "limits": self.limits(),
             "auth": "api key" if self.settings.api_key else "off",
         }
         return body
+
+    def limits(self) -> dict:
+        """What clients may read of the settings (the fields declared public), and the values that
+        depend on the model or on other settings."""
+        settings = self.settings
+        derived = {"size": [self.min_side(), settings.max_size], "drain_timeout": settings.drain_s}
+        return {**public_values(settings), **derived, "benchmark_runs_allowed": settings.benchmark_runs_allowed}
 
     def min_side(self) -> int:
         snaps = self.engine.loaded.spec.snap_input_to_kontext_resolutions if self.engine else True

@@ -1,4 +1,5 @@
-"""The service's limits and policies: one object, filled from `serve`'s command line.
+"""The service's limits and policies: one object, each field declared once with its help (the
+command line's flags, /health's limits and the Ray replicas' settings all come from these fields).
 
 Every limit exists to keep one bad or greedy request from hurting the others: the queue bounds
 memory and latency, the pixel caps bound GPU memory, the body cap and the body timeout bound what
@@ -11,47 +12,109 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.setting import declared_fields, setting
+from stages.config import PRESETS, parse_presets
 
 API_KEY_ENV_DEFAULT = "FLUX_KONTEXT_API_KEY"
-MB = 1024 * 1024
 LOOPBACK_NAMES = ("localhost",)
+SERVER, LOAD, LIMITS, SECURITY, BENCHMARK = "server", "load and timeouts", "input limits", "security", "/benchmark"
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _presets(text: str) -> tuple[int, ...]:
+    return tuple(parse_presets(text))
 
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    queue_size: int = 16  # jobs waiting behind the running one; beyond: 429 + Retry-After
-    request_timeout_s: float = 120.0  # from arrival to answer, queued time included; beyond: 504
+    # -- where it listens -------------------------------------------------------------------------------
+    host: str = setting(
+        "127.0.0.1",
+        "bind address (0.0.0.0 exposes the service to the network; fleet: where Ray's proxy listens)",
+        SERVER,
+        env="FLUX_KONTEXT_HOST",
+    )
+    port: int = setting(8000, "TCP port", SERVER, env="FLUX_KONTEXT_PORT")
+    # -- load and timeouts ------------------------------------------------------------------------------
+    queue_size: int = setting(16, "requests waiting for the GPU beyond the running one; more get 429 + Retry-After", LOAD, public=True)
+    request_timeout: float = setting(120.0, "seconds from arrival to answer, queued time included; beyond: 504", LOAD, public=True)
     # SIGTERM: the process exits at most this many seconds later, whatever its clients do. Accepted
     # work gets that long to finish (by default a request's own timeout plus 10 s of margin).
-    drain_timeout_s: float | None = None
-    body_timeout_s: float = 30.0  # a client must send its whole body within this; beyond: 408
-    max_body_bytes: int = 32 * MB  # whole request body, checked while it is read
-    max_input_pixels: int = 4096 * 4096  # decoded input image; Pillow's bomb warning is an error too
-    min_input_side: int = 16  # a 1x1 input is not an image to edit
-    max_output_pixels: int = 2048 * 2048  # width * height * num_images per request
-    min_size: int | None = None  # output side; None: 256 for real (Kontext-resolution) models, 16 otherwise
-    max_size: int = 2048
-    max_steps: int = 50
-    default_steps: int | None = None  # steps when a request gives none; None: the scheduler's (28 Euler, 14 DPM-Solver++)
-    max_images: int = 4
-    per_request_variants: bool = True  # requests may ask for build-time stages (compile: minutes per new shape)
-    warmup: bool = True  # edits with the default config at every reachable shape before /ready turns 200
-    compile_artifacts: str | None = None  # a bundle from `precompile`; None: look in the compile cache directory
-    api_key: str | None = field(default=None, repr=False)  # Bearer token required on all but /health and /ready
-    cors_origins: tuple[str, ...] = ()
-    host: str = "127.0.0.1"  # where the server listens (decides the default benchmark policy)
+    drain_timeout: float | None = setting(
+        None,
+        "on SIGTERM, the most seconds the process waits for accepted work before it exits (the whole shutdown, connections "
+        "included; default: --request-timeout + 10)",
+        LOAD,
+    )
+    body_timeout: float = setting(30.0, "seconds a client may take to send its request body; slower uploads get 408", LOAD, public=True)
+    warmup: bool = setting(True, "before /ready turns 200, run every shape a request can reach (builds, compiles, records)", LOAD)
+    compile_artifacts: str | None = setting(
+        None,
+        "a bundle written by `precompile` (same GPU model and versions): loaded before the warm-up so that it compiles from cache "
+        "(default: the bundle precompile left in the compile cache directory, if any)",
+        LOAD,
+    )
+    per_request_variants: bool = setting(
+        True,
+        "let requests ask for build-time stages (compile, quantization, attention kernel, ...) other than the server's; "
+        "each new combination builds a variant, and compile takes minutes per new shape",
+        LOAD,
+        public=True,
+    )
+    # -- input limits -----------------------------------------------------------------------------------
+    max_body_mb: float = setting(32.0, "request body cap in MiB, checked while it is read (413 beyond)", LIMITS, public=True)
+    max_input_pixels: int = setting(4096 * 4096, "decoded input image cap (width x height)", LIMITS, public=True)
+    max_pixels: int = setting(2048 * 2048, "output pixels per request (width x height x images)", LIMITS, public=True)
+    min_size: int | None = setting(None, "smallest output side (default: 256 for real models, 16 for tiny)", LIMITS)
+    max_size: int = setting(2048, "largest output side", LIMITS)
+    max_steps: int = setting(50, "most denoising steps a request may ask for", LIMITS, public=True)
+    default_steps: int | None = setting(
+        None, "steps when a request gives none (default: the scheduler's: 28 Euler, 14 DPM-Solver++)", LIMITS, public=True
+    )
+    max_images: int = setting(4, "most images per request", LIMITS, public=True)
+    min_input_side: int = 16  # a 1x1 input is not an image to edit (no flag: not worth tuning)
+    # -- security ---------------------------------------------------------------------------------------
+    api_key_env: str = setting(
+        API_KEY_ENV_DEFAULT,
+        "environment variable holding the API key; when it is set, every endpoint but /health and /ready needs Authorization: Bearer <key>",
+        SECURITY,
+    )
+    cors_origins: tuple[str, ...] = setting(tuple, "comma-separated origins allowed by CORS; empty: CORS off", SECURITY, parse=_comma_list)
+    api_key: str | None = field(default=None, repr=False)  # from $api_key_env (from_options); Bearer token on all but /health and /ready
+    # -- /benchmark -------------------------------------------------------------------------------------
     # May a client start a benchmark (minutes of GPU time)? auto: only on a loopback address or
     # behind an API key, where whoever calls is the operator.
-    benchmark_runs: str = "auto"
-    benchmark_stages: tuple[int, ...] = (0, 1, 2, 3, 4, 5)  # default and allowed presets of a benchmark run
-    benchmark_warmup: int = 1
-    benchmark_repeats: int | None = None  # timed edits per row; None: 3 on a GPU, 1 on a CPU (minutes otherwise)
-    benchmark_size: int | None = None  # square side; None: the model's default pixel budget
-    benchmark_results_dir: str | None = None  # also write CSV/JSON/markdown/PNG there (like the CLI)
+    benchmark_runs: Literal["auto", "on", "off"] = setting(
+        "auto", "may POST /benchmark start a run? auto: only on a loopback address or with an API key", BENCHMARK
+    )
+    benchmark_stages: tuple[int, ...] = setting(
+        PRESETS, "presets a benchmark runs by default, and the only ones a run may pick (e.g. 0-5 or 0,4)", BENCHMARK, parse=_presets
+    )
+    benchmark_warmup: int = setting(1, "untimed edits per row", BENCHMARK)
+    benchmark_repeats: int | None = setting(None, "timed edits per row (default: 3 on a GPU, 1 on a CPU)", BENCHMARK)
+    benchmark_size: int | None = setting(None, "square output side (default: the model's default size)", BENCHMARK)
+    benchmark_results_dir: str | None = setting(None, "also write each finished table there (CSV/JSON/markdown/PNG)", BENCHMARK)
+
+    @classmethod
+    def from_options(cls, values: dict) -> "ServiceSettings":
+        """Settings from the declared fields' values (the command line's), the API key read from the
+        variable `api_key_env` names, once, here: the settings then travel whole (worker processes, Ray)."""
+        chosen = {field.name: values[field.name] for field in declared_fields(cls) if field.name in values}
+        settings = cls(**chosen)
+        return cls(**{**chosen, "api_key": os.environ.get(settings.api_key_env) or None})
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
     @property
     def drain_s(self) -> float:
-        return self.drain_timeout_s if self.drain_timeout_s is not None else self.request_timeout_s + 10.0
+        return self.drain_timeout if self.drain_timeout is not None else self.request_timeout + 10.0
 
     @property
     def listens_on_loopback(self) -> bool:
@@ -72,10 +135,3 @@ class ServiceSettings:
         if self.min_size is not None:
             return self.min_size
         return 256 if snaps_to_kontext_resolutions else 16
-
-    @staticmethod
-    def api_key_from_env(name: str | None) -> str | None:
-        """The key from the environment variable `name`; None (auth off) when unset or empty."""
-        if not name:
-            return None
-        return os.environ.get(name) or None

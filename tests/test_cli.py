@@ -108,3 +108,26 @@ def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_service_settings_are_read_from_flags_generated_from_their_fields(monkeypatch):
+    """Each ServiceSettings field declares its flag once (service/settings.py): every field has one,
+    the defaults agree, the README's flags keep their names, and bad values are refused by name."""
+    from cli.options import build_parser, service_settings_from_args
+    from engine.setting import declared_fields
+    from service.settings import ServiceSettings
+
+    monkeypatch.delenv("FLUX_KONTEXT_API_KEY", raising=False)
+    parser = build_parser()
+    serve = next(action for action in parser._subparsers._group_actions[0].choices.values() if action.prog.endswith(" serve"))
+    flags = {flag for action in serve._actions for flag in action.option_strings}
+    assert {field.flag for field in declared_fields(ServiceSettings)} <= flags
+    assert service_settings_from_args(parser.parse_args(["serve"])) == ServiceSettings()
+    given = ["--request-timeout", "5", "--max-pixels", "1000", "--max-body-mb", "2", "--benchmark-stages", "0,4", "--cors-origins", "a, b"]
+    settings = service_settings_from_args(parser.parse_args(["serve", *given, "--no-warmup", "--port", "8123"]))
+    assert (settings.request_timeout, settings.max_pixels, settings.max_body_bytes) == (5.0, 1000, 2 * 2**20)
+    assert settings.benchmark_stages == (0, 4) and settings.cors_origins == ("a", "b") and not settings.warmup and settings.port == 8123
+    monkeypatch.setenv("MY_KEY", "secret")
+    assert service_settings_from_args(parser.parse_args(["serve", "--api-key-env", "MY_KEY"])).api_key == "secret"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--benchmark-stages", "0-9"])

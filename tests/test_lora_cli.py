@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cli.options import build_parser, lora_settings_from_args
+from cli.options import build_parser, engine_options_from_args
 from engine.requests import LoraChoice
 from tests.conftest import LORA_TEST_RANK
 from tests.test_cli import run_cli
@@ -26,10 +26,10 @@ def test_serve_options_become_the_engines_lora_settings(tmp_path):
         ["serve", "--lora-dir", str(tmp_path), "--lora-slots", "3", "--lora-max-rank", "32", "--lora-max-mb", "100"]
         + ["--preload-lora", "a", "--preload-lora", "b", "--preload-lora", "a"]
     )
-    settings = lora_settings_from_args(args, tuple(args.preload_lora))
+    settings = engine_options_from_args(args).lora
     assert (settings.directory, settings.slots, settings.max_rank, settings.max_bytes) == (str(tmp_path), 3, 32, 100 * 2**20)
     assert settings.preload == ("a", "b") and settings.mode == "slots" and not settings.merges
-    assert lora_settings_from_args(build_parser().parse_args(["serve", "--lora-mode", "merge"])).merges
+    assert engine_options_from_args(build_parser().parse_args(["serve", "--lora-mode", "merge"])).lora.merges
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--lora-mode", "fuse"])
     assert build_parser().parse_args(["edit", "--prompt", "x", "--lora", "a:0.5", "--lora", "b"]).lora == ["a:0.5", "b"]

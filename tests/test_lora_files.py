@@ -127,7 +127,7 @@ def test_a_refused_new_version_keeps_the_loaded_one(library, tmp_path):
 
 def test_the_size_limit_is_checked_before_reading(tiny_engine, lora_dir):
     size = os.path.getsize(lora_dir / "style.safetensors")
-    settings = LoraSettings(directory=str(lora_dir), max_bytes=size - 1)
+    settings = LoraSettings(directory=str(lora_dir), max_mb=(size - 1) / 2**20)
     small = LoraLibrary(settings, tiny_engine.loaded.pipe.transformer, torch.device("cpu"), torch.float32)
     with pytest.raises(LoraError, match="over this server's"):
         small.load("style")

@@ -30,7 +30,7 @@ def lora_server(tiny_engine, lora_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("service-loras")
     for name in ("style", "kohya"):
         shutil.copy(lora_dir / f"{name}.safetensors", directory / f"{name}.safetensors")
-    settings = LoraSettings(directory=str(directory), max_rank=LORA_TEST_RANK, max_bytes=int(MAX_MB * 2**20))
+    settings = LoraSettings(directory=str(directory), max_rank=LORA_TEST_RANK, max_mb=MAX_MB)
     engine = KontextEngine(tiny_engine.loaded, tiny_engine.env, max_variants=8, lora=settings)
     return create_app(engine, ServiceSettings(warmup=False)), directory
 

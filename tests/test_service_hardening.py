@@ -178,4 +178,4 @@ def test_the_default_benchmark_policy_follows_the_bind_address_and_the_key():
     assert not ServiceSettings(host="0.0.0.0").benchmark_runs_allowed
     assert ServiceSettings(host="0.0.0.0", api_key="k").benchmark_runs_allowed
     assert not ServiceSettings(host="127.0.0.1", benchmark_runs="off").benchmark_runs_allowed
-    assert ServiceSettings(request_timeout_s=30).drain_s == 40  # one documented number: the request timeout + 10 s
+    assert ServiceSettings(request_timeout=30).drain_s == 40  # one documented number: the request timeout + 10 s

@@ -90,7 +90,7 @@ def test_release_memory_empties_the_cuda_cache(monkeypatch):
 def test_timeouts_count_queued_time_and_queued_jobs_never_run(tiny_engine):
     engine = ScriptedEngine(tiny_engine)
     engine.script = [5.0]  # the first edit blocks the worker past both deadlines
-    app = _app(engine, request_timeout_s=1.0)
+    app = _app(engine, request_timeout=1.0)
 
     async def scenario():
         async with await ready_client(app) as client:
