@@ -157,13 +157,15 @@ def cmd_serve(args) -> int:
 
         return serve_context_parallel(args, settings, options)
     if args.gpus:
-        from service.pool_service import PoolService
+        from service.runtime import Service
+        from service.worker_pool import WorkerPool
 
         from .scale import worker_gpus
 
         gpus = worker_gpus(args.gpus, options.device)
         log.info("one worker process per GPU: %s", ", ".join(gpu or "cpu" for gpu in gpus))
-        app = create_app(service=PoolService(settings, gpus, functools.partial(load_worker_engine, options)))
+        loader = functools.partial(load_worker_engine, options)
+        app = create_app(service=Service(settings, worker=lambda metrics: WorkerPool(gpus, loader, settings, settings.queue_size, metrics)))
     else:
         # The model loads on the GPU worker after the server is up: /health answers at once, /ready
         # turns 200 once the model is loaded and warm.

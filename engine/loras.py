@@ -121,26 +121,39 @@ class LoraLibrary:
         return [self.load(name) for name in self.settings.preload]
 
     # -- requests -------------------------------------------------------------------------------------
-    def pick(self, choices: Sequence[LoraChoice]) -> tuple[ScaledLora, ...]:
-        """A request's adapters with their scales, checked; scale-0 entries are dropped (they change nothing)."""
+    def check(self, choices: Sequence[LoraChoice]) -> None:
+        """What a request's adapters must satisfy before anything runs: how many, each named once, each
+        loaded, finite scales."""
         if len(choices) > self.settings.slots:
             raise LoraError(
                 f"{len(choices)} adapters named; this server combines at most {self.settings.slots} per request (serve --lora-slots)",
                 field="loras",
             )
-        picked, seen = [], set()
+        seen = set()
         for index, choice in enumerate(choices):
             field = f"loras[{index}]"
             if choice.name in seen:
                 raise LoraError(f"adapter {choice.name!r} is named twice", field=f"{field}.name")
             seen.add(choice.name)
             with self._lock:
+                loaded = choice.name in self._adapters
+            if not loaded:
+                raise LoraError(self._not_loaded(choice.name), field=f"{field}.name")
+            if choice.scale is not None and not math.isfinite(choice.scale):
+                raise LoraError(f"scale {choice.scale} is not a finite number", field=f"{field}.scale")
+
+    def pick(self, choices: Sequence[LoraChoice]) -> tuple[ScaledLora, ...]:
+        """A request's adapters with their scales, checked; scale-0 entries are dropped (they change nothing)."""
+        self.check(choices)
+        picked = []
+        for index, choice in enumerate(choices):
+            with self._lock:
                 adapter = self._adapters.get(choice.name)
             if adapter is None:
-                raise LoraError(self._not_loaded(choice.name), field=f"{field}.name")
+                raise LoraError(self._not_loaded(choice.name), field=f"loras[{index}].name")
             scale = adapter.default_scale if choice.scale is None else float(choice.scale)
             if not math.isfinite(scale):
-                raise LoraError(f"scale {scale} is not a finite number", field=f"{field}.scale")
+                raise LoraError(f"scale {scale} is not a finite number", field=f"loras[{index}].scale")
             if scale != 0.0:
                 picked.append((adapter.weights, scale))
         return tuple(picked)

@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from engine import __version__
-from engine.engine import KontextEngine
 
 from . import inference, loras, openai_images, operations
 from .auth import ApiKeyMiddleware
@@ -36,10 +35,10 @@ DESCRIPTION = 'FLUX.1-Kontext image editing with per-request optimization stages
 
 
 def create_app(
-    engine: KontextEngine | None = None,
+    engine=None,
     settings: ServiceSettings | None = None,
     loader: EngineLoader | None = None,
-    service: Service | None = None,  # a prepared one, e.g. service/pool_service.py's (serve --gpus)
+    service: Service | None = None,  # a prepared one, e.g. with a pool of worker processes (serve --gpus)
 ) -> FastAPI:
     settings = service.settings if service else settings or ServiceSettings()
     service = service or Service(settings, engine=engine, loader=loader)
@@ -94,7 +93,7 @@ def _openapi(app: FastAPI) -> dict:
     components.update(definitions.get("$defs", {}))
     service = app.state.service
     _apply_limits(components, service)
-    if service.engine is not None:  # the smallest size depends on the model: cache once it is known
+    if service.model is not None:  # the smallest size depends on the model: cache once it is known
         app.openapi_schema = schema
     return schema
 

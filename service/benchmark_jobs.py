@@ -1,6 +1,6 @@
-"""Benchmark runs as a job: the stage benchmark (the CLI's own code, engine/benchmark) runs on the
-GPU worker, so it never overlaps an edit; the HTTP side reports its progress and keeps the latest
-finished table.
+"""Benchmark runs as a job: the stage benchmark (RunBenchmark, service/engine_calls.py: the CLI's own
+code) runs on the GPU worker, or on one worker process of `serve --gpus`, so it never overlaps an
+edit on its engine; the HTTP side reports its progress and keeps the latest finished table.
 
 A run takes minutes, so it yields: after each of its edits it lets every user request that queued
 up meanwhile run first, so no request waits longer than one benchmark edit.
@@ -15,18 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
-from engine.benchmark.report import json_safe, write_results
-from engine.benchmark.runner import BenchmarkSettings, run_benchmark
+from engine.benchmark.runner import BenchmarkSettings
 
-from .queue import Job, JobCancelled, JobFailed
+from .engine_calls import BenchmarkCancelled, RunBenchmark
+from .jobs import Job, JobFailed
 
 log = logging.getLogger("flux_kontext.service.benchmark")
-
-
-class BenchmarkCancelled(JobCancelled):
-    pass
 
 
 class BenchmarkJobs:
@@ -37,13 +32,12 @@ class BenchmarkJobs:
         self.latest: dict | None = None  # the latest finished one
         self.last_failure: dict | None = None  # the latest one that failed or was cancelled
         self._job: Job | None = None
-        self._cancel = threading.Event()
 
     # -- reading --------------------------------------------------------------------------------------
     def summary(self) -> dict:
         with self._lock:
             return {
-                "running": dict(self.current) if self.current else None,
+                "running": self._record(),
                 "latest": {key: self.latest[key] for key in ("stages", "finished_at", "duration_s")} if self.latest else None,
                 "last_failure": dict(self.last_failure) if self.last_failure else None,
             }
@@ -51,7 +45,16 @@ class BenchmarkJobs:
     @property
     def running(self) -> dict | None:
         with self._lock:
-            return dict(self.current) if self.current else None
+            return self._record()
+
+    def _record(self) -> dict | None:
+        """Under the lock: the progress record, "running" from the moment the worker started the job."""
+        if self.current is None:
+            return None
+        record = dict(self.current)
+        if record["status"] == "queued" and self._job is not None and self._job.state == "running":
+            record.update(status="running", message="starting")
+        return record
 
     # -- starting and stopping ------------------------------------------------------------------------
     def start(self, stages: list[int]) -> dict:
@@ -60,12 +63,11 @@ class BenchmarkJobs:
         size = settings.benchmark_size
         repeats = settings.benchmark_repeats
         if repeats is None:
-            repeats = 3 if self.service.engine.env.has_cuda else 1
+            repeats = 3 if self.service.model.has_cuda else 1
         bench = BenchmarkSettings(stages=stages, width=size, height=size, repeats=repeats, warmup=settings.benchmark_warmup)
         with self._lock:
             if self.current is not None:
                 return dict(self.current)
-            self._cancel.clear()
             record = {
                 "status": "queued",
                 "stages": stages,
@@ -76,7 +78,8 @@ class BenchmarkJobs:
             }
             self.current = record
         try:
-            self._job = self.service.worker.submit("benchmark", lambda: self._run(bench), on_done=self._finished)
+            call = RunBenchmark(bench, settings.benchmark_results_dir)
+            self._job = self.service.worker.submit(call, on_done=self._finished, on_progress=self._progress)
         except BaseException:
             with self._lock:
                 self.current = None
@@ -87,35 +90,22 @@ class BenchmarkJobs:
         with self._lock:
             if self.current is None:
                 return None
-            self._cancel.set()
             job = self._job
         if job is not None and self.service.worker.cancel(job, "requested"):
             self._finished_cancelled("cancelled before it started")
             return {"status": "cancelled"}
+        if job is not None:
+            self.service.worker.stop_job(job)
         return {"status": "cancelling", "message": "the run stops after the current edit"}
 
-    # -- on the worker thread -------------------------------------------------------------------------
-    def _run(self, bench: BenchmarkSettings):
-        engine = self.service.engine
-        with self._lock:
-            self.current.update(status="running", started_at=time.time(), message="starting")
-        report = run_benchmark(engine, bench, on_progress=self._progress)
-        directory = self.service.settings.benchmark_results_dir
-        if directory:
-            write_results(report, Path(directory))
-        return report
-
+    # -- from the worker --------------------------------------------------------------------------------
     def _progress(self, message: str, fraction: float) -> None:
-        """After every benchmark edit, on the worker thread: report, stop if cancelled, and let the
-        user requests that arrived meanwhile run before the next edit."""
+        """After every benchmark edit: what the run reports (it stops itself when cancelled)."""
         with self._lock:
             if self.current is not None:
+                if self.current["status"] == "queued":
+                    self.current.update(status="running", started_at=time.time())
                 self.current.update(message=message, fraction=round(fraction, 4))
-        if self._cancel.is_set():
-            raise BenchmarkCancelled(message)
-        served = self.service.worker.run_waiting(exclude_kinds=("benchmark",))
-        if served:
-            log.info("benchmark paused after %s for %d user request(s)", message, served)
 
     def _finished(self, job: Job) -> None:
         error = job.error.original if isinstance(job.error, JobFailed) else job.error
@@ -128,14 +118,7 @@ class BenchmarkJobs:
             if error is not None:
                 self.last_failure = {"status": "failed", "stages": stages, "error": f"{type(error).__name__}: {error}", "at": time.time()}
                 return
-            report = job.result
-            self.latest = {
-                "stages": stages,
-                "finished_at": time.time(),
-                "duration_s": round(job.run_s, 2),
-                "report": json_safe(report.as_dict()),
-                "markdown": report.markdown(),
-            }
+            self.latest = {"stages": stages, "finished_at": time.time(), "duration_s": round(job.run_s, 2), **job.result}
 
     def _finished_cancelled(self, why: str) -> None:
         with self._lock:

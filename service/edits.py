@@ -17,14 +17,13 @@ from engine.lora_files import LoraError
 from engine.requests import EditRequest, EditResult, LoraChoice
 from engine.sizes import output_size
 
-from .engine_calls import EditCall
+from .engine_calls import CheckLoras, EditCall
 from .errors import APIError, from_lora_error, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
+from .jobs import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerDied, WorkerStopped
 from .optimizations import MergedConfig, merge
-from .queue import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerStopped
 from .runtime import Service
 from .schemas import InferenceRequest
-from .worker_pool import WorkerDied
 
 log = logging.getLogger("flux_kontext.service")
 
@@ -49,7 +48,7 @@ async def prepare(service: Service, body: InferenceRequest, image: bytes | None,
     names = {**{name: name for name in ("width", "height", "num_images")}, **(field_names or {})}
     decoded, decode_s = await decode_input(service, image)
     overrides = body.optimizations.model_dump(exclude_none=True) if body.optimizations else {}
-    merged = merge(service.engine.default_config, body.legacy_flags(), overrides, service.settings.per_request_variants)
+    merged = merge(service.model.default_config, body.legacy_flags(), overrides, service.settings.per_request_variants)
     edit = EditRequest(
         prompt=body.prompt,
         image=decoded.image if decoded else None,
@@ -64,12 +63,11 @@ async def prepare(service: Service, body: InferenceRequest, image: bytes | None,
         loras=tuple(LoraChoice(use.name, use.scale) for use in body.loras or ()),
     )
     check_limits(service, edit, names)
-    library = service.engine.loras  # None in front of worker processes: each worker checks against its own
-    try:  # the engine checks again on the GPU worker; this answers a wrong name without waiting in the queue
-        if library is not None:
-            library.pick(edit.loras)
-    except LoraError as refused:
-        raise from_lora_error(refused) from None
+    if edit.loras:  # the engine checks again when the edit runs; asked now, a wrong name is answered without waiting in the queue
+        try:
+            await service.worker.ask(CheckLoras(edit.loras))
+        except LoraError as refused:
+            raise from_lora_error(refused) from None
     warnings = (decoded.notes if decoded else []) + merged.warnings
     if body.true_cfg_scale > 1 and not body.negative_prompt:
         warnings.append("true_cfg_scale > 1 has no effect without a negative_prompt")
@@ -92,7 +90,7 @@ async def decode_input(service: Service, data: bytes | None, field_name: str = "
 
 def check_limits(service: Service, edit: EditRequest, names: dict[str, str]) -> tuple[int, int]:
     """The server's own bounds (tighter than the schema's); returns the output size."""
-    settings, engine = service.settings, service.engine
+    settings, model = service.settings, service.model
     if (edit.width is None) != (edit.height is None):
         missing = names["width"] if edit.width is None else names["height"]
         raise invalid(
@@ -110,7 +108,7 @@ def check_limits(service: Service, edit: EditRequest, names: dict[str, str]) -> 
     if edit.num_images > settings.max_images:
         raise invalid(names["num_images"], f"{edit.num_images} is over this server's limit of {settings.max_images} images per request")
     width, height = output_size(
-        edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or engine.loaded.spec.default_max_area
+        edit.width, edit.height, edit.image.size if edit.image else None, edit.max_area or model.spec.default_max_area
     )
     pixels = width * height * edit.num_images
     if pixels > settings.max_pixels:
@@ -139,7 +137,7 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
     with worker_errors(service, request, "edit", size, "retry, or ask for a smaller size or fewer images"):
         try:
-            result, job = await service.worker.run("inference", service.engine_call(call), deadline, request.is_disconnected)
+            result, job = await service.worker.run(call, deadline, request.is_disconnected)
         except LoraError as refused:  # an adapter unloaded between this request's arrival and its turn
             raise from_lora_error(refused) from None
     service.metrics.record_edit(result)

@@ -3,9 +3,10 @@ DELETE /v1/loras/{name} (unload), and the original API's POST /lora {path, name,
 
 Adapters are files in the server's LoRA directory (serve --lora-dir) and are always named, never
 given as paths: the original API's `path` is accepted only when it resolves to a file directly in
-that directory. Loading and unloading run on the GPU worker, in turn with edits, so they never race
-one; loading changes no model (engine/loras.py), and a refused file leaves everything as it was.
-A request runs adapters by naming them in its `loras` field; nothing carries over to the next one.
+that directory. Loading and unloading run on every engine (each worker process of `serve --gpus`),
+in turn with edits, so they never race one; loading changes no model (engine/loras.py), and a
+refused file leaves everything as it was. A request runs adapters by naming them in its `loras`
+field; nothing carries over to the next one.
 """
 
 from __future__ import annotations
@@ -19,28 +20,14 @@ from fastapi import APIRouter, Depends, Path, Request
 from engine.lora_files import SUFFIX, LoraError, file_in_directory
 
 from .edits import worker_errors
-from .errors import APIError, from_lora_error, invalid
+from .engine_calls import ListLoras, LoadLora, UnloadLora
+from .errors import from_lora_error, invalid
 from .openai_images import require_json
-from .queue import JobRefused
 from .schemas import ErrorResponse, LoraLibraryState, LoraLoaded, LoraLoadRequest, LoraUnloaded, SeedLoraRequest
 
 router = APIRouter(tags=["LoRA adapters"])
 
-
-def _library(service):
-    """The engine's adapter library; a front of worker processes (serve --gpus) has none of its own."""
-    library = service.require_ready().loras
-    if library is None:
-        raise APIError(
-            501,
-            "not_implemented",
-            "this server runs one worker process per GPU (serve --gpus): adapters are loaded in every worker at start "
-            "with --preload-lora, and cannot be loaded or unloaded over HTTP here",
-        )
-    return library
-
-
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 501, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503, 504)}
 
 
 @router.get(
@@ -50,7 +37,10 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 4
     responses={status: {"model": ErrorResponse} for status in (401, 503)},
 )
 async def list_loras(request: Request) -> dict:
-    return _library(request.app.state.service).report()
+    service = request.app.state.service
+    service.require_ready()
+    with worker_errors(service, request, "adapter list", "listing adapters", "retry"):
+        return await service.worker.ask(ListLoras())
 
 
 @router.post("/v1/loras", summary="Load an adapter from the LoRA directory, by name", response_model=LoraLoaded, responses=_ERRORS)
@@ -70,11 +60,11 @@ async def unload_lora(request: Request, name: Annotated[str, Path(min_length=1, 
     responses=_ERRORS,
 )
 async def seed_lora(request: Request, body: SeedLoraRequest, _json: None = Depends(require_json)) -> dict:
-    library = _library(request.app.state.service)
+    lora = request.app.state.service.require_ready().lora
     file = None
     if body.path is not None:
         try:
-            file = file_in_directory(library.directory, body.path)
+            file = file_in_directory(lora.resolved_directory, body.path)
         except LoraError as refused:
             refused.field = "path"
             raise from_lora_error(refused) from None
@@ -88,46 +78,34 @@ async def seed_lora(request: Request, body: SeedLoraRequest, _json: None = Depen
 
 async def _load(request: Request, name: str, file: str | None, scale: float) -> dict:
     service = request.app.state.service
-    library = _library(service)
-
-    def on_worker():
-        replaced = any(adapter.name == name for adapter in library.loaded())
-        try:
-            return library.load(name, file, scale), replaced
-        except LoraError as refused:
-            raise JobRefused(refused) from None
-
+    service.require_ready()
     deadline = time.monotonic() + service.settings.request_timeout
-    with worker_errors(service, request, "adapter load", f"loading adapter {name!r}", "unload an adapter (DELETE /v1/loras/NAME) or retry"):
+    call = LoadLora(name, file, scale, deadline)
+    advice = "unload an adapter (DELETE /v1/loras/NAME) or retry"
+    with worker_errors(service, request, "adapter load", f"loading adapter {name!r}", advice):
         try:
-            (adapter, replaced), _ = await service.worker.run("lora_load", on_worker, deadline, request.is_disconnected)
+            loaded = (await service.worker.run_everywhere(call, deadline, request.is_disconnected))[0]  # every engine has it now
         except LoraError as refused:
             service.metrics.lora_loads.labels("refused").inc()
             raise from_lora_error(_naming(refused, "name" if file is None else "path")) from None
     service.metrics.lora_loads.labels("ok").inc()
-    service.metrics.lora_load_seconds.observe(adapter.load_s)
+    service.metrics.lora_load_seconds.observe(loaded["summary"]["load_s"])
     warnings = []
-    if adapter.ignored_keys:
-        warnings.append(f"{len(adapter.ignored_keys)} keys left aside (e.g. {adapter.ignored_keys[0]}): only the transformer is adapted")
-    if os.path.splitext(adapter.file)[0] != name:
-        warnings.append(f"loaded from {adapter.file} under the name {name!r}")
-    return {"loaded": adapter.summary(), "replaced": replaced, "warnings": warnings}
+    ignored = loaded["ignored_keys"]
+    if ignored:
+        warnings.append(f"{len(ignored)} keys left aside (e.g. {ignored[0]}): only the transformer is adapted")
+    if os.path.splitext(loaded["file"])[0] != name:
+        warnings.append(f"loaded from {loaded['file']} under the name {name!r}")
+    return {"loaded": loaded["summary"], "replaced": loaded["replaced"], "warnings": warnings}
 
 
 async def _unload(request: Request, name: str) -> dict:
     service = request.app.state.service
-    library = _library(service)
-
-    def on_worker():
-        try:
-            return library.unload(name)
-        except LoraError as refused:
-            raise JobRefused(refused) from None
-
+    service.require_ready()
     deadline = time.monotonic() + service.settings.request_timeout
     with worker_errors(service, request, "adapter unload", f"unloading adapter {name!r}", "retry"):
         try:
-            await service.worker.run("lora_unload", on_worker, deadline, request.is_disconnected)
+            await service.worker.run_everywhere(UnloadLora(name, deadline), deadline, request.is_disconnected)
         except LoraError as refused:
             raise from_lora_error(_naming(refused, "name")) from None
     return {"name": name, "unloaded": True}

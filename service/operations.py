@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from stages.config import parse_presets
 
 from .errors import APIError, invalid
-from .queue import QueueFull
+from .jobs import QueueFull
 from .schemas import ErrorResponse
 
 router = APIRouter()

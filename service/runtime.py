@@ -1,8 +1,11 @@
-"""The service's moving parts in one object: the engine (loaded in the background), the GPU worker,
-metrics, the benchmark job, and the lifecycle (loading -> warming -> ready -> draining).
+"""The service's moving parts in one object: the worker that reaches the engine(s), metrics, the
+benchmark job, and the lifecycle (loading -> warming -> ready -> draining).
 
-The engine is loaded by the GPU worker itself, as its first job, so that the HTTP side is up at
-once: /health answers while the model loads, /ready says 503 until it is loaded and warmed.
+The worker is either the in-process GPU worker (one engine) or a pool of worker processes
+(`serve --gpus`); the service sees both through one interface (service/worker.py) and describes the
+model from what the engine said about itself (`model`, an EngineDescription), so every route works
+the same in both. The engine is loaded by the worker in the background, so that the HTTP side is up
+at once: /health answers while the model loads, /ready says 503 until it is loaded and warmed.
 """
 
 from __future__ import annotations
@@ -10,41 +13,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 from engine import __version__
-from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, describe, load_bundle
-from engine.compile_cache import active_cache_dir
-from engine.engine import KontextEngine
 from engine.loading import ModelLoadError
 from engine.setting import public_values
-from engine.warmup import warm_up
 
 from .benchmark_jobs import BenchmarkJobs
+from .engine_calls import EngineDescription
 from .errors import APIError
 from .metrics import ServiceMetrics
 from .queue import GpuWorker
 from .settings import ServiceSettings
+from .worker import Worker
 
 log = logging.getLogger("flux_kontext.service")
 
-EngineLoader = Callable[[], KontextEngine]
+EngineLoader = Callable[[], Any]
 DECODE_SLOTS = 4  # input images decoded at once (each can hold tens of MB of pixels)
 
 
 class Service:
-    def __init__(self, settings: ServiceSettings, engine: KontextEngine | None = None, loader: EngineLoader | None = None):
-        if engine is None and loader is None:
-            raise ValueError("give an engine or a loader")
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        engine=None,
+        loader: EngineLoader | None = None,
+        worker: Callable[[ServiceMetrics], Worker] | None = None,
+    ):
+        """One engine given (`engine`, tests) or loaded (`loader`) by the in-process worker, or any
+        worker made by `worker(metrics)` (a WorkerPool for `serve --gpus`)."""
+        if engine is None and loader is None and worker is None:
+            raise ValueError("give an engine, a loader or a worker")
         self.settings = settings
         self.version = __version__
         self.metrics = ServiceMetrics()
-        self.worker = GpuWorker(settings.queue_size, self.metrics)
-        self.engine = engine
-        self._loader = loader
+        if worker is None:
+            worker = lambda metrics: GpuWorker(settings.queue_size, metrics, loader=loader, settings=settings, engine=engine)  # noqa: E731
+        self.worker: Worker = worker(self.metrics)
+        self.worker.on_event = self._on_worker_event
         self.phase = "starting"  # starting -> loading -> warming -> ready | failed
         self.error: str | None = None
         self.draining = False
@@ -59,61 +66,37 @@ class Service:
         self._started = False
         self.metrics.bind(
             waiting=lambda: self.worker.waiting,
-            running=lambda: 1 if self.worker.running else 0,
+            running=lambda: len(self.worker.running),
             ready=lambda: 1 if self.ready else 0,
-            memory=self.gpu_memory_bytes,
-            loras=self.lora_counts,
+            memory=self.worker.gpu_memory_bytes,
+            loras=lambda: self.worker.engine_status().get("lora_counts", (0, 0)),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker and queue loading and warm-up (idempotent)."""
+        """Start the worker, which loads and warms the engine(s) in the background (idempotent)."""
         with self._start_lock:
             if self._started:
                 return
             self._started = True
-        self.worker.start()
         self.phase = "loading"
-        self.worker.submit("load", self._load, system=True)
+        self.worker.start()
 
-    def _load(self) -> None:
-        try:
-            if self.engine is None:
-                started = time.perf_counter()
-                self.engine = self._loader()
-                self.startup["load_s"] = round(time.perf_counter() - started, 2)
-                log.info("model loaded in %.1f s: %s", self.startup["load_s"], self.engine.model_info.get("name"))
-            if self.settings.warmup:
-                self.phase = "warming"
-                self._load_compile_artifacts()
-                # Every shape a request at a preferred resolution reaches, so that none pays a
-                # compile or a CUDA-graph recording after /ready (engine/warmup.py).
-                report = warm_up(self.engine)
-                self.startup["warmup"] = report.as_dict()
-                self.startup["compile_counters"] = compile_counters()  # cache hits, misses, bypasses: what the warm-up compiled
+    def _on_worker_event(self, event: str, payload) -> None:
+        if event == "warming":
+            self.phase = "warming"
+        elif event == "ready":
+            self.startup.update(payload)
             self.startup["ready_after_service_start_s"] = round(time.time() - self.started_at, 2)  # imports come before
             self.phase = "ready"
-        except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
+        elif event == "failed":
             self.phase = "failed"
-            self.error = f"{type(error).__name__}: {error}"
-            expected = isinstance(error, (ModelLoadError, OSError))  # user-fixable: the message says what to do
+            error = payload
+            self.error = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else f"no worker could serve: {error}"
+            expected = not isinstance(error, BaseException) or isinstance(error, (ModelLoadError, OSError))  # the message says what to do
             log.error("the model could not be loaded or warmed up: %s", self.error, exc_info=None if expected else error)
             if self.on_fatal:
                 self.on_fatal(self.error)
-
-    def _load_compile_artifacts(self) -> None:
-        """Before the first compile: a bundle from --compile-artifacts, else the one `precompile`
-        left in the compile cache directory for exactly this setup, if any."""
-        key = bundle_key(self.engine.env, self.engine.resolve().effective)
-        path = self.settings.compile_artifacts
-        if path is None and active_cache_dir() is not None:
-            path = default_bundle_path(active_cache_dir(), key)
-        outcome = load_bundle(Path(path) if path else None, key)
-        self.startup["compile_artifacts"] = outcome.as_dict()
-        # The default place is empty on every start without `precompile` (and always with compile
-        # off): worth a line only when a bundle was asked for or found there.
-        found = path is not None and Path(path).is_file()
-        log.log(logging.INFO if self.settings.compile_artifacts is not None or found else logging.DEBUG, describe(outcome))
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -121,10 +104,11 @@ class Service:
             self.drain_deadline = time.monotonic() + self.settings.drain_s
             if self.benchmarks.cancel():  # a background job nobody waits on: stop it after its current edit
                 log.info("draining: the running benchmark is cancelled")
+            running = self.worker.running
             log.info(
                 "draining: new work is refused with 503; %d waiting, %s running",
                 self.worker.waiting,
-                self.worker.running.kind if self.worker.running else "nothing",
+                ", ".join(job.kind for job in running) or "nothing",
             )
 
     def drained(self) -> bool:
@@ -137,15 +121,20 @@ class Service:
 
     # -- state ----------------------------------------------------------------------------------------
     @property
+    def model(self) -> EngineDescription | None:
+        """The model the engine(s) loaded, once one has."""
+        return self.worker.description
+
+    @property
     def ready(self) -> bool:
-        return self.phase == "ready" and not self.draining
+        return self.phase == "ready" and not self.draining and self.worker.ready_engines > 0
 
     @property
     def status(self) -> str:
         return "draining" if self.draining else self.phase
 
-    def require_ready(self) -> KontextEngine:
-        """The engine, or a 503 that says why there is none to use yet."""
+    def require_ready(self) -> EngineDescription:
+        """The model's description, or a 503 that says why there is nothing to use yet."""
         self.start()
         if self.draining:
             raise APIError(
@@ -163,53 +152,39 @@ class Service:
                 f"the model is {self.phase}; retry shortly (GET /ready turns 200 when it can serve)",
                 headers={"Retry-After": "5"},
             )
-        return self.engine
-
-    def engine_call(self, call) -> Callable[[], object]:
-        """A job for this service's worker that runs `call` (service/engine_calls.py) on the engine."""
-        return lambda: call.run(self.engine)
-
-    def gpu_memory_bytes(self) -> dict[str, int]:
-        if self.engine is None or not self.engine.env.has_cuda:
-            return {}
-        index = self.engine.env.gpu.index
-        free, total = torch.cuda.mem_get_info(index)
-        return {
-            "allocated": torch.cuda.memory_allocated(index),
-            "reserved": torch.cuda.memory_reserved(index),
-            "free": free,
-            "total": total,
-        }
-
-    def lora_counts(self) -> tuple[int, int]:
-        if self.engine is None or self.engine.loras is None:
-            return 0, 0
-        loaded = self.engine.loras.loaded()
-        return len(loaded), sum(adapter.nbytes for adapter in loaded)
+        if self.worker.ready_engines == 0:
+            raise APIError(
+                503, "model_loading", "every worker process is restarting; retry shortly (see /health)", headers={"Retry-After": "5"}
+            )
+        return self.model
 
     def health(self) -> dict:
-        engine = self.engine
+        model = self.model
+        status = self.worker.engine_status() if model else {}
         body = {
             "status": self.status,
             "ready": self.ready,
             "version": self.version,
             "uptime_s": round(time.time() - self.started_at, 1),
             "error": self.error,
-            "model": engine.model_info if engine else None,
-            "device": str(engine.loaded.device) if engine else None,
-            "environment": engine.env.summary() if engine else None,
-            "memory": engine.memory() if engine else None,
-            "memory_plan": engine.memory_report() if engine else None,
-            "default_optimizations": engine.default_config.model_dump() if engine else None,
-            "stages": engine.stage_status() if engine else [],
-            "variants": engine.variants.report() if engine else [],
+            "model": model.model_info if model else None,
+            "device": model.device if model else None,
+            "environment": model.environment if model else None,
+            "memory": status.get("memory"),
+            "memory_plan": model.memory_plan if model else None,
+            "default_optimizations": model.default_config.model_dump() if model else None,
+            "stages": model.stages if model else [],
+            "variants": status.get("variants", []),
             "startup": self.startup,
-            "loras": engine.loras.report(with_files=False) if engine and engine.loras is not None else None,
+            "loras": status.get("loras"),
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),
             "limits": self.limits(),
             "auth": "api key" if self.settings.api_key else "off",
         }
+        workers = self.worker.workers_report()
+        if workers is not None:
+            body["workers"] = workers
         return body
 
     def limits(self) -> dict:
@@ -220,5 +195,5 @@ class Service:
         return {**public_values(settings), **derived, "benchmark_runs_allowed": settings.benchmark_runs_allowed}
 
     def min_side(self) -> int:
-        snaps = self.engine.loaded.spec.snap_input_to_kontext_resolutions if self.engine else True
+        snaps = self.model.spec.snap_input_to_kontext_resolutions if self.model else True
         return self.settings.min_side_for(snaps)

@@ -1,20 +1,23 @@
 """`serve --gpus`: one worker process per GPU behind the one HTTP front and its bounded queue.
 
     pool = WorkerPool(["0", "1"], loader, settings, capacity=16, metrics=metrics); pool.start()
-    result, job = await pool.run("inference", EditCall(request, config, deadline), deadline, is_disconnected)
+    result, job = await pool.run(EditCall(request, config, deadline), deadline, is_disconnected)
 
-It is a GpuWorker to the HTTP side (the same submit / run / cancel, waiting / running / snapshot,
-429 when the queue is full, metrics), so routes do not change; only the work crosses a process
-boundary (service/engine_calls.py; the worker side is service/worker_process.py).
+It is a Worker (service/worker.py) like the in-process one: the same calls, the same queue, so the
+service has the same routes in both modes. Calls that change every engine (LoRA loads and unloads)
+run on every worker (`run_everywhere`), and are run again on a worker that comes back after a
+restart; read-only calls (`ask`) are answered by a worker's reader thread at once.
 
 Why processes, and why not a process pool: one engine per GPU needs one process per GPU (the
 variants, compiled graphs and CUDA graphs are per-process state), and concurrent.futures'
 ProcessPoolExecutor marks the whole pool broken when one worker dies, failing every queued job.
 Here each worker is a spawned torch.multiprocessing process (never forked: a forked CUDA context is
 unusable) with two one-way pipes; one dispatcher thread waits on every worker's pipe and process
-sentinel at once, so a death is seen at once. Jobs wait in the front's queue and go to the least
-loaded ready worker with a free slot (`slots`: 1 by default, the edit running; a second slot hides
-the hand-off at the cost of a job waiting behind one worker while another may free up first).
+sentinel at once, so a death is seen at once, and it is the only writer to the pipes. Jobs wait in
+the front's queue and go to the least loaded ready worker with a free slot (`slots`: 1 by default,
+the edit running; a second slot hides the hand-off at the cost of a job waiting behind one worker
+while another may free up first). A worker running a job that yields (a benchmark) keeps a slot
+free: it runs what it is sent between the benchmark's edits.
 
 When a worker dies: the job it had acked as started fails with WorkerDied (never retried: it may be
 what killed the worker, and it may have half run), the jobs it had been sent but had not started go
@@ -25,10 +28,11 @@ load is not restarted (the error is the user's to fix: /health says it).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-import math
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,16 +41,15 @@ from typing import Any, Callable
 
 import torch.multiprocessing
 
-from .queue import GpuOutOfMemory, GpuWorker, Job, JobFailed, JobTimeout, WorkerStopped
+from .jobs import GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerDied
+from .worker import Worker, waiter
 from .worker_process import worker_main
 
 log = logging.getLogger("flux_kontext.service.workers")
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before restart 1, 2, ... (the last repeats)
-
-
-class WorkerDied(Exception):
-    """The worker process running this job died; the job is not retried (it may have caused it)."""
+ASK_TIMEOUT_S = 30.0  # a read-only call answers in milliseconds; a worker that does not is stuck or dying
+EVERY_ENGINE = ("lora_load", "lora_unload")  # calls that change every engine: run again on a restarted worker
 
 
 @dataclass(eq=False)
@@ -63,15 +66,17 @@ class WorkerProcess:
     completed: int = 0
     error: str | None = None
     started_at: float = 0.0
-    info: dict = field(default_factory=dict)  # what it said when ready: model, stages, startup, ...
-    status: dict = field(default_factory=dict)  # memory and variants after its latest job
+    startup: dict = field(default_factory=dict)  # what it said when ready
+    status: dict = field(default_factory=dict)  # memory, variants and adapters after its latest job
     last_exit: dict | None = None
     sent: dict[int, Job] = field(default_factory=dict)  # handed over, not started
     running: dict[int, Job] = field(default_factory=dict)  # acked as started
+    asks: dict[int, Callable] = field(default_factory=dict)  # read-only calls sent, not answered: id -> resolve
 
     @property
     def load(self) -> int:
-        return len(self.sent) + len(self.running)
+        """Slots in use: a running job that yields leaves its slot to the jobs it lets through."""
+        return len(self.sent) + sum(1 for job in self.running.values() if not getattr(job.call, "yields", False))
 
     def report(self) -> dict:
         running = next(iter(self.running.values()), None)
@@ -88,13 +93,14 @@ class WorkerProcess:
             "completed": self.completed,
             "error": self.error,
             "last_exit": self.last_exit,
-            "startup": self.info.get("startup"),
+            "startup": self.startup,
             "memory": self.status.get("memory"),
             "variants": self.status.get("variants", []),
+            "loras": [adapter["name"] for adapter in (self.status.get("loras") or {}).get("loaded", [])],
         }
 
 
-class WorkerPool(GpuWorker):
+class WorkerPool(Worker):
     def __init__(
         self,
         gpus: list[str | None],
@@ -104,62 +110,64 @@ class WorkerPool(GpuWorker):
         metrics=None,
         slots: int = 1,
         max_restarts: int = 5,
-        on_ready: Callable[[WorkerProcess], None] | None = None,
-        on_failed: Callable[[str], None] | None = None,
     ):
         super().__init__(capacity, metrics)
         if not gpus:
             raise ValueError("a worker pool needs at least one worker")
         self.loader, self.settings, self.slots, self.max_restarts = loader, settings, slots, max_restarts
-        self.on_ready, self.on_failed = on_ready, on_failed
         self.workers = [WorkerProcess(index, gpu) for index, gpu in enumerate(gpus)]
         cpu_workers = sum(1 for gpu in gpus if gpu is None)
         self.cpu_threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
         self._context = torch.multiprocessing.get_context("spawn")
         self._ids = itertools.count()
-        self._cancels: list[tuple[WorkerProcess, int]] = []  # sent by the dispatcher thread, the only writer to the pipes
+        self._outgoing: list[tuple[WorkerProcess, tuple]] = []  # sent by the dispatcher thread, the only writer to the pipes
+        self._replay: dict[str, Any] = {}  # adapter name -> the last call that changed it everywhere
+        self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._metrics = _worker_metrics(metrics, self) if metrics else None
+        self._metrics = _WorkerMetrics(metrics, self) if metrics else None
 
     # -- state ----------------------------------------------------------------------------------------
     @property
-    def running(self) -> Job | None:
-        return next((job for worker in self.workers for job in worker.running.values()), None)
+    def running(self) -> list[Job]:
+        return [job for worker in self.workers for job in worker.running.values()]
 
     @property
-    def running_count(self) -> int:
-        return sum(len(worker.running) for worker in self.workers)
-
-    @property
-    def ready_workers(self) -> int:
+    def ready_engines(self) -> int:
         return sum(1 for worker in self.workers if worker.state == "ready")
 
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._jobs and not any(worker.load for worker in self.workers)
-
-    def retry_after(self) -> int:
-        per_job = self._seconds_per_job or 1.0
-        return int(min(300, max(1, math.ceil(per_job * (self.waiting + 1) / max(1, self.ready_workers)))))
+            return not self._jobs and not any(worker.sent or worker.running for worker in self.workers)
 
     def snapshot(self) -> dict:
         with self._cond:
             return {
-                "capacity": self.capacity,
-                "waiting": len(self._jobs),
-                "running": self.running_count,
-                "completed": self.completed,
-                "seconds_per_job": round(self._seconds_per_job, 3) if self._seconds_per_job else None,
+                **super().snapshot(),
+                "running": len(self.running),
+                "running_for_s": None,
                 "workers": len(self.workers),
-                "workers_ready": self.ready_workers,
+                "workers_ready": self.ready_engines,
                 "slots_per_worker": self.slots,
             }
 
     def workers_report(self) -> list[dict]:
         with self._cond:
             return [worker.report() for worker in self.workers]
+
+    def engine_status(self) -> dict:
+        """Each worker's latest status, as one: memory by worker, every worker's variants, the adapters
+        of the first ready worker (every worker loads the same ones)."""
+        with self._cond:
+            workers = [(worker.index, worker.status) for worker in self.workers if worker.status]
+            first = next((worker.status for worker in self.workers if worker.state == "ready" and worker.status), {})
+        return {
+            "memory": {str(index): status.get("memory") for index, status in workers},
+            "variants": [{"worker": index, **row} for index, status in workers for row in status.get("variants", [])],
+            "loras": first.get("loras"),
+            "lora_counts": first.get("lora_counts", (0, 0)),
+        }
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,7 +181,7 @@ class WorkerPool(GpuWorker):
     def stop(self, timeout: float | None = None) -> None:
         """Drop the waiting jobs, let the started ones finish (until `timeout`), end the workers."""
         deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
-        super().stop(None if self._thread is None else 0)  # drops the waiting jobs; the thread ends below
+        self._drop_waiting()
         self._wake()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
@@ -191,12 +199,9 @@ class WorkerPool(GpuWorker):
                     worker.process.join(5)
             worker.state = "stopped"
 
-    # -- submitting -----------------------------------------------------------------------------------
-    def submit(self, kind: str, fn, on_done=None, system: bool = False) -> Job:
-        """Queue a picklable call (`fn.run(engine)` runs in a worker); QueueFull beyond the capacity."""
-        job = super().submit(kind, fn, on_done, system)
+    # -- running calls ---------------------------------------------------------------------------------
+    def _queued(self) -> None:
         self._wake()
-        return job
 
     def cancel(self, job: Job, reason: str) -> bool:
         """Drop a job still waiting here, or sent to a worker that has not started it (True)."""
@@ -208,14 +213,46 @@ class WorkerPool(GpuWorker):
                 return False
             job.state = "cancelled"  # keeps its slot until the worker skips it (or, in a race, runs it for nobody)
             job_id = next(key for key, value in owner.sent.items() if value is job)
-            self._cancels.append((owner, job_id))
+            self._outgoing.append((owner, ("cancel", job_id)))
         if self.metrics:
             self.metrics.jobs.labels(job.kind, f"cancelled_{reason}").inc()
         self._wake()
         return True
 
-    def run_waiting(self, exclude_kinds: tuple[str, ...] = ()) -> int:
-        raise RuntimeError("jobs that yield to others run on the in-process worker only, not with serve --gpus")
+    def stop_job(self, job: Job) -> None:
+        job.stop_requested.set()
+        with self._cond:
+            for worker in self.workers:
+                for job_id, running in list(worker.running.items()) + list(worker.sent.items()):
+                    if running is job:
+                        self._outgoing.append((worker, ("halt", job_id)))
+        self._wake()
+
+    async def run_everywhere(self, call, deadline: float, is_disconnected=None) -> list:
+        with self._cond:
+            targets = [worker.index for worker in self.workers if worker.state == "ready"]
+            if len(self._jobs) >= self.capacity:
+                raise QueueFull(len(self._jobs), self.retry_after())
+        waits = []
+        for index in targets:  # bound checked once above: every engine gets it, or none does
+            future, resolve = waiter()
+            waits.append(self._await(self.submit(call, resolve, system=True, target=index), future, deadline, is_disconnected))
+        return [result for result, _job in await asyncio.gather(*waits)]
+
+    async def ask(self, call) -> Any:
+        future, resolve = waiter()
+        with self._cond:
+            worker = next((worker for worker in self.workers if worker.state == "ready"), None)
+            if worker is None:
+                raise WorkerDied("no worker is ready to answer")
+            ask_id = next(self._ids)
+            worker.asks[ask_id] = resolve
+            self._outgoing.append((worker, ("ask", ask_id, call)))
+        self._wake()
+        ok, value = await asyncio.wait_for(future, ASK_TIMEOUT_S)
+        if not ok:
+            raise _rebuild("failed", call.kind, value)
+        return value
 
     # -- the dispatcher thread ------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -243,7 +280,7 @@ class WorkerPool(GpuWorker):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                in_flight = any(worker.load for worker in self.workers)
+                in_flight = any(worker.sent or worker.running for worker in self.workers)
                 if self._stopping and not in_flight and not self._jobs:
                     return
                 alive = [worker for worker in self.workers if worker.process is not None]
@@ -265,7 +302,7 @@ class WorkerPool(GpuWorker):
                     elif ready == worker.process.sentinel:
                         self._receive(worker)  # a result sent just before the death still counts
                         self._on_death(worker)
-            self._send_cancels()
+            self._send_outgoing()
             self._restart_due()
             self._dispatch()
 
@@ -279,12 +316,7 @@ class WorkerPool(GpuWorker):
     def _handle(self, worker: WorkerProcess, message: tuple) -> None:
         kind = message[0]
         if kind == "ready":
-            with self._cond:
-                worker.state, worker.info, worker.error = "ready", message[1], None
-                worker.status = {"memory": message[1].get("memory"), "variants": message[1].get("variants", [])}
-            log.info("worker %d ready (pid %s) after %.1f s", worker.index, worker.pid, time.monotonic() - worker.started_at)
-            if self.on_ready:
-                self.on_ready(worker)
+            self._on_ready(worker, *message[1:])
         elif kind == "load_failed":
             with self._cond:
                 worker.state, worker.error = "failed", message[1]
@@ -298,13 +330,34 @@ class WorkerPool(GpuWorker):
                     job.state, job.started_at = "running", time.monotonic()
             if self.metrics and job.state == "running":
                 self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
+        elif kind == "progress":
+            job = worker.running.get(message[1])
+            if job is not None and job.on_progress is not None:
+                job.on_progress(message[2], message[3])
         elif kind == "skipped":
             with self._cond:
                 job = worker.sent.pop(message[1], None)
             if job is not None and job.state == "queued":  # its deadline passed before it could start
                 self._finish_cancelled(job, "timeout", JobTimeout(job.queue_s, was_running=False))
+        elif kind == "answer":
+            resolve = worker.asks.pop(message[1], None)
+            if resolve is not None:
+                resolve((message[2], message[3]))
         elif kind in ("done", "failed"):
             self._finished(worker, message)
+
+    def _on_ready(self, worker: WorkerProcess, description, startup: dict, status: dict) -> None:
+        with self._cond:
+            worker.state, worker.startup, worker.status, worker.error = "ready", startup, status, None
+            first = self.description is None
+            if first:
+                self.description = description
+            replay = list(self._replay.values())
+        log.info("worker %d ready (pid %s) after %.1f s", worker.index, worker.pid, time.monotonic() - worker.started_at)
+        for call in replay:  # adapters loaded over HTTP since the pool started: this worker gets them too
+            self.submit(call, system=True, target=worker.index)
+        if first:
+            self.on_event("ready", {"first_worker_ready_s": round(startup.get("load_s", 0.0), 2)})
 
     def _finished(self, worker: WorkerProcess, message: tuple) -> None:
         job_id, status = message[1], message[-1]
@@ -317,6 +370,8 @@ class WorkerPool(GpuWorker):
             job.finished_at = time.monotonic()
         if message[0] == "done":
             outcome, job.result = "ok", message[2]
+            if job.kind in EVERY_ENGINE:
+                self._replay[job.call.name] = job.call
         else:
             outcome = message[2]
             job.error = _rebuild(outcome, job.kind, message[3])
@@ -335,7 +390,9 @@ class WorkerPool(GpuWorker):
             end.close()
         with self._cond:
             lost = [job for job in worker.running.values() if job.state == "running"]
-            requeue = [job for job in worker.sent.values() if job.state == "queued"]
+            requeue = [job for job in worker.sent.values() if job.state == "queued" and job.target is None]
+            stranded = [job for job in worker.sent.values() if job.state == "queued" and job.target is not None]
+            asks, worker.asks = list(worker.asks.values()), {}
             worker.running.clear()
             worker.sent.clear()
             self._jobs.extendleft(reversed(requeue))  # back to the front of the queue, in their order
@@ -362,17 +419,20 @@ class WorkerPool(GpuWorker):
                 len(requeue),
                 "restarting" if worker.state == "restarting" else worker.error,
             )
-        for job in lost:
+        died = WorkerDied(f"worker {worker.index} died with exit code {code} while running it")
+        for job in lost + stranded:  # a job meant for this worker alone (a LoRA load) is replayed when it is back
             job.finished_at = time.monotonic()
-            job.state, job.error = "failed", WorkerDied(f"worker {worker.index} died with exit code {code} while running it")
+            job.state, job.error = "failed", died
             if self.metrics:
                 self.metrics.jobs.labels(job.kind, "worker_died").inc()
             self._notify(job)
+        for resolve in asks:
+            resolve((False, ("WorkerDied", str(died), None)))
         self._check_all_failed()
 
     def _check_all_failed(self) -> None:
-        if self.on_failed and all(worker.state == "failed" for worker in self.workers):
-            self.on_failed("; ".join(f"worker {worker.index}: {worker.error}" for worker in self.workers))
+        if all(worker.state == "failed" for worker in self.workers):
+            self.on_event("failed", "; ".join(f"worker {worker.index}: {worker.error}" for worker in self.workers))
 
     def _restart_due(self) -> None:
         for worker in self.workers:
@@ -382,23 +442,34 @@ class WorkerPool(GpuWorker):
                     self._metrics.restarts.labels(str(worker.index)).inc()
                 self._spawn(worker)
 
-    def _send_cancels(self) -> None:
+    def _send_outgoing(self) -> None:
         with self._cond:
-            cancels, self._cancels = self._cancels, []
-        for worker, job_id in cancels:
-            self._send(worker, ("cancel", job_id))
+            outgoing, self._outgoing = self._outgoing, []
+        for worker, message in outgoing:
+            self._send(worker, message)
 
     def _dispatch(self) -> None:
+        """Each waiting job, in order, to a ready worker with a free slot (its own, for a targeted job):
+        the least loaded, and one that is not busy with a long job when there is a choice."""
         while True:
             with self._cond:
-                free = [worker for worker in self.workers if worker.state == "ready" and worker.load < self.slots]
-                if not free or not self._jobs:
+                choice = None
+                for job in self._jobs:
+                    free = [
+                        worker
+                        for worker in self.workers
+                        if worker.state == "ready" and worker.load < self.slots and job.target in (None, worker.index)
+                    ]
+                    if free:
+                        choice = job, min(free, key=lambda worker: (worker.load, len(worker.running)))
+                        break
+                if choice is None:
                     return
-                worker = min(free, key=lambda candidate: candidate.load)
-                job = self._jobs.popleft()
+                job, worker = choice
+                self._jobs.remove(job)
                 job_id = next(self._ids)
                 worker.sent[job_id] = job
-            self._send(worker, ("job", job_id, job.kind, job.fn, getattr(job.fn, "deadline", math.inf)))
+            self._send(worker, ("job", job_id, job.call))
 
     def _send(self, worker: WorkerProcess, message: tuple) -> None:
         try:
@@ -409,8 +480,6 @@ class WorkerPool(GpuWorker):
 
 def _rebuild(outcome: str, kind: str, portable: tuple[str, str, bytes | None]) -> BaseException:
     """The worker's exception on this side: the original when it unpickles, else its name and message."""
-    import pickle
-
     name, text, blob = portable
     error: BaseException | None = None
     if blob is not None:
@@ -419,11 +488,11 @@ def _rebuild(outcome: str, kind: str, portable: tuple[str, str, bytes | None]) -
         except Exception:  # noqa: BLE001
             error = None
     if error is None:
-        error = RuntimeError(f"{name}: {text}")
+        error = WorkerDied(text) if name == "WorkerDied" else RuntimeError(f"{name}: {text}")
     if outcome == "out_of_memory":
         return error if isinstance(error, GpuOutOfMemory) else GpuOutOfMemory(text)
     if outcome == "failed":
-        return JobFailed(kind, error)
+        return error if isinstance(error, (JobFailed, WorkerDied)) else JobFailed(kind, error)
     return error  # refused (the job's own reason, e.g. a LoraError) or cancelled (EditCancelled, JobCancelled), as raised
 
 
@@ -446,13 +515,9 @@ class _WorkerMetrics:
             self.restarts.labels(label)
 
     def memory(self, worker: WorkerProcess) -> None:
-        for key, value in (worker.status.get("memory") or {}).items():
+        for key, value in ((worker.status or {}).get("memory") or {}).items():
             if key.endswith("_gb") and isinstance(value, (int, float)):
                 self.gpu_memory.labels(str(worker.index), key[: -len("_gb")]).set(value * 2**30)
 
 
-def _worker_metrics(metrics, pool: WorkerPool) -> _WorkerMetrics:
-    return _WorkerMetrics(metrics, pool)
-
-
-__all__ = ["WorkerDied", "WorkerPool", "WorkerProcess", "WorkerStopped"]
+__all__ = ["WorkerDied", "WorkerPool", "WorkerProcess"]

@@ -1,15 +1,19 @@
 """The worker side of `serve --gpus`: one spawned process per GPU, with its own engine.
 
-    front -> worker  ("job", id, kind, call, deadline) | ("cancel", id) | ("stop",)
-    worker -> front  ("ready", info) | ("load_failed", message) | ("started", id)
-                     | ("done", id, result, status) | ("failed", id, outcome, error, status) | ("skipped", id)
+    front -> worker  ("job", id, call) | ("cancel", id) | ("halt", id) | ("ask", id, call) | ("stop",)
+    worker -> front  ("ready", description, startup, status) | ("load_failed", message) | ("started", id)
+                     | ("progress", id, message, fraction) | ("skipped", id) | ("answer", id, ok, value)
+                     | ("done", id, result, status) | ("failed", id, outcome, error, status)
 
-The process pins its GPU (CUDA_VISIBLE_DEVICES) before anything can initialise CUDA, loads and
-warms its engine, says "ready", then runs the jobs it is sent one at a time. It acks "started"
-before running a job, so that the front knows which jobs may be given to another worker if this
-one dies (those it never started) and which may not (the one it was running). A reader thread
-takes messages as they arrive, so a cancel for a buffered job is seen before that job starts. A
-job past its deadline is skipped: its client has had its 504 already.
+The process pins its GPU (CUDA_VISIBLE_DEVICES) before anything can initialise CUDA, starts its
+engine as the in-process worker does (service/startup.py), says "ready", then runs the calls it is
+sent one at a time with the same `execute` (service/jobs.py). It acks "started" before running a
+job, so that the front knows which jobs may be given to another worker if this one dies (those it
+never started) and which may not (the one it was running). A reader thread takes messages as they
+arrive: a cancel for a buffered job is seen before that job starts, a halt reaches a running
+benchmark, and an ask (a read-only call) is answered at once. A job past its deadline is skipped:
+its client has had its 504 already. A long job that yields (a benchmark) runs the jobs buffered here
+between its own pieces of work; the front keeps sending while it runs (service/worker_pool.py).
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import queue
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable
 
 log = logging.getLogger("flux_kontext.service.worker")
@@ -37,117 +41,127 @@ def worker_main(index: int, gpu: str | None, loader: Callable[[str], Any], setti
         logging.getLogger(name).setLevel(logging.WARNING)
     import torch
 
+    from .engine_calls import DescribeEngine, EngineStatus
+    from .jobs import Unattended
+    from .startup import start_engine
+
     if gpu is None and cpu_threads:
         torch.set_num_threads(cpu_threads)  # CPU workers share the cores instead of each taking all
     try:
-        started = time.perf_counter()
-        engine = loader("cuda:0" if gpu is not None else "cpu")
-        startup = {"load_s": round(time.perf_counter() - started, 2)}
-        if settings.warmup:
-            startup.update(_warm_up(engine, settings))
-        outbox.send(("ready", {"pid": os.getpid(), **describe(engine), "startup": startup}))
+        engine, startup = start_engine(lambda: loader("cuda:0" if gpu is not None else "cpu"), settings)
+        description = DescribeEngine().run(engine, Unattended())
+        outbox.send(("ready", description, startup, EngineStatus().run(engine, Unattended())))
     except BaseException as error:  # noqa: BLE001 - reported to the front, which does not restart a worker that cannot load
         log.error("worker %d could not load or warm up its engine", index, exc_info=error)
         outbox.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
-    _serve(engine, inbox, outbox)
+    _Server(engine, inbox, outbox).serve()
 
 
-def _warm_up(engine, settings) -> dict:
-    """What Service does before /ready in one process: the compile-artifact bundle, then the warm-up."""
-    from pathlib import Path
+class _Server:
+    """The engine's side of the pipes: a reader thread that files messages, and the main thread that runs jobs."""
 
-    from engine.compile_artifacts import bundle_key, default_bundle_path, load_bundle
-    from engine.compile_artifacts import describe as describe_bundle
-    from engine.compile_cache import active_cache_dir
-    from engine.warmup import warm_up
+    def __init__(self, engine, inbox, outbox):
+        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.jobs: deque = deque()  # (id, call), in the order the front sent them
+        self.cond = threading.Condition()
+        self.cancelled: set[int] = set()
+        self.halted: set[int] = set()
+        self.stopping = False
+        self.send_lock = threading.Lock()  # the reader thread answers asks while the main thread reports jobs
 
-    key = bundle_key(engine.env, engine.resolve().effective)
-    path = settings.compile_artifacts
-    if path is None and active_cache_dir() is not None:
-        path = default_bundle_path(active_cache_dir(), key)
-    outcome = load_bundle(Path(path) if path else None, key)
-    log.info(describe_bundle(outcome))
-    return {"compile_artifacts": outcome.as_dict(), "warmup": warm_up(engine).as_dict()}
+    def send(self, message: tuple) -> None:
+        with self.send_lock:
+            self.outbox.send(message)
 
+    def serve(self) -> None:
+        threading.Thread(target=self._read, name="worker-inbox", daemon=True).start()
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopping:
+                    self.cond.wait()
+                if self.stopping and not self.jobs:
+                    return
+                job_id, call = self.jobs.popleft()
+            self.run(job_id, call)
 
-def describe(engine) -> dict:
-    """What the front needs to validate requests and answer /health without an engine of its own."""
-    return {
-        "model_info": engine.model_info,
-        "spec": engine.loaded.spec,
-        "default_config": engine.default_config,
-        "environment": engine.env.summary(),
-        "has_cuda": engine.env.has_cuda,
-        "stages": engine.stage_status(),
-        **status(engine),
-    }
-
-
-def status(engine) -> dict:
-    """The parts of /health that change as the worker serves."""
-    return {"memory": engine.memory(), "variants": engine.variants.report()}
-
-
-def _serve(engine, inbox, outbox) -> None:
-    from engine.engine import EditCancelled
-
-    from .queue import GpuOutOfMemory, JobCancelled, JobRefused, is_out_of_memory, release_memory
-
-    jobs: queue.Queue = queue.Queue()
-    cancelled: set[int] = set()
-
-    def read() -> None:
-        """Take messages as they come, so that the front never blocks sending a job while one runs."""
+    def _read(self) -> None:
+        """Take messages as they come, so that the front never blocks sending while a job runs."""
         while True:
             try:
-                message = inbox.recv()
+                message = self.inbox.recv()
             except (EOFError, OSError):  # the front is gone
                 message = ("stop",)
-            if message[0] == "stop":
-                jobs.put(None)
-                return
-            if message[0] == "cancel":
-                cancelled.add(message[1])
-            else:
-                jobs.put(message[1:])
+            kind = message[0]
+            with self.cond:
+                if kind == "stop":
+                    self.stopping = True
+                    self.cond.notify_all()
+                    return
+                if kind == "job":
+                    self.jobs.append(message[1:])
+                    self.cond.notify()
+                elif kind == "cancel":
+                    self.cancelled.add(message[1])
+                elif kind == "halt":
+                    self.halted.add(message[1])
+            if kind == "ask":
+                self._answer(message[1], message[2])
 
-    threading.Thread(target=read, name="worker-inbox", daemon=True).start()
-    while True:
-        item = jobs.get()
-        if item is None:
-            return
-        job_id, kind, call, deadline = item
-        if job_id in cancelled or time.monotonic() > deadline:
-            cancelled.discard(job_id)
-            outbox.send(("skipped", job_id))
-            continue
-        outbox.send(("started", job_id))
-        out_of_memory = None
+    def _answer(self, ask_id: int, call) -> None:
+        from .jobs import Unattended
+
         try:
-            result = call.run(engine)
-        except EditCancelled as stopped:  # its deadline passed while it ran
-            outbox.send(("failed", job_id, "cancelled_timeout", _portable(stopped), status(engine)))
-        except JobCancelled as stopped:
-            outbox.send(("failed", job_id, "cancelled_requested", _portable(stopped), status(engine)))
-        except JobRefused as refused:  # a client error found here (an adapter this worker has not loaded): a 4xx, no traceback
-            outbox.send(("failed", job_id, "refused", _portable(refused.reason), status(engine)))
-        except BaseException as error:  # noqa: BLE001 - the worker survives anything a job does
-            if is_out_of_memory(error):
-                out_of_memory = (str(error).splitlines() or ["out of memory"])[0][:300]
-            else:
-                log.error("%s job failed", kind, exc_info=error)
-                outbox.send(("failed", job_id, "failed", _portable(error), status(engine)))
+            self.send(("answer", ask_id, True, call.run(self.engine, Unattended())))
+        except Exception as error:  # noqa: BLE001 - a read that failed: the front raises it for its caller
+            self.send(("answer", ask_id, False, _portable(error)))
+
+    def run(self, job_id: int, call) -> None:
+        from .engine_calls import EngineStatus
+        from .jobs import Unattended, execute
+
+        if job_id in self.cancelled or time.monotonic() > getattr(call, "deadline", float("inf")):
+            self.cancelled.discard(job_id)
+            self.send(("skipped", job_id))
+            return
+        self.send(("started", job_id))
+        outcome = execute(call, self.engine, _Context(self, job_id))
+        status = EngineStatus().run(self.engine, Unattended())
+        if outcome.name == "ok":
+            self.send(("done", job_id, outcome.result, status))
         else:
-            outbox.send(("done", job_id, result, status(engine)))
-        if out_of_memory is not None:  # out of the except block: its traceback no longer pins the step's tensors
-            release_memory()
-            log.warning("%s job ran out of memory (%s); released cached memory, serving on", kind, out_of_memory)
-            outbox.send(("failed", job_id, "out_of_memory", _portable(GpuOutOfMemory(out_of_memory)), status(engine)))
+            self.send(("failed", job_id, outcome.name, _portable(outcome.error), status))
+
+    def run_buffered(self, yielding_id: int) -> int:
+        """Between two pieces of a long job: run the jobs the front sent meanwhile; how many ran."""
+        served = 0
+        while True:
+            with self.cond:
+                if not self.jobs or self.stopping:
+                    return served
+                job_id, call = self.jobs.popleft()
+            self.run(job_id, call)
+            served += 1
+
+
+class _Context:
+    def __init__(self, server: _Server, job_id: int):
+        self.server, self.job_id = server, job_id
+
+    def progress(self, message: str, fraction: float) -> None:
+        self.server.send(("progress", self.job_id, message, fraction))
+
+    def should_stop(self) -> bool:
+        return self.job_id in self.server.halted
+
+    def serve_waiting(self) -> int:
+        return self.server.run_buffered(self.job_id)
 
 
 def _portable(error: BaseException) -> tuple[str, str, bytes | None]:
     """An exception as (type name, message, pickle or None): the front rebuilds it when it can."""
+    original = getattr(error, "original", None)  # JobFailed: the front rebuilds the wrapper itself
+    error = original if original is not None else error
     try:
         blob = pickle.dumps(error)
         pickle.loads(blob)  # some exceptions pickle but cannot be rebuilt (custom __init__ signatures)

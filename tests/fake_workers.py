@@ -8,28 +8,32 @@ import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import ClassVar
 
 
 def load_fake_engine(device: str):
     return SimpleNamespace(
         model_info={"name": "fake"},
-        loaded=SimpleNamespace(spec=None),
+        loaded=SimpleNamespace(spec=None, device=device),
         default_config=None,
         env=SimpleNamespace(summary=lambda: {"device": device}, has_cuda=False),
         stage_status=lambda: [],
+        memory_report=lambda: {},
         memory=lambda: {"device": device},
         variants=SimpleNamespace(report=lambda: []),
+        loras=SimpleNamespace(settings=None, loaded=lambda: [], report=lambda with_files=True: {}),
     )
 
 
 @dataclass
 class LoggedCall:
+    kind: ClassVar[str] = "inference"
     n: int
     sleep_s: float
     log_path: str
     deadline: float = math.inf
 
-    def run(self, engine) -> dict:
+    def run(self, engine, job) -> dict:
         with open(self.log_path, "a") as log:
             log.write(f"start {self.n} {os.getpid()}\n")
         time.sleep(self.sleep_s)

@@ -19,9 +19,13 @@ SMALL = {"prompt": "make the sky red", "width": 64, "height": 64, "steps": 2, "s
 WAIT_S = 240.0
 
 
+BENCHMARK = ["--benchmark-stages", "0", "--benchmark-warmup", "0", "--benchmark-repeats", "1", "--benchmark-size", "32"]
+
+
 @pytest.fixture(scope="module")
-def server():
-    server = start_server("gpus", ["--gpus", "0,1", "--device", "cpu", "--no-warmup", "--queue-size", "32"])
+def server(lora_dir):
+    args = ["--gpus", "0,1", "--device", "cpu", "--no-warmup", "--queue-size", "32", "--lora-dir", str(lora_dir), "--lora-max-rank", "8"]
+    server = start_server("gpus", args + BENCHMARK)
     deadline = time.monotonic() + WAIT_S  # /ready turns 200 with the first worker; these tests need both
     while httpx.get(f"{server.url}/health", timeout=30).json()["queue"]["workers_ready"] < 2:
         assert time.monotonic() < deadline, f"the second worker never became ready:\n{server.log()}"
@@ -74,3 +78,29 @@ def test_killed_worker_is_restarted_and_queued_requests_complete(server):
         time.sleep(0.5)
     assert worker["pid"] != victim["pid"] and worker["restarts"] == 1 and worker["last_exit"]["exit_code"] == -signal.SIGKILL
     assert [answer.status_code for answer in post_all(server.url, [SMALL] * 2)] == [200, 200]
+
+
+def test_adapters_are_listed_and_loaded_on_every_worker(server):
+    listing = httpx.get(f"{server.url}/v1/loras", timeout=30)
+    assert listing.status_code == 200 and {"style", "kohya", "detail"} <= set(listing.json()["available"])
+    loaded = httpx.post(f"{server.url}/v1/loras", json={"name": "style"}, timeout=WAIT_S)
+    assert loaded.status_code == 200 and loaded.json()["loaded"]["name"] == "style", loaded.text
+    assert all(worker["loras"] == ["style"] for worker in workers(server.url))
+    answers = post_all(server.url, [{**SMALL, "loras": [{"name": "style", "scale": 0.8}]}] * 4)
+    assert [answer.status_code for answer in answers] == [200] * 4, [answer.text[:300] for answer in answers]
+    assert len({answer.json()["images"][0] for answer in answers}) == 1  # the same adapter on whichever worker ran it
+    assert {answer.json()["extras"]["lora"]["adapters"][0]["name"] for answer in answers} == {"style"}
+    assert httpx.delete(f"{server.url}/v1/loras/style", timeout=WAIT_S).status_code == 200
+    assert all(worker["loras"] == [] for worker in workers(server.url))
+
+
+def test_a_benchmark_runs_on_one_worker_and_is_read_from_the_front(server):
+    started = httpx.post(f"{server.url}/benchmark?stages=0", timeout=30)
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + WAIT_S
+    while (answer := httpx.get(f"{server.url}/benchmark", timeout=30)).status_code == 202:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.5)
+    table = answer.json()
+    assert answer.status_code == 200 and table["status"] == "done" and table["stages"] == [0]
+    assert "| 0 |" in table["markdown"] and table["report"]["rows"][0]["stage"] == 0

@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import pytest
 import torch
 
-import service.queue as queue_module
+import service.jobs as jobs_module
 from service.app import create_app
-from service.queue import ClientGone, GpuWorker
+from service.jobs import ClientGone
+from service.queue import GpuWorker
 from service.settings import ServiceSettings
 from tests.asgi_client import ready_client
 
@@ -55,8 +58,8 @@ def test_out_of_memory_fails_one_request_and_the_server_recovers(tiny_engine, mo
     engine = ScriptedEngine(tiny_engine)
     engine.script = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")]
     released = []
-    original = queue_module.release_memory
-    monkeypatch.setattr(queue_module, "release_memory", lambda: (released.append(True), original())[1])
+    original = jobs_module.release_memory
+    monkeypatch.setattr(jobs_module, "release_memory", lambda: (released.append(True), original())[1])
     app = _app(engine)
 
     async def scenario():
@@ -83,7 +86,7 @@ def test_release_memory_empties_the_cuda_cache(monkeypatch):
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    queue_module.release_memory()
+    jobs_module.release_memory()
     assert emptied == [True]
 
 
@@ -144,21 +147,38 @@ def test_full_queue_answers_429_with_retry_after_at_once(tiny_engine):
     assert rejected_after < 1.0
 
 
-def test_a_job_whose_client_left_is_dropped_before_it_runs():
-    worker = GpuWorker(capacity=4, poll_s=0.05)
+@dataclass
+class Step:
+    """A call for queue tests: runs `action(job context)` on the worker."""
+
+    action: Callable
+    kind: str = "inference"
+    deadline: float = field(default_factory=lambda: time.monotonic() + 20)
+
+    def run(self, engine, job):
+        return self.action(job)
+
+
+def idle_worker(tiny_engine) -> GpuWorker:
+    worker = GpuWorker(capacity=4, poll_s=0.05, engine=tiny_engine, settings=ServiceSettings(warmup=False))
     worker.start()
+    return worker
+
+
+def test_a_job_whose_client_left_is_dropped_before_it_runs(tiny_engine):
+    worker = idle_worker(tiny_engine)
     gate = threading.Event()
     ran = []
 
     async def scenario():
-        blocker = asyncio.create_task(worker.run("inference", lambda: gate.wait(5), deadline=time.monotonic() + 10))
+        blocker = asyncio.create_task(worker.run(Step(lambda job: gate.wait(5)), deadline=time.monotonic() + 10))
         await asyncio.sleep(0.1)
 
         async def gone() -> bool:
             return True
 
         with pytest.raises(ClientGone):
-            await worker.run("inference", lambda: ran.append(True), deadline=time.monotonic() + 10, is_disconnected=gone)
+            await worker.run(Step(lambda job: ran.append(True)), deadline=time.monotonic() + 10, is_disconnected=gone)
         gate.set()
         await blocker
 
@@ -186,29 +206,28 @@ def test_without_per_request_variants_build_stages_follow_the_server(tiny_engine
     assert any(warning.startswith("compile=True ignored") for warning in body["warnings"])
 
 
-def test_a_long_job_lets_waiting_user_jobs_run_between_its_pieces():
+def test_a_long_job_lets_waiting_user_jobs_run_between_its_pieces(tiny_engine):
     """What a benchmark does after each of its edits: the user jobs that queued up meanwhile run
     first, so none waits for more than one piece of the long job."""
-    worker = GpuWorker(capacity=4, poll_s=0.05)
-    worker.start()
+    worker = idle_worker(tiny_engine)
     order: list[str] = []
     piece_started = threading.Event()
     piece_may_end = threading.Event()
 
-    def long_job():
+    def long_job(job):
         for piece in range(3):
             order.append(f"long {piece}")
             if piece == 0:
                 piece_started.set()
                 piece_may_end.wait(5)
-            worker.run_waiting(exclude_kinds=("benchmark",))
+            job.serve_waiting()
 
     async def scenario():
-        long = asyncio.create_task(worker.run("benchmark", long_job, deadline=time.monotonic() + 20))
+        long = asyncio.create_task(worker.run(Step(long_job, kind="benchmark"), deadline=time.monotonic() + 20))
         while not piece_started.is_set():
             await asyncio.sleep(0.01)
-        user = asyncio.create_task(worker.run("inference", lambda: order.append("user"), deadline=time.monotonic() + 20))
-        other_long = worker.submit("benchmark", lambda: order.append("second benchmark"))
+        user = asyncio.create_task(worker.run(Step(lambda job: order.append("user")), deadline=time.monotonic() + 20))
+        other_long = worker.submit(Step(lambda job: order.append("second benchmark"), kind="benchmark"))
         await asyncio.sleep(0.1)
         piece_may_end.set()
         await user
@@ -217,13 +236,14 @@ def test_a_long_job_lets_waiting_user_jobs_run_between_its_pieces():
             if other_long.state == "done":
                 break
             await asyncio.sleep(0.02)
+        return other_long
 
-    asyncio.run(scenario())
+    other_long = asyncio.run(scenario())
     worker.stop(5)
     # the user job ran right after the first piece; another benchmark waited for its turn
     assert order == ["long 0", "user", "long 1", "long 2", "second benchmark"]
     with pytest.raises(RuntimeError):
-        worker.run_waiting()  # only the worker thread itself may do this
+        worker.run_waiting(other_long)  # only the worker thread itself may do this
 
 
 def test_a_benchmark_through_http_yields_to_an_edit(tiny_engine):

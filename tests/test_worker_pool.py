@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from service.queue import QueueFull
+from service.jobs import QueueFull, WorkerDied
 from service.settings import ServiceSettings
-from service.worker_pool import WorkerDied, WorkerPool
+from service.worker_pool import WorkerPool
 from tests.fake_workers import LoggedCall, load_fake_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -31,7 +31,7 @@ def wait_until(condition, what: str, timeout: float = WAIT_S) -> None:
 def pool():
     pool = WorkerPool([None, None], load_fake_engine, ServiceSettings(warmup=False), capacity=64, slots=2)
     pool.start()
-    wait_until(lambda: pool.ready_workers == 2, "both workers to be ready")
+    wait_until(lambda: pool.ready_engines == 2, "both workers to be ready")
     yield pool
     pool.stop(30)
 
@@ -50,7 +50,7 @@ async def run_all(pool: WorkerPool, calls: list[LoggedCall]) -> list:
 
     async def one(call):
         try:
-            result, _job = await pool.run("inference", call, far)
+            result, _job = await pool.run(call, far)
             return result
         except WorkerDied as died:
             return died
@@ -72,9 +72,9 @@ def test_two_workers_run_every_job_exactly_once(pool, tmp_path):
 
 def test_queue_bound_still_answers_429(pool, tmp_path):
     small = WorkerPool([None], load_fake_engine, ServiceSettings(warmup=False), capacity=1)  # not started: nothing drains it
-    small.submit("inference", LoggedCall(0, 0.0, str(tmp_path / "x.log")))
+    small.submit(LoggedCall(0, 0.0, str(tmp_path / "x.log")))
     with pytest.raises(QueueFull):
-        small.submit("inference", LoggedCall(1, 0.0, str(tmp_path / "x.log")))
+        small.submit(LoggedCall(1, 0.0, str(tmp_path / "x.log")))
 
 
 def test_killed_worker_fails_only_its_running_job_and_is_restarted(pool, tmp_path):
