@@ -32,16 +32,15 @@ import asyncio
 import itertools
 import logging
 import os
-import pickle
 import threading
 import time
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from typing import Any, Callable
 
 import torch.multiprocessing
 
-from .jobs import GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerDied
+from .jobs import Job, JobTimeout, QueueFull, WorkerDied
+from .pool_members import WorkerMetrics, WorkerProcess, rebuild_error
 from .worker import Worker, waiter
 from .worker_process import worker_main
 
@@ -50,54 +49,6 @@ log = logging.getLogger("flux_kontext.service.workers")
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before restart 1, 2, ... (the last repeats)
 ASK_TIMEOUT_S = 30.0  # a read-only call answers in milliseconds; a worker that does not is stuck or dying
 EVERY_ENGINE = ("lora_load", "lora_unload")  # calls that change every engine: run again on a restarted worker
-
-
-@dataclass(eq=False)
-class WorkerProcess:
-    index: int
-    gpu: str | None  # the GPU id it owns; None for a CPU worker
-    state: str = "starting"  # starting -> ready -> restarting -> starting ... | failed | stopped
-    process: Any = None
-    inbox: Any = None  # the front's end: jobs and cancels go in
-    outbox: Any = None  # the front's end: acks and results come out
-    pid: int | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    completed: int = 0
-    error: str | None = None
-    started_at: float = 0.0
-    startup: dict = field(default_factory=dict)  # what it said when ready
-    status: dict = field(default_factory=dict)  # memory, variants and adapters after its latest job
-    last_exit: dict | None = None
-    sent: dict[int, Job] = field(default_factory=dict)  # handed over, not started
-    running: dict[int, Job] = field(default_factory=dict)  # acked as started
-    asks: dict[int, Callable] = field(default_factory=dict)  # read-only calls sent, not answered: id -> resolve
-
-    @property
-    def load(self) -> int:
-        """Slots in use: a running job that yields leaves its slot to the jobs it lets through."""
-        return len(self.sent) + sum(1 for job in self.running.values() if not getattr(job.call, "yields", False))
-
-    def report(self) -> dict:
-        running = next(iter(self.running.values()), None)
-        return {
-            "worker": self.index,
-            "gpu": self.gpu,
-            "device": f"cuda:{self.gpu}" if self.gpu is not None else "cpu",
-            "state": self.state,
-            "pid": self.pid,
-            "restarts": self.restarts,
-            "running": running.kind if running else None,
-            "running_for_s": round(running.run_s, 3) if running else None,
-            "buffered": len(self.sent),
-            "completed": self.completed,
-            "error": self.error,
-            "last_exit": self.last_exit,
-            "startup": self.startup,
-            "memory": self.status.get("memory"),
-            "variants": self.status.get("variants", []),
-            "loras": [adapter["name"] for adapter in (self.status.get("loras") or {}).get("loaded", [])],
-        }
 
 
 class WorkerPool(Worker):
@@ -125,7 +76,7 @@ class WorkerPool(Worker):
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._metrics = _WorkerMetrics(metrics, self) if metrics else None
+        self._metrics = WorkerMetrics(metrics, self.workers) if metrics else None
 
     # -- state ----------------------------------------------------------------------------------------
     @property
@@ -251,7 +202,7 @@ class WorkerPool(Worker):
         self._wake()
         ok, value = await asyncio.wait_for(future, ASK_TIMEOUT_S)
         if not ok:
-            raise _rebuild("failed", call.kind, value)
+            raise rebuild_error("failed", call.kind, value)
         return value
 
     # -- the dispatcher thread ------------------------------------------------------------------------
@@ -374,7 +325,7 @@ class WorkerPool(Worker):
                 self._replay[job.call.name] = job.call
         else:
             outcome = message[2]
-            job.error = _rebuild(outcome, job.kind, message[3])
+            job.error = rebuild_error(outcome, job.kind, message[3])
         if self._metrics:
             self._metrics.jobs.labels(str(worker.index), outcome).inc()
             self._metrics.memory(worker)
@@ -476,48 +427,3 @@ class WorkerPool(Worker):
             worker.inbox.send(message)
         except (OSError, AttributeError):
             pass  # dying: its sentinel fires next and _on_death re-queues what it had not started
-
-
-def _rebuild(outcome: str, kind: str, portable: tuple[str, str, bytes | None]) -> BaseException:
-    """The worker's exception on this side: the original when it unpickles, else its name and message."""
-    name, text, blob = portable
-    error: BaseException | None = None
-    if blob is not None:
-        try:
-            error = pickle.loads(blob)
-        except Exception:  # noqa: BLE001
-            error = None
-    if error is None:
-        error = WorkerDied(text) if name == "WorkerDied" else RuntimeError(f"{name}: {text}")
-    if outcome == "out_of_memory":
-        return error if isinstance(error, GpuOutOfMemory) else GpuOutOfMemory(text)
-    if outcome == "failed":
-        return error if isinstance(error, (JobFailed, WorkerDied)) else JobFailed(kind, error)
-    return error  # refused (the job's own reason, e.g. a LoraError) or cancelled (EditCancelled, JobCancelled), as raised
-
-
-class _WorkerMetrics:
-    def __init__(self, metrics, pool: WorkerPool):
-        from prometheus_client import Counter, Gauge
-
-        registry = metrics.registry
-        self.up = Gauge("kontext_worker_up", "1 while the worker has its engine loaded and takes jobs", ["worker"], registry=registry)
-        self.running = Gauge("kontext_worker_jobs_running", "Jobs running in the worker (0 or 1)", ["worker"], registry=registry)
-        self.restarts = Counter("kontext_worker_restarts_total", "Restarts after the worker died", ["worker"], registry=registry)
-        self.jobs = Counter("kontext_worker_jobs_total", "Jobs the worker finished, by outcome", ["worker", "outcome"], registry=registry)
-        self.gpu_memory = Gauge(
-            "kontext_worker_gpu_memory_bytes", "The worker's GPU memory after its latest job", ["worker", "kind"], registry=registry
-        )
-        for worker in pool.workers:
-            label = str(worker.index)
-            self.up.labels(label).set_function(lambda worker=worker: 1 if worker.state == "ready" else 0)
-            self.running.labels(label).set_function(lambda worker=worker: len(worker.running))
-            self.restarts.labels(label)
-
-    def memory(self, worker: WorkerProcess) -> None:
-        for key, value in ((worker.status or {}).get("memory") or {}).items():
-            if key.endswith("_gb") and isinstance(value, (int, float)):
-                self.gpu_memory.labels(str(worker.index), key[: -len("_gb")]).set(value * 2**30)
-
-
-__all__ = ["WorkerDied", "WorkerPool", "WorkerProcess"]
