@@ -7,6 +7,7 @@ does not know, instead of patching code it has never seen. Installed files are n
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 
 
@@ -14,6 +15,7 @@ class PatchVersionError(RuntimeError):
     """The installed package is a version this patch was not written for."""
 
 
+@functools.cache  # read from the package metadata on disk (a millisecond); stages ask on every resolve
 def installed_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,19 +96,20 @@ def test_edit_several_images_into_an_output_dir_with_an_aspect_ratio(tmp_path):
         assert image.width > image.height
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (("edit", "--image", "missing.png", "--prompt", "x"), "missing.png"),
-        (("edit", "--prompt", "x", "--aspect-ratio", "1000x1000"), "preferred resolutions"),
-        (("edit", "--prompt", "x", "--model", "nonsense"), "neither a directory"),
-        (("doctor", "--device", "cuda:0"), "no CUDA GPU"),
-    ],
-)
-def test_user_errors_are_one_clear_line_not_a_traceback(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+USER_ERRORS = [
+    (("edit", "--image", "missing.png", "--prompt", "x"), "missing.png"),
+    (("edit", "--prompt", "x", "--aspect-ratio", "1000x1000"), "preferred resolutions"),
+    (("edit", "--prompt", "x", "--model", "nonsense"), "neither a directory"),
+    (("doctor", "--device", "cuda:0"), "no CUDA GPU"),
+]
+
+
+def test_user_errors_are_one_clear_line_not_a_traceback():
+    with ThreadPoolExecutor(len(USER_ERRORS)) as pool:  # four interpreters start at once: most of each is imports
+        results = list(pool.map(lambda case: run_cli(*case[0]), USER_ERRORS))
+    for (args, message), result in zip(USER_ERRORS, results):
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, args
 
 
 def test_service_settings_are_read_from_flags_generated_from_their_fields(monkeypatch):
