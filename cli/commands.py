@@ -24,7 +24,8 @@ def cmd_doctor(args) -> int:
 
     env = current_environment(args.device)
     plan = choose_memory_plan(env, args.memory_budget)
-    print(render_doctor(env, optimization_config_from_args(args, env.has_cuda, plan.changes), plan))
+    config = optimization_config_from_args(args, env.has_cuda, plan.changes)
+    print(render_doctor(env, config, plan, engine_options_from_args(args).lora))
     return 0
 
 

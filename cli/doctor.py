@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from engine.lora_files import available_files
+from engine.lora_settings import LoraSettings
 from engine.memory_plan import TIERS, MemoryPlan
 from stages.config import OptimizationConfig
 from stages.environment import Environment
 from stages.registry import resolve, stage_status
 
 
-def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan) -> str:
+def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan, lora: LoraSettings | None = None) -> str:
     summary = env.summary()
     lines = ["FLUX.1-Kontext optimized: doctor", ""]
     lines.append(f"python        {summary['python']}")
@@ -27,6 +29,10 @@ def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan
     lines.append("")
     lines.extend(_memory_lines(plan))
     lines.append("")
+    if lora is not None:  # the server's own: responses name adapters, never this path
+        directory = lora.resolved_directory
+        lines.append(f"lora dir      {directory} ({len(available_files(directory))} adapter files; mode {lora.mode})")
+        lines.append("")
     resolved = resolve(config, env)
     lines.append(f"stages, in benchmark order (default config: {config.describe()})")
     rows = sorted(stage_status(env), key=lambda row: (row["preset"] is None, row["preset"] or 0))

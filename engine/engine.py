@@ -74,6 +74,7 @@ class PreparedEdit:
     width: int
     height: int
     image: Image.Image | None
+    lora_load_s: float = 0.0  # adapters the request named, loaded on first use
 
 
 class KontextEngine:
@@ -202,7 +203,7 @@ class KontextEngine:
                 except MergeRefused as refused:  # merge mode: a Linear this variant lacks, or a format the merge cannot write
                     raise LoraError(f"LoRA adapters cannot be merged here: {refused}", field="loras") from None
                 images = self.decode(prepared, latents, timer)
-            timings = timer.finish(variant_build_s=prepared.build_s)
+            timings = timer.finish(variant_build_s=prepared.build_s, lora_load_s=prepared.lora_load_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
             if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
@@ -230,7 +231,8 @@ class KontextEngine:
     def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
         """Resolve the config, fetch or build its variant, run the stages' REQUEST phase, and decide
         size, seed, steps and sampler: everything but the GPU work."""
-        loras = self.loras.pick(request.loras)
+        loads: list[tuple[str, float]] = []
+        loras = self.loras.pick(request.loras, loads)  # loads a named adapter on its first use
         resolved = self.resolve(self.with_lora(config or self.default_config, loras))
         if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
             raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
@@ -251,6 +253,8 @@ class KontextEngine:
         )
         apply(Phase.REQUEST, run, effective)  # the sampler, the adapters, the cache state
         pipe.scheduler = run.scheduler
+        if loads:
+            run.extras.setdefault("lora", {})["loaded"] = [{"name": name, "load_s": round(seconds, 4)} for name, seconds in loads]
         return PreparedEdit(
             request=request,
             resolved=resolved,
@@ -263,6 +267,7 @@ class KontextEngine:
             width=width,
             height=height,
             image=self._conditioning_image(request.image, width, height),
+            lora_load_s=sum(seconds for _, seconds in loads),
         )
 
     def with_lora(self, config: OptimizationConfig, loras) -> OptimizationConfig:

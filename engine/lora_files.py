@@ -62,7 +62,7 @@ def adapter_path(directory: str | os.PathLike, file_name: str) -> str:
     if os.path.dirname(path) != root:
         raise LoraError(f"adapter {stem!r} resolves outside the LoRA directory")
     if not os.path.isfile(path):
-        raise LoraError(f"no adapter file {stem}{SUFFIX} in the LoRA directory {root}", status=404)
+        raise LoraError(f"no adapter file {stem}{SUFFIX} in the server's LoRA directory", status=404)
     return path
 
 
@@ -74,7 +74,7 @@ def file_in_directory(directory: str | os.PathLike, path: str) -> str:
         raise LoraError("path must name a .safetensors file in the LoRA directory")
     resolved = os.path.realpath(os.path.join(root, os.path.expanduser(path)))
     if os.path.dirname(resolved) != root:
-        raise LoraError(f"path {path!r} is outside the LoRA directory {root}; copy the file there and name it")
+        raise LoraError(f"path {path!r} is outside the server's LoRA directory; copy the file there and name it")
     if not resolved.endswith(SUFFIX):
         raise LoraError(f"path {path!r}: only {SUFFIX} files are loaded")
     return os.path.basename(resolved)

@@ -2,8 +2,13 @@
 
     library = LoraLibrary(LoraSettings(directory="~/loras"), transformer, device, dtype)
     library.load("style")                                   # validated, converted, on the device; no model touched
-    picked = library.pick([LoraChoice("style", 0.8)])       # ((weights, 0.8),) for the LoRA stage's slots
+    picked = library.pick([LoraChoice("style", 0.8)])       # ((weights, 0.8),) for the LoRA stage
     library.unload("style")
+
+A request alone is enough: an adapter it names that is a file in the directory but not loaded yet is
+loaded when the request picks it (the same checks as an explicit load), and beyond
+`--lora-max-loaded` the least recently used adapter the request does not name is unloaded first.
+Clients only ever see adapter names: the directory's path is the server's own (its log and `doctor`).
 
 Loading never changes a model: it reads, checks and converts a file (engine/lora_files.py) into
 factors kept on the engine's device, and only then replaces the library entry, so a refused file
@@ -78,9 +83,11 @@ class LoraLibrary:
         self.device, self.dtype = device, dtype
         self._shapes = linear_shapes(transformer)  # of the base (unfused) model, taken once
         self._adapters: dict[str, LoadedAdapter] = {}
+        self._last_used: dict[str, float] = {}  # name -> when a request last picked it (or it was loaded)
         self._swaps: deque[float] = deque(maxlen=SWAPS_KEPT)
         self._swap_count = 0
         self._lock = threading.Lock()  # /health and GET /v1/loras read while the GPU worker loads
+        self._first_use = threading.Lock()  # one load on first use at a time (a variant build may pick too)
 
     # -- loading ------------------------------------------------------------------------------------
     def load(self, name: str, file: str | None = None, default_scale: float = 1.0) -> LoadedAdapter:
@@ -108,11 +115,13 @@ class LoraLibrary:
         )
         with self._lock:
             self._adapters[name] = adapter  # replaces an older version of the same name in one step
+            self._last_used[name] = time.monotonic()
         return adapter
 
     def unload(self, name: str) -> LoadedAdapter:
         with self._lock:
             adapter = self._adapters.pop(name, None)
+            self._last_used.pop(name, None)
         if adapter is None:
             raise LoraError(f"adapter {name!r} is not loaded", status=404)
         return adapter
@@ -122,8 +131,8 @@ class LoraLibrary:
 
     # -- requests -------------------------------------------------------------------------------------
     def check(self, choices: Sequence[LoraChoice]) -> None:
-        """What a request's adapters must satisfy before anything runs: how many, each named once, each
-        loaded, finite scales."""
+        """What a request's adapters must satisfy before anything is loaded or run: how many, each named
+        once, each known (loaded, or a file in the directory: 404 otherwise), finite scales."""
         if len(choices) > self.settings.slots:
             raise LoraError(
                 f"{len(choices)} adapters named; this server combines at most {self.settings.slots} per request (serve --lora-slots)",
@@ -137,20 +146,25 @@ class LoraLibrary:
             seen.add(choice.name)
             with self._lock:
                 loaded = choice.name in self._adapters
-            if not loaded:
-                raise LoraError(self._not_loaded(choice.name), field=f"{field}.name")
+            if not loaded and choice.name not in self.available():
+                message = f"no adapter {choice.name!r}: it is neither loaded nor a file in the server's LoRA directory"
+                raise LoraError(message, status=404, field=f"{field}.name")
             if choice.scale is not None and not math.isfinite(choice.scale):
                 raise LoraError(f"scale {choice.scale} is not a finite number", field=f"{field}.scale")
 
-    def pick(self, choices: Sequence[LoraChoice]) -> tuple[ScaledLora, ...]:
-        """A request's adapters with their scales, checked; scale-0 entries are dropped (they change nothing)."""
+    def pick(self, choices: Sequence[LoraChoice], loads: list | None = None) -> tuple[ScaledLora, ...]:
+        """A request's adapters with their scales, checked and loaded on first use (each load appended to
+        `loads` as (name, seconds)); scale-0 entries are dropped (they change nothing)."""
         self.check(choices)
         picked = []
         for index, choice in enumerate(choices):
             with self._lock:
                 adapter = self._adapters.get(choice.name)
+                self._last_used[choice.name] = time.monotonic()
             if adapter is None:
-                raise LoraError(self._not_loaded(choice.name), field=f"loras[{index}].name")
+                adapter = self._load_on_first_use(choice.name, keep={other.name for other in choices}, field=f"loras[{index}].name")
+                if loads is not None:
+                    loads.append((adapter.name, adapter.load_s))
             scale = adapter.default_scale if choice.scale is None else float(choice.scale)
             if not math.isfinite(scale):
                 raise LoraError(f"scale {scale} is not a finite number", field=f"loras[{index}].scale")
@@ -158,10 +172,25 @@ class LoraLibrary:
                 picked.append((adapter.weights, scale))
         return tuple(picked)
 
-    def _not_loaded(self, name: str) -> str:
-        if name in self.available():
-            return f'adapter {name!r} is not loaded; load it first (POST /v1/loras {{"name": "{name}"}}, or serve --preload-lora {name})'
-        return f"no adapter {name!r}: it is neither loaded nor a file in the LoRA directory {self.directory}"
+    def _load_on_first_use(self, name: str, keep: set[str], field: str) -> LoadedAdapter:
+        """Load `name` for a request, unloading the least recently used adapters it does not name
+        while the library is full; a refused file is the request's error, at the field that named it."""
+        with self._first_use:
+            with self._lock:
+                if name in self._adapters:  # another request loaded it meanwhile
+                    return self._adapters[name]
+                while len(self._adapters) >= self.settings.max_loaded:
+                    spare = [other for other in self._adapters if other not in keep]
+                    if not spare:
+                        break  # the request names more adapters than fit: the load below says so (409)
+                    evicted = min(spare, key=lambda other: self._last_used.get(other, 0.0))
+                    del self._adapters[evicted]
+                    self._last_used.pop(evicted, None)
+            try:
+                return self.load(name)
+            except LoraError as refused:
+                refused.field = refused.field or field
+                raise
 
     def record_swap(self, seconds: float) -> None:
         with self._lock:
@@ -177,13 +206,13 @@ class LoraLibrary:
             return list(self._adapters.values())
 
     def report(self, with_files: bool = True) -> dict:
-        """Settings, loaded adapters and swap times; `with_files` adds the directory and the files in it
-        (GET /v1/loras, behind the API key; /health, which answers anyone, leaves them out)."""
+        """Settings, loaded adapters and swap times; `with_files` adds the adapter files in the directory,
+        by name (GET /v1/loras, behind the API key; /health, which answers anyone, leaves them out)."""
         loaded = self.loaded()
         with self._lock:
             swaps, count = list(self._swaps), self._swap_count
         settings = self.settings
-        files = {"directory": str(self.directory), "available": self.available()} if with_files else {}
+        files = {"available": self.available()} if with_files else {}  # names only: the directory's path stays on the server
         return {
             **files,
             "mode": settings.mode,

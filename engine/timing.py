@@ -45,6 +45,7 @@ class Timings:
     vae_decode_s: float = 0.0
     total_s: float = 0.0
     variant_build_s: float = 0.0  # > 0 only when this request built its optimization variant
+    lora_load_s: float = 0.0  # > 0 only when this request loaded an adapter on first use
 
     @property
     def median_step_s(self) -> float:
@@ -60,6 +61,7 @@ class Timings:
             "vae_decode_s": round(self.vae_decode_s, 6),
             "total_s": round(self.total_s, 6),
             "variant_build_s": round(self.variant_build_s, 6),
+            "lora_load_s": round(self.lora_load_s, 6),
         }
 
 
@@ -89,7 +91,7 @@ class EditTimer:
     def step_finished(self) -> None:
         self._step_ends.append(self.clock.mark())
 
-    def finish(self, variant_build_s: float = 0.0) -> Timings:
+    def finish(self, variant_build_s: float = 0.0, lora_load_s: float = 0.0) -> Timings:
         end = self.clock.mark()
         self.clock.synchronize()
         seconds = self.clock.seconds
@@ -107,4 +109,5 @@ class EditTimer:
             vae_decode_s=total("vae_decode"),
             total_s=seconds(self._start, end),
             variant_build_s=variant_build_s,
+            lora_load_s=lora_load_s,
         )

@@ -184,6 +184,7 @@ def _response(
             "vae_decode_s": round(timings.vae_decode_s, 6),
             "engine_total_s": round(timings.total_s, 6),
             "variant_build_s": round(timings.variant_build_s, 6),
+            "lora_load_s": round(timings.lora_load_s, 6),
             "output_encode_s": round(encode_s, 6),
             "server_total_s": round(total_s, 6),
         },

@@ -67,7 +67,9 @@ class ServiceMetrics:
             buckets=SWAP_BUCKETS,
             registry=r,
         )
-        self.lora_loads = Counter("kontext_lora_loads_total", "Adapter loads by outcome (ok, refused)", ["outcome"], registry=r)
+        self.lora_loads = Counter(
+            "kontext_lora_loads_total", "Adapter loads by outcome (ok, refused; first_use: named by a request)", ["outcome"], registry=r
+        )
         self.lora_load_seconds = Histogram(
             "kontext_lora_load_seconds", "Reading, checking and converting an adapter file", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -81,6 +83,9 @@ class ServiceMetrics:
             self.cache_calls.labels("computed").inc(cache.get("computed", 0))
             self.cache_calls.labels("skipped").inc(cache.get("skipped", 0))
         lora = result.extras.get("lora", {})
+        for loaded in lora.get("loaded", ()):  # adapters the request named, loaded on first use
+            self.lora_loads.labels("first_use").inc()
+            self.lora_load_seconds.observe(loaded["load_s"])
         if lora.get("adapters"):  # in merge mode a request without adapters may report the restore it paid
             self.lora_edits.inc()
         if lora.get("swap_s"):  # in merge mode, a request with the adapters already merged swaps nothing

@@ -217,6 +217,7 @@ class InferenceTimings(BaseModel):
     vae_decode_s: float
     engine_total_s: float = Field(..., description="The edit on the GPU worker, end to end.")
     variant_build_s: float = Field(..., description="> 0 when this request built its optimization variant.")
+    lora_load_s: float = Field(0.0, description="> 0 when this request loaded an adapter it named on first use.")
     output_encode_s: float
     server_total_s: float = Field(..., description="Arrival to response, as measured by the server.")
 
@@ -340,7 +341,6 @@ class LoraSwaps(BaseModel):
 
 
 class LoraLibraryState(BaseModel):
-    directory: str
     available: list[str] = Field(..., description="Adapter files in the LoRA directory, by name.")
     mode: LoraMode = Field(..., description="How adapters run (serve --lora-mode).")
     slots: int = Field(..., description="Adapters one request may combine.")

@@ -14,6 +14,7 @@ import torch
 from engine.lora_files import LoraError, file_in_directory
 from engine.lora_settings import LoraSettings
 from engine.loras import LoraLibrary
+from engine.requests import LoraChoice
 from tests.conftest import LORA_TEST_RANK
 
 Q = "transformer.transformer_blocks.0.attn.to_q"  # a 32 -> 32 Linear of the tiny model
@@ -197,3 +198,18 @@ def test_loading_and_refusing_never_touch_the_model(tiny_engine, library, tmp_pa
     after = transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
     assert type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+
+
+def test_adapters_named_by_requests_load_on_first_use_and_the_least_recently_used_makes_room(library, lora_dir):
+    for name, source in (("detail", "detail"), ("spare", "style")):
+        shutil.copy(lora_dir / f"{source}.safetensors", library.directory / f"{name}.safetensors")
+    loads: list = []
+    library.pick([LoraChoice("style"), LoraChoice("kohya")], loads)
+    library.pick([LoraChoice("detail")], loads)
+    assert [name for name, seconds in loads] == ["style", "kohya", "detail"] and all(seconds > 0 for _, seconds in loads)
+    library.pick([LoraChoice("style")])  # used again: kohya is now the least recently used
+    library.pick([LoraChoice("spare")], loads)  # full (max_loaded 3): kohya makes room
+    assert sorted(adapter.name for adapter in library.loaded()) == ["detail", "spare", "style"]
+    with pytest.raises(LoraError) as unknown:
+        library.pick([LoraChoice("nowhere")])
+    assert unknown.value.status == 404 and str(library.directory) not in str(unknown.value)

@@ -127,7 +127,8 @@ def test_the_original_lora_body_takes_files_in_the_directory_only(lora_server):
     refusals, unloaded, loaded_after = scenario(app, steps)
     assert [response.status_code for response in refusals] == [422, 422, 422, 422]
     assert [response.json()["error"]["field"] for response in refusals] == ["path", "path", "path", "name"]
-    assert "outside the LoRA directory" in refusals[0].json()["error"]["message"]
+    assert "outside the server's LoRA directory" in refusals[0].json()["error"]["message"]
+    assert all(str(directory) not in response.text for response in refusals)  # clients never learn the server's paths
     assert all(response.json() == {"name": name, "unloaded": True} for response, name in zip(unloaded, ("kohya", "my-style")))
     assert loaded_after == []
 
@@ -195,8 +196,7 @@ def test_interleaved_requests_keep_their_own_adapters(lora_server):
 @pytest.mark.parametrize(
     "loras, status, field, phrase",
     [
-        ([{"name": "nowhere"}], 422, "loras[0].name", "no adapter 'nowhere'"),
-        ([{"name": "style"}], 422, "loras[0].name", "not loaded; load it first"),
+        ([{"name": "nowhere"}], 404, "loras[0].name", "no adapter 'nowhere'"),
         ([{"name": "a"}, {"name": "b"}, {"name": "c"}], 422, "loras", "at most 2"),
         ([{"name": "x", "scale": 100}], 422, "loras.0.scale", "less than or equal to 8"),
         ([{"name": "x", "scale": True}], 422, "loras.0.scale", "boolean"),
@@ -262,3 +262,37 @@ def test_merge_mode_over_http_counts_changes_not_requests(tiny_engine, lora_dir)
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
     assert values["kontext_lora_edits_total"] == 2  # the two requests that named the adapter
     assert values["kontext_lora_swap_seconds_count"] == 2 and health["loras"]["swaps"]["count"] == 2  # merge, then restore
+
+
+def test_a_request_naming_an_unloaded_adapter_loads_it_and_nothing_leaks(lora_server):
+    """A request alone is enough: `detail` is a file in the directory, not loaded. The request loads
+    it (its timings say how long), gets what it gets after an explicit load, and the next request
+    without adapters gets the base; a name that is no file is a 404 that names it, not the directory."""
+    app, directory = lora_server
+    shutil.copy(directory / "style.safetensors", directory / "detail.safetensors")
+
+    async def steps(client):
+        base = await _image(client)
+        first_use = await client.post("/inference", json={**SMALL, "loras": [{"name": "detail", "scale": 0.9}]})
+        after = await _image(client)
+        listed = await client.get("/v1/loras")
+        await client.delete("/v1/loras/detail")
+        assert (await client.post("/v1/loras", json={"name": "detail"})).status_code == 200
+        explicit = await _image(client, loras=[{"name": "detail", "scale": 0.9}])
+        await client.delete("/v1/loras/detail")
+        missing = await client.post("/inference", json={**SMALL, "loras": [{"name": "elsewhere"}]})
+        metrics = (await client.get("/metrics")).text
+        return base, first_use, after, listed, explicit, missing, metrics
+
+    base, first_use, after, listed, explicit, missing, metrics = scenario(app, steps)
+    body = first_use.json()
+    assert first_use.status_code == 200, first_use.text
+    assert body["timings"]["lora_load_s"] > 0 and [row["name"] for row in body["extras"]["lora"]["loaded"]] == ["detail"]
+    assert body["images"][0] == explicit != base  # the same pixels as after an explicit load, and the adapter did something
+    assert after == base  # nothing carried over
+    assert "detail" in [row["name"] for row in listed.json()["loaded"]]
+    assert 'kontext_lora_loads_total{outcome="first_use"} 1.0' in metrics
+    error = missing.json()["error"]
+    assert missing.status_code == 404 and error["field"] == "loras[0].name" and "'elsewhere'" in error["message"]
+    for response in (missing, listed):
+        assert str(directory) not in response.text and "directory" not in response.json()
