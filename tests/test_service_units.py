@@ -106,3 +106,19 @@ def test_cors_only_for_configured_origins_and_preflight_needs_no_key(tiny_engine
     assert "access-control-allow-origin" not in other.headers
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example"
     assert keyed.status_code == 200 and "kontext_http_requests_total" in keyed.text
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_png_output_is_lossless_rgb(mode):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from service.images import encode_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    picture = Image.fromarray(pixels).convert(mode)
+    decoded = Image.open(io.BytesIO(encode_image(picture, "png")))
+    assert decoded.format == "PNG" and decoded.size == (80, 48)
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(picture.convert("RGB")))

@@ -1,0 +1,126 @@
+"""Output encoding: how long each PNG encoder takes on a picture of each preferred size, and how large
+the file is, on noise (the worst case for deflate, and what random weights give) and on a natural
+picture (scikit-learn's china.jpg, scaled up: smoother than a real photo of that size, so between
+the two). It chose the service's encoder (service/images.py); JPEG and WebP are listed for scale.
+
+    python -m benchmarks.output_encoding --out /tmp/output-encoding            # a few seconds per size
+    python -m benchmarks.output_encoding --sizes 1024x1024 --repeats 5 --out DIR
+
+Writes output_encoding.{json,md} into --out. Every PNG is decoded again and compared with the
+pixels it encodes (a lossless encoder that is not lossless is an error, not a row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.images import encode_image
+
+SIZES = ("1024x1024", "1392x752", "752x1392")  # the square default and the widest preferred resolutions
+
+
+def _pillow_png(level: int):
+    def encode(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
+        return buffer.getvalue()
+
+    return encode
+
+
+def _imagecodecs_png(level: int, strategy: int | None, filter_: int | None):
+    def encode(pixels: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return imagecodecs.png_encode(pixels, level=level, strategy=strategy, filter=filter_)
+
+    return encode
+
+
+def encoders() -> dict:
+    """PNG encoders: Pillow's zlib levels, and libpng through imagecodecs with zlib-ng, its
+    run-length strategy and a fixed row filter (the settings OpenCV uses for fast PNG)."""
+    import imagecodecs
+
+    rle, up, sub, adaptive = imagecodecs.PNG.STRATEGY.RLE, imagecodecs.PNG.FILTER.UP, imagecodecs.PNG.FILTER.SUB, imagecodecs.PNG.FILTER.ALL
+    return {
+        "pillow zlib 1 (before)": _pillow_png(1),
+        "pillow zlib 6": _pillow_png(6),
+        "imagecodecs libpng 1, adaptive filter": _imagecodecs_png(1, None, None),
+        "imagecodecs libpng 1, rle, adaptive filter": _imagecodecs_png(1, rle, adaptive),
+        "imagecodecs libpng 1, rle, sub filter": _imagecodecs_png(1, rle, sub),
+        "imagecodecs libpng 1, rle, up filter": _imagecodecs_png(1, rle, up),
+        "service (png)": lambda pixels: encode_image(Image.fromarray(pixels), "png"),
+        "service (jpeg 90)": lambda pixels: encode_image(Image.fromarray(pixels), "jpeg", 90),
+        "service (webp 90)": lambda pixels: encode_image(Image.fromarray(pixels), "webp", 90),
+    }
+
+
+def pictures(width: int, height: int) -> dict[str, np.ndarray]:
+    found = {"noise": np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)}
+    try:
+        from sklearn.datasets import load_sample_image
+
+        found["natural"] = np.asarray(Image.fromarray(load_sample_image("china.jpg")).resize((width, height), Image.Resampling.LANCZOS))
+    except ImportError:  # scikit-learn comes with requirements-dev.txt
+        pass
+    return found
+
+
+def measure(encode, pixels: np.ndarray, repeats: int) -> dict:
+    encode(pixels)  # first call: imports, tables
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        blob = encode(pixels)
+        seconds.append(time.perf_counter() - started)
+    lossless = None
+    if blob[:8] == b"\x89PNG\r\n\x1a\n":
+        lossless = bool(np.array_equal(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")), pixels))
+        if not lossless:
+            raise AssertionError("a PNG encoder changed the pixels")
+    return {"median_ms": round(statistics.median(seconds) * 1e3, 2), "megabytes": round(len(blob) / 2**20, 3), "lossless": lossless}
+
+
+def run(sizes: list[str], repeats: int) -> dict:
+    rows = []
+    for size in sizes:
+        width, height = (int(side) for side in size.lower().split("x"))
+        for picture, pixels in pictures(width, height).items():
+            for name, encode in encoders().items():
+                rows.append({"size": size, "picture": picture, "encoder": name, **measure(encode, pixels, repeats)})
+    return {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}, "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| size | picture | encoder | ms (median) | MB |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['size']} | {row['picture']} | {row['encoder']} | {row['median_ms']} | {row['megabytes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated WxH")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True, help="folder for output_encoding.json and .md")
+    args = parser.parse_args(argv)
+    report = run([size for size in args.sizes.split(",") if size], args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "output_encoding.json").write_text(json.dumps(report, indent=2))
+    (args.out / "output_encoding.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
