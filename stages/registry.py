@@ -5,7 +5,8 @@ built (weights are made FP8 before they are moved to host memory; QKV fusion bef
 because quantized weights cannot be concatenated; group offload before the cache wrapper, which
 hides the blocks from it, and before compilation, which cannot wrap diffusers' hooks the other way
 round; the LoRA slots before the attention kernel, the cache and compile, so that they see the slot
-layers; the attention kernel and the cache wrapper before compilation; compilation before CUDA graph
+layers; the fused block forwards after the attention kernel they feed and before the cache's hooks,
+which wrap the blocks' forwards; the attention kernel and the cache wrapper before compilation; compilation before CUDA graph
 capture).
 """
 
@@ -24,6 +25,7 @@ from .environment import Environment
 from .fast_gelu import FastGelu
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
+from .fused_kernels import FusedKernels
 from .lora import LoraSlots
 from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
@@ -49,6 +51,7 @@ STAGES: tuple[Stage, ...] = (
     LoraSlots(),
     TransformerOffload(),
     FlashAttention(),
+    FusedKernels(),  # after the attention kernel (it feeds it); before the cache's hooks and compile wrap the blocks
     FirstBlockCache(),
     TrimReferenceTokens(),
     ContextParallel(),  # after the attention kernel is chosen (it wraps it), before compile traces it

@@ -32,6 +32,8 @@ ROW_KINDS = ("main", "cache", "options")
 # Options measured on top of the last preset that ran, each one knob away from it, reported with
 # their speed and their deviation. Each row is a variant of its own (one more compile).
 DEFAULT_OPTIONS: tuple[tuple[str, dict], ...] = (
+    # the fused kernels' own contribution (in preset 3): the same stack with Inductor doing the glue
+    ("without fused_kernels", {"fused_kernels": False}),
     # FP8 attention's own contribution and deviation (it is in preset 3; bf16 FA3 is the alternative)
     ("bf16 attention (fa3)", {"attention": "fa3"}),
     # an exact lever switched back off: what dropping the reference tokens before the output GEMM buys
@@ -170,10 +172,11 @@ def run_benchmark(
     meta.update(width=width, height=height, input_image=settings.with_input_image, repeats=settings.repeats, warmup=settings.warmup)
     flops = ceilings = None
     if run.cuda and settings.roofline:
-        from .roofline import count_step_flops, measure_ceilings
+        from .roofline import count_step_flops, measure_ceilings, measure_copy_bandwidth
 
         flops = count_step_flops(engine, request)
         ceilings = measure_ceilings(flops.attention_shape)
+        meta["copy_bandwidth_gbps"] = measure_copy_bandwidth()
         meta.update(
             step_flops={k: (round(v / 1e12, 2) if isinstance(v, float) else v) for k, v in flops.as_dict().items()},
             ceilings_tflops=ceilings,
@@ -206,9 +209,11 @@ def run_benchmark(
             if row.floor_ms_per_step:
                 row.roofline_ratio = row.median_step_s * 1e3 / row.floor_ms_per_step
         if inputs is not None:
-            from .kernels import step_breakdown
+            from .kernels import glue_bandwidth, step_breakdown
 
-            row.kernel_ms_per_step = step_breakdown(engine, inputs, timed[-1].config)
+            ran = timed[-1].config
+            row.kernel_ms_per_step = step_breakdown(engine, inputs, ran)
+            row.kernel_gbps = glue_bandwidth(row.kernel_ms_per_step, glue_bytes_of(engine, inputs, ran), ran.fused_kernels)
         report.images[f"stage {stage}"] = timed[-1].images[0]
         report.rows.append(row)
         base = (stage, timed[-1].config, row, pixels)
@@ -223,6 +228,15 @@ def run_benchmark(
     bar.close()
     meta["settings"] = asdict(settings)
     return report
+
+
+def glue_bytes_of(engine: KontextEngine, inputs: dict, config: OptimizationConfig) -> dict[str, float]:
+    """The glue's bytes per transformer call for the profiled inputs (engine/benchmark/kernels.py)."""
+    from .kernels import glue_bytes
+
+    batch, image_tokens = inputs["hidden_states"].shape[:2]
+    text_tokens = inputs["encoder_hidden_states"].shape[1]
+    return glue_bytes(engine.loaded.pipe.transformer.config, batch, text_tokens, image_tokens, config.attention == "fa3_fp8")
 
 
 def _median(values) -> float:
