@@ -34,18 +34,26 @@ def quantize_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (y.float() / scale).clamp(-448.0, 448.0).to(FP8), scale
 
 
-def median_ms(fn: Callable, inputs: list[tuple], repeats: int = 30) -> float:
-    for args in inputs:  # warm-up, compiles
+def median_ms(fn: Callable, inputs: list[tuple], repeats: int = 20) -> float:
+    """Milliseconds per call: the calls over every input set captured in one CUDA graph, its replays
+    timed with CUDA events (launch overhead out: in the stack these run under CUDA graphs too)."""
+    for args in inputs:  # warm-up: compiles and autotunes outside the capture
         fn(*args)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in inputs:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
     times = []
-    for i in range(repeats):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(*inputs[i % len(inputs)])
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / len(inputs))
     return statistics.median(times)
 
 
@@ -194,7 +202,80 @@ def _flatten(value):
         yield value
 
 
-def run(out: Path) -> dict:
+def kernel_breakdown(fn: Callable, args: tuple) -> dict[str, float]:
+    """Device microseconds of each kernel one call launches (torch.profiler), launch gaps left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or 0
+        if device_us > 0:
+            times[event.key[:60]] = round(times.get(event.key[:60], 0.0) + device_us, 1)
+    return times
+
+
+def sweep() -> list[dict]:
+    """Each kernel's time under other launch options than launch_options' choice (writing e4m3 into
+    buffers made once), to check that choice on this GPU."""
+    from stages.kernels import heads, rows_fp8
+
+    def fp8(rows, width):
+        return torch.empty(rows, width, device=DEVICE, dtype=FP8), torch.empty(rows, device=DEVICE)
+
+    norm = [(_bf16(1, IMAGE, C), None, _bf16(1, C), _bf16(1, C), 1e-6, *fp8(IMAGE, C)) for _ in range(3)]
+    residual = [
+        (_bf16(1, IMAGE, C), _bf16(1, IMAGE, C), _bf16(1, C), _bf16(1, C), _bf16(1, C), 1e-6, _bf16(1, IMAGE, C), *fp8(IMAGE, C))
+        for _ in range(3)
+    ]
+    gelu = [(_bf16(IMAGE, M), *fp8(IMAGE, M)) for _ in range(3)]
+    concat = [(_bf16(1, TOKENS, C), _bf16(TOKENS, M), *fp8(TOKENS, C + M)) for _ in range(3)]
+    norms = tuple(_bf16(DIM) + 1 for _ in range(4))
+    angles = torch.rand(TOKENS, DIM, device=DEVICE)
+    bounds = (torch.full((1,), 20.0, device=DEVICE), torch.full((1,), 20.0, device=DEVICE))
+
+    def qkv(rows):
+        x = _bf16(rows, 3 * C)
+        return x[:, :C], x[:, C : 2 * C], x[:, 2 * C :]
+
+    def head_outputs():
+        return tuple(torch.empty(1, TOKENS, HEADS, DIM, device=DEVICE, dtype=FP8) for _ in range(3))
+
+    attention = [(qkv(TEXT), qkv(IMAGE), head_outputs(), torch.zeros(1, HEADS, device=DEVICE)) for _ in range(3)]
+    plans = [
+        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm, [4, 8, 16], "num_warps"),
+        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual, [4, 8, 16], "num_warps"),
+        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu, [8, 16, 32], "num_warps"),
+        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat, [8, 16, 32], "num_warps"),
+    ]
+    results = []
+    for name, moved, launch, inputs, choices, _ in plans:
+        width = inputs[0][-2].shape[-1]
+        for warps in choices:
+            options = {**rows_fp8.launch_options(width), "num_warps": warps}
+            ms = median_ms(lambda *args: launch(*args, options=options), inputs)
+            results.append({"kernel": name, "options": f"num_warps={warps}", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
+    for rows_per_program, warps in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)):
+
+        def launch(text, image, outputs, v_amax):
+            heads.launch_qk_norm_rope(
+                text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, bounds, v_amax,
+                rows_per_program=rows_per_program, num_warps=warps,
+            )  # fmt: skip
+
+        ms = median_ms(launch, attention)
+        results.append(
+            {"kernel": "qk_norm_rope (FP8, without the V cast)", "options": f"rows={rows_per_program}, num_warps={warps}",
+             "us": round(ms * 1e3, 1), "gbps": round(TOKENS * 8 * C / ms / 1e6)}
+        )  # fmt: skip
+    return results
+
+
+def run(out: Path, with_sweep: bool = False) -> dict:
     torch.manual_seed(0)
     copy_gbps = copy_bandwidth_gbps()
     rows = []
@@ -216,6 +297,7 @@ def run(out: Path) -> dict:
                 "eager_us": round(eager_ms * 1e3, 1),
                 "speedup_vs_inductor": round(inductor_ms / fused_ms, 2),
                 "e4m3_codes_equal_to_eager": agreement(case["fused"](*case["inputs"][0]), case["reference"](*case["inputs"][0])),
+                "fused_kernels_us": kernel_breakdown(case["fused"], case["inputs"][0]),
             }
         )
         torch._dynamo.reset()
@@ -227,7 +309,7 @@ def run(out: Path) -> dict:
         "copy_bandwidth_gbps": round(copy_gbps),
         "shapes": {"text": TEXT, "image": IMAGE, "width": C, "mlp": M, "heads": HEADS, "head_dim": DIM},
     }
-    result = {"meta": meta, "rows": rows}
+    result = {"meta": meta, "rows": rows, "sweep": sweep() if with_sweep else []}
     out.mkdir(parents=True, exist_ok=True)
     (out / "fused_kernels.json").write_text(json.dumps(result, indent=2))
     (out / "fused_kernels.md").write_text(markdown(result))
@@ -259,16 +341,22 @@ def markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         lines.append("| " + " | ".join("-" if row[key] is None else str(row[key]) for key in keys) + " |")
+    lines += ["", "Kernels each fused call launched (profiler, device us):", ""]
+    lines += [f"- {row['kernel']}: {row['fused_kernels_us']}" for row in result["rows"]]
+    if result.get("sweep"):
+        lines += ["", "Launch options (us, GB/s):", "", "| kernel | options | us | GB/s |", "|---|---|---|---|"]
+        lines += [f"| {r['kernel']} | {r['options']} | {r['us']} | {r['gbps']} |" for r in result["sweep"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for fused_kernels.json and fused_kernels.md")
+    parser.add_argument("--sweep", action="store_true", help="also time each kernel under other launch options")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
-    print(markdown(run(args.out)))
+    print(markdown(run(args.out, args.sweep)))
 
 
 if __name__ == "__main__":

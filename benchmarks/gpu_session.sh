@@ -41,10 +41,11 @@ for name in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py tests/test_gpu_stages.py -k "fused or fa3_kernels" \
         > "$RESULTS/fused_gpu_tests.txt" 2>&1
       echo "tests rc $?"; tail -n 3 "$RESULTS/fused_gpu_tests.txt"
-      python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels"
+      python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep
       done_ kernels $? ;;
     stages)
       python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows main,options --profile \
+        --option-rows "${OPTION_ROWS:-without fused_kernels,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out}" \
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
     lora)

@@ -66,6 +66,18 @@ class BenchmarkSettings:
     profile: bool = False  # GPU only: kernel-class breakdown of each main row's step
 
 
+def select_options(text: str | None) -> list:
+    """The DEFAULT_OPTIONS rows named in `text` (labels, comma-separated; None: all)."""
+    if text is None:
+        return list(DEFAULT_OPTIONS)
+    known = dict(DEFAULT_OPTIONS)
+    labels = [label.strip() for label in text.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in known]
+    if unknown or not labels:
+        raise ValueError(f"option rows {text!r}: choose from {'; '.join(known)} (comma-separated)")
+    return [(label, known[label]) for label in labels]
+
+
 def parse_row_kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
     unknown = [kind for kind in kinds if kind not in ROW_KINDS]

@@ -45,9 +45,9 @@ def _pairs(ptr, offs, mask, HB: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope(ptr, offs, mask, w_even, w_odd, cos, sin, eps, HB: tl.constexpr, D: tl.constexpr):
+def _norm_rope(ptr, offs, mask, w_even, w_odd, cos, sin, EPS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr):
     even, odd = _pairs(ptr, offs, mask, HB, D)
-    rstd = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / D + eps)
+    rstd = tl.rsqrt((tl.sum(even * even, axis=1) + tl.sum(odd * odd, axis=1)) / D + EPS)
     even = even * rstd[:, None] * w_even[None, :]
     odd = odd * rstd[:, None] * w_odd[None, :]
     return tl.reshape(tl.join(even * cos[None, :] - odd * sin[None, :], odd * cos[None, :] + even * sin[None, :]), (HB, D))
@@ -63,8 +63,8 @@ def _weight_pairs(ptr, D: tl.constexpr):
 def _qk_norm_rope_kernel(
     q_head, k_head, v_head, head_stride, q_tail, k_tail, v_tail, tail_stride, seq, split,
     wq_head, wk_head, wq_tail, wk_tail, cos_ptr, sin_ptr, q_bound_ptr, k_bound_ptr,
-    q_out, k_out, v_out, v_amax_ptr, heads, eps,
-    ROWS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr, FP8_OUT: tl.constexpr,
+    q_out, k_out, v_out, v_amax_ptr, heads,
+    EPS: tl.constexpr, ROWS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr, FP8_OUT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1).to(tl.int64) * ROWS
@@ -89,11 +89,11 @@ def _qk_norm_rope_kernel(
             out_row = (b * seq + s) * heads * D
             q = _norm_rope(
                 _source(s, b, seq, split, q_head, head_stride, q_tail, tail_stride), offs, mask,
-                tl.where(text, wq_head_even, wq_tail_even), tl.where(text, wq_head_odd, wq_tail_odd), cos, sin, eps, HB, D,
+                tl.where(text, wq_head_even, wq_tail_even), tl.where(text, wq_head_odd, wq_tail_odd), cos, sin, EPS, HB, D,
             )  # fmt: skip
             k = _norm_rope(
                 _source(s, b, seq, split, k_head, head_stride, k_tail, tail_stride), offs, mask,
-                tl.where(text, wk_head_even, wk_tail_even), tl.where(text, wk_head_odd, wk_tail_odd), cos, sin, eps, HB, D,
+                tl.where(text, wk_head_even, wk_tail_even), tl.where(text, wk_head_odd, wk_tail_odd), cos, sin, EPS, HB, D,
             )  # fmt: skip
             v = tl.load(_source(s, b, seq, split, v_head, head_stride, v_tail, tail_stride) + offs, mask=mask, other=0.0)
             if FP8_OUT:
@@ -130,7 +130,7 @@ def _v_fp8_kernel(
 
 def launch_qk_norm_rope(
     head: tuple | None, tail: tuple, batch: int, heads: int, norms: tuple, cos, sin, eps, q_out, k_out, v_out,
-    bounds: tuple | None = None, v_amax=None,
+    bounds: tuple | None = None, v_amax=None, rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int | None = None,
 ) -> None:  # fmt: skip
     """Normalise, rotate and gather the rows of `head` (text tokens first, or None) and `tail`.
 
@@ -145,11 +145,12 @@ def launch_qk_norm_rope(
     fp8 = bounds is not None
     q_bound, k_bound = bounds if fp8 else (cos, cos)  # unread without FP8
     v_amax = v_amax if fp8 else cos
-    grid = (batch, triton.cdiv(seq, ROWS_PER_PROGRAM))
+    grid = (batch, triton.cdiv(seq, rows_per_program))
     wrap_triton(_qk_norm_rope_kernel)[grid](
         *head, head[0].stride(0), *tail, tail[0].stride(0), seq, split, *norms, cos, sin, q_bound, k_bound,
-        q_out, k_out, v_out, v_amax, heads, eps,
-        ROWS=ROWS_PER_PROGRAM, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8, num_warps=8 if dim * heads >= 2048 else 4,
+        q_out, k_out, v_out, v_amax, heads,
+        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8,
+        num_warps=num_warps or (8 if dim * heads >= 2048 else 4),
     )  # fmt: skip
 
 

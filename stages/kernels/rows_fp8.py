@@ -54,7 +54,8 @@ _GELU_K = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # sigmoid form: 0.5 (1 +
 
 
 def launch_options(width: int) -> dict:
-    """Block and warps from the row length: a whole row per program, about 16-32 values per thread."""
+    """Block and warps from the row length: a whole row per program, about 16-32 values per thread
+    (benchmarks/fused_kernels.py --sweep times the alternatives)."""
     block = triton.next_power_of_2(width)
     return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
 
@@ -82,10 +83,10 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _modulated_layer_norm(x, mask, shift, scale, width, eps):
+def _modulated_layer_norm(x, mask, shift, scale, width, EPS: tl.constexpr):
     mean = tl.sum(x, axis=0) / width
     centered = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / width + eps)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / width + EPS)
     return centered * rstd * (1.0 + scale) + shift
 
 
@@ -108,8 +109,8 @@ def _store_fp8(y, amax, out_ptr, offs, mask):
 def _modulated_norm_fp8_kernel(
     head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss, seq, split,
     shift_ptr, shift_sb, scale_ptr, scale_sb,
-    out_ptr, out_scale_ptr, width, eps,
-    BLOCK: tl.constexpr,
+    out_ptr, out_scale_ptr, width,
+    EPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -119,7 +120,7 @@ def _modulated_norm_fp8_kernel(
     b = row // seq
     shift = tl.load(shift_ptr + b * shift_sb + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * scale_sb + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _modulated_layer_norm(x, mask, shift, scale, width, eps)
+    y = _modulated_layer_norm(x, mask, shift, scale, width, EPS)
     amax = _row_amax(y, mask)
     _store_fp8(y, amax, out_ptr + row * width, offs, mask)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
@@ -129,8 +130,8 @@ def _modulated_norm_fp8_kernel(
 def _residual_modulated_norm_fp8_kernel(
     x_ptr, x_sb, x_ss, a_ptr, a_sb, a_ss, seq,
     gate_ptr, gate_sb, shift_ptr, shift_sb, scale_ptr, scale_sb,
-    h_ptr, out_ptr, out_scale_ptr, width, eps,
-    BLOCK: tl.constexpr,
+    h_ptr, out_ptr, out_scale_ptr, width,
+    EPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
@@ -146,7 +147,7 @@ def _residual_modulated_norm_fp8_kernel(
     tl.store(h_ptr + row * width + offs, h, mask=mask)
     shift = tl.load(shift_ptr + b * shift_sb + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * scale_sb + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _modulated_layer_norm(h.to(tl.float32), mask, shift, scale, width, eps)
+    y = _modulated_layer_norm(h.to(tl.float32), mask, shift, scale, width, EPS)
     amax = _row_amax(y, mask)
     _store_fp8(y, amax, out_ptr + row * width, offs, mask)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
@@ -211,7 +212,7 @@ def _check_rows(*tensors: torch.Tensor) -> None:
             raise ValueError(f"row kernels take (batch, tokens, width) views with a contiguous last dimension, not {tuple(tensor.shape)}")
 
 
-def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale) -> None:
+def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale, options: dict | None = None) -> None:
     """out[row] = e4m3(LN(x) * (1 + scale) + shift) for the rows of concat(head, tail) along tokens
     (tail None: head alone); shift and scale are (batch, width) views."""
     tail = head[:, :0] if tail is None else tail
@@ -222,47 +223,47 @@ def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale) -> None
         split = seq  # every row from head
     wrap_triton(_modulated_norm_fp8_kernel)[(batch * seq,)](
         head, head.stride(0), head.stride(1), tail, tail.stride(0), tail.stride(1), seq, split,
-        shift, shift.stride(0), scale, scale.stride(0), out, out_scale, width, eps,
-        **launch_options(width),
+        shift, shift.stride(0), scale, scale.stride(0), out, out_scale, width,
+        EPS=eps, **(options or launch_options(width)),
     )  # fmt: skip
 
 
-def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_scale) -> None:
+def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_scale, options: dict | None = None) -> None:
     """h = x + gate * a (bf16, rows contiguous); out = e4m3(LN(h) * (1 + scale) + shift)."""
     _check_rows(x, a)
     batch, seq, width = x.shape
     wrap_triton(_residual_modulated_norm_fp8_kernel)[(batch * seq,)](
         x, x.stride(0), x.stride(1), a, a.stride(0), a.stride(1), seq,
-        gate, gate.stride(0), shift, shift.stride(0), scale, scale.stride(0), h, out, out_scale, width, eps,
-        **launch_options(width),
+        gate, gate.stride(0), shift, shift.stride(0), scale, scale.stride(0), h, out, out_scale, width,
+        EPS=eps, **(options or launch_options(width)),
     )  # fmt: skip
 
 
-def launch_gelu(m, out, out_scale) -> None:
+def launch_gelu(m, out, out_scale, options: dict | None = None) -> None:
     """out = e4m3(gelu_tanh(m)) for a (rows, width) m with contiguous rows."""
     rows, width = m.shape
-    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **launch_options(width))
+    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **(options or launch_options(width)))
 
 
-def launch_concat_gelu(a, m, out, out_scale) -> None:
+def launch_concat_gelu(a, m, out, out_scale, options: dict | None = None) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
     C), m is (batch * tokens, M)."""
     _check_rows(a)
     batch, seq, a_width = a.shape
     m_width = m.shape[-1]
-    options = launch_options(a_width + m_width)
+    warps = (options or launch_options(a_width + m_width))["num_warps"]
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), M_BLOCK=triton.next_power_of_2(m_width), num_warps=options["num_warps"],
+        A_BLOCK=triton.next_power_of_2(a_width), M_BLOCK=triton.next_power_of_2(m_width), num_warps=warps,
     )  # fmt: skip
 
 
-def launch_rowwise(a, split, out, out_scale) -> None:
+def launch_rowwise(a, split, out, out_scale, options: dict | None = None) -> None:
     """out = e4m3(a), tokens [0, split) of every batch first (split 0: natural order)."""
     _check_rows(a)
     batch, seq, width = a.shape
     wrap_triton(_rowwise_fp8_kernel)[(batch * seq,)](
-        a, a.stride(0), a.stride(1), batch, seq, split, out, out_scale, width, **launch_options(width)
+        a, a.stride(0), a.stride(1), batch, seq, split, out, out_scale, width, **(options or launch_options(width))
     )
 
 
