@@ -99,6 +99,7 @@ def cases() -> list[dict]:
     for norm in q_norms:
         torch.nn.init.normal_(norm.weight, 1.0, 0.2)
     bounds = [n.weight.abs().max().float().reshape(1) * DIM**0.5 for n in q_norms[:2]]
+    descales = [(bound / 448).reshape(1, 1).expand(1, HEADS).contiguous() for bound in bounds]
     weights = [n.weight for n in q_norms]
     angles = torch.rand(TOKENS, DIM // 2, device=DEVICE) * 6.28
     cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
@@ -118,7 +119,7 @@ def cases() -> list[dict]:
     def fused_heads(text_qkv, image_qkv, fp8: bool):
         sources = [(x[:, :C], x[:, C : 2 * C], x[:, 2 * C :]) for x in (text_qkv, image_qkv)]
         if fp8:
-            return ops.qk_norm_rope_fp8(*sources[0], *sources[1], *weights, cos, sin, *bounds, 1, HEADS, 1e-6)
+            return ops.qk_norm_rope_fp8(*sources[0], *sources[1], *weights, cos, sin, *descales, 1, HEADS, 1e-6)
         return ops.qk_norm_rope(*sources[0], *sources[1], *weights, cos, sin, 1, HEADS, 1e-6)
 
     sets = range(3)
@@ -236,7 +237,7 @@ def sweep() -> list[dict]:
     concat = [(_bf16(1, TOKENS, C), _bf16(TOKENS, M), *fp8(TOKENS, C + M)) for _ in range(3)]
     norms = tuple(_bf16(DIM) + 1 for _ in range(4))
     angles = torch.rand(TOKENS, DIM, device=DEVICE)
-    bounds = (torch.full((1,), 20.0, device=DEVICE), torch.full((1,), 20.0, device=DEVICE))
+    descales = (torch.full((1, HEADS), 20.0 / 448, device=DEVICE), torch.full((1, HEADS), 20.0 / 448, device=DEVICE))
 
     def qkv(rows):
         x = _bf16(rows, 3 * C)
@@ -247,23 +248,25 @@ def sweep() -> list[dict]:
 
     attention = [(qkv(TEXT), qkv(IMAGE), head_outputs(), torch.zeros(1, HEADS, device=DEVICE)) for _ in range(3)]
     plans = [
-        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm, [4, 8, 16], "num_warps"),
-        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual, [4, 8, 16], "num_warps"),
-        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu, [8, 16, 32], "num_warps"),
-        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat, [8, 16, 32], "num_warps"),
+        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm, [2, 4, 8], "options"),
+        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual, [2, 4, 8], "options"),
+        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu, [4, 8, 16], "num_warps"),
+        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat, [4, 8, 16], "num_warps"),
     ]
     results = []
-    for name, moved, launch, inputs, choices, _ in plans:
+    for name, moved, launch, inputs, choices, keyword in plans:
         width = inputs[0][-2].shape[-1]
         for warps in choices:
-            options = {**rows_fp8.launch_options(width), "num_warps": warps}
-            ms = median_ms(lambda *args: launch(*args, options=options), inputs)
+            if keyword == "options":
+                ms = median_ms(lambda *args: launch(*args, options={**rows_fp8.launch_options(width), "num_warps": warps}), inputs)
+            else:
+                ms = median_ms(lambda *args: launch(*args, num_warps=warps), inputs)
             results.append({"kernel": name, "options": f"num_warps={warps}", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
-    for rows_per_program, warps in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)):
+    for rows_per_program, warps in ((1, 2), (1, 4), (1, 8), (2, 4)):
 
         def launch(text, image, outputs, v_amax):
             heads.launch_qk_norm_rope(
-                text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, bounds, v_amax,
+                text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, descales, v_amax,
                 rows_per_program=rows_per_program, num_warps=warps,
             )  # fmt: skip
 
@@ -277,8 +280,9 @@ def sweep() -> list[dict]:
 
 def run(out: Path, with_sweep: bool = False) -> dict:
     torch.manual_seed(0)
-    copy_gbps = copy_bandwidth_gbps()
+    copy_bandwidth_gbps()  # warms the GPU up: measured first and cold, the copy ran at 2.7 instead of 4.2 TB/s
     rows = []
+    copy_gbps = copy_bandwidth_gbps()
     for case in cases():
         compiled = torch.compile(case["reference"], dynamic=False)
         fused_ms = median_ms(case["fused"], case["inputs"])

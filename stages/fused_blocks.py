@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import attention_kernels
-from .attention_kernels import qk_norm_bound
+from .attention_kernels import FP8_E4M3_MAX, qk_norm_bound
 from .kernels import heads as _heads  # noqa: F401  (registers torch.ops.kontext.qk_norm_rope*)
 from .kernels import rows_fp8 as _rows  # noqa: F401  (registers torch.ops.kontext row ops)
 from .kernels.fp8_gemm import Fp8Gemm, is_rowwise_fp8
@@ -93,9 +93,11 @@ def install_fused_forward(block: nn.Module, attention: str) -> None:
     double = hasattr(block, "ff")
     q_norms = (attn.norm_q, attn.norm_added_q) if double else (attn.norm_q,)
     k_norms = (attn.norm_k, attn.norm_added_k) if double else (attn.norm_k,)
-    # Constant per block (the norms' weights): computed once here instead of in every call
-    block.register_buffer("fused_q_bound", qk_norm_bound(*q_norms, head_dim=attn.head_dim).reshape(1).to(attn.norm_q.weight.device), False)
-    block.register_buffer("fused_k_bound", qk_norm_bound(*k_norms, head_dim=attn.head_dim).reshape(1).to(attn.norm_q.weight.device), False)
+    # FP8 attention's Q and K descales: constant per block (the norms' weights bound them), so computed
+    # once here, one value for every head, in the (batch, heads) shape FA3 takes
+    for name, norms in (("fused_q_scale", q_norms), ("fused_k_scale", k_norms)):
+        descale = qk_norm_bound(*norms, head_dim=attn.head_dim).float() / FP8_E4M3_MAX
+        block.register_buffer(name, descale.reshape(1, 1).expand(1, attn.heads).contiguous().to(attn.norm_q.weight.device), False)
     block.fused_attention = attention
     block.forward = types.MethodType(_fused_double_forward if double else _fused_single_forward, block)
 
@@ -118,10 +120,13 @@ def _attention(block: nn.Module, text_qkv, image_qkv, batch: int, image_rotary_e
         norms = (attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.weight, attn.norm_k.weight)
     eps = attn.norm_q.eps
     if block.fused_attention in FP8_ATTENTION:
-        inputs = torch.ops.kontext.qk_norm_rope_fp8(
-            *head, *image_qkv, *norms, cos, sin, block.fused_q_bound, block.fused_k_bound, batch, attn.heads, eps
+        q_scale, k_scale = block.fused_q_scale, block.fused_k_scale
+        if batch > 1:
+            q_scale, k_scale = (scale.expand(batch, -1).contiguous() for scale in (q_scale, k_scale))
+        q8, k8, v8, v_scale = torch.ops.kontext.qk_norm_rope_fp8(
+            *head, *image_qkv, *norms, cos, sin, q_scale, k_scale, batch, attn.heads, eps
         )
-        out = FP8_ATTENTION[block.fused_attention](*inputs)
+        out = FP8_ATTENTION[block.fused_attention](q8, k8, v8, q_scale, k_scale, v_scale)
     else:
         inputs = torch.ops.kontext.qk_norm_rope(*head, *image_qkv, *norms, cos, sin, batch, attn.heads, eps)
         out = BF16_ATTENTION[block.fused_attention](*inputs)

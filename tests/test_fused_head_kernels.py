@@ -85,12 +85,13 @@ def test_fp8_attention_inputs_and_scales(gen):
     q_bound = torch.stack([norms[0].float().abs().max(), norms[2].float().abs().max()]).max() * DIM**0.5
     k_bound = torch.stack([norms[1].float().abs().max(), norms[3].float().abs().max()]).max() * DIM**0.5
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
-    v_amax = torch.zeros(BATCH, HEADS)
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, (q_bound, k_bound), v_amax)
-    heads_kernels.launch_v_fp8(text[2], image[2], BATCH, HEADS, v_amax, v)
+    v_amax, v_scale = torch.zeros(BATCH, HEADS), _poisoned(BATCH, HEADS)
+    descales = (q_bound.reshape(1, 1) / 448, k_bound.reshape(1, 1) / 448)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax)
+    heads_kernels.launch_v_fp8(text[2], image[2], BATCH, HEADS, v_amax, v, v_scale)
     want_q, want_k, want_v = _reference(text, image, norms, cos, sin)
     torch.testing.assert_close(v_amax, want_v.abs().amax(dim=(1, 3)))
-    v_scale = want_v.abs().amax(dim=(1, 3)) / 448
+    torch.testing.assert_close(v_scale, want_v.abs().amax(dim=(1, 3)) / 448)
     for got, want, scale in ((q, want_q, q_bound / 448), (k, want_k, k_bound / 448), (v, want_v, v_scale[:, None, :, None])):
         assert_written(got)
         assert got.abs().max() <= 448

@@ -107,8 +107,9 @@ def test_attention_inputs_at_flux_width(gen, fp8):
         for got, want in ((q, want_q), (k, want_k), (v, want_v)):
             torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1e-2)  # bf16 output
         return
-    bounds = [torch.stack([norms[i].float().abs().max(), norms[i + 2].float().abs().max()]).max().reshape(1) * DIM**0.5 for i in (0, 1)]
-    q8, k8, v8, q_scale, k_scale, v_scale = ops.qk_norm_rope_fp8(*parts[0], *parts[1], *norms, cos, sin, *bounds, BATCH, HEADS, 1e-6)
+    bounds = [torch.stack([norms[i].float().abs().max(), norms[i + 2].float().abs().max()]).max() * DIM**0.5 for i in (0, 1)]
+    q_scale, k_scale = ((bound / 448).reshape(1, 1).expand(BATCH, HEADS).contiguous() for bound in bounds)
+    q8, k8, v8, v_scale = ops.qk_norm_rope_fp8(*parts[0], *parts[1], *norms, cos, sin, q_scale, k_scale, BATCH, HEADS, 1e-6)
     assert q8.dtype == k8.dtype == v8.dtype == torch.float8_e4m3fn and q_scale.shape == (BATCH, HEADS)
     torch.testing.assert_close(v_scale, want_v.abs().amax(dim=(1, 3)) / 448)
     for got, want, scale in ((q8, want_q, q_scale), (k8, want_k, k_scale), (v8, want_v, v_scale)):

@@ -10,9 +10,10 @@ layout (bf16 attention) or, for FP8 attention, reduced to a per-(batch, head) ma
 one V scale per batch and head, so every row must be seen before any can be cast) and cast by a
 second, light kernel that reads V again.
 
-Q and K in FP8 use a scale fixed by their norm bound (stages/attention_kernels.py: qk_norm_bound), so
-they need no reduction. Bytes per token row (C = heads * head_dim = 3072): bf16 attention reads 6C
-and writes 6C; FP8 attention reads 6C, writes 2C, then reads V again (2C) and writes it (1C).
+Q and K in FP8 use a scale fixed by their norm bound (stages/attention_kernels.py: qk_norm_bound),
+computed once per block, so they need no reduction and no per-call kernel. Bytes per token row
+(C = heads * head_dim = 3072): bf16 attention reads 6C and writes 6C; FP8 attention reads 6C,
+writes 2C, then reads V again (2C) and writes it (1C).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FP8_MAX, as_e4m3, e4m3_buffer
+from .rows_fp8 import _FP8_MAX, _MIN_AMAX, as_e4m3, e4m3_buffer
 
-ROWS_PER_PROGRAM = 4
+# Measured on an H200 (benchmarks/fused_kernels.py --sweep): one token row per program with 4 warps
+# for q/k (88 us for 8704 rows, 96 with 4 rows and 8 warps); the light V cast keeps 4 rows and 8 warps.
+QK_ROWS, QK_WARPS = 1, 4
+V_ROWS, V_WARPS = 4, 8
 
 
 @triton.jit
@@ -62,7 +66,7 @@ def _weight_pairs(ptr, D: tl.constexpr):
 @triton.jit
 def _qk_norm_rope_kernel(
     q_head, k_head, v_head, head_stride, q_tail, k_tail, v_tail, tail_stride, seq, split,
-    wq_head, wk_head, wq_tail, wk_tail, cos_ptr, sin_ptr, q_bound_ptr, k_bound_ptr,
+    wq_head, wk_head, wq_tail, wk_tail, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
     q_out, k_out, v_out, v_amax_ptr, heads,
     EPS: tl.constexpr, ROWS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr, FP8_OUT: tl.constexpr,
 ):  # fmt: skip
@@ -76,9 +80,9 @@ def _qk_norm_rope_kernel(
     wk_head_even, wk_head_odd = _weight_pairs(wk_head, D)
     wq_tail_even, wq_tail_odd = _weight_pairs(wq_tail, D)
     wk_tail_even, wk_tail_odd = _weight_pairs(wk_tail, D)
-    if FP8_OUT:
-        q_mul = _FP8_MAX / tl.load(q_bound_ptr).to(tl.float32)
-        k_mul = _FP8_MAX / tl.load(k_bound_ptr).to(tl.float32)
+    if FP8_OUT:  # one descale for every head (the bound of the norms' weights)
+        q_mul = 1.0 / tl.load(q_scale_ptr).to(tl.float32)
+        k_mul = 1.0 / tl.load(k_scale_ptr).to(tl.float32)
     v_amax = tl.zeros([HB], dtype=tl.float32)
     for r in range(ROWS):
         s = first + r
@@ -110,7 +114,7 @@ def _qk_norm_rope_kernel(
 
 @triton.jit
 def _v_fp8_kernel(
-    v_head, head_stride, v_tail, tail_stride, seq, split, v_amax_ptr, v_out, heads,
+    v_head, head_stride, v_tail, tail_stride, seq, split, v_amax_ptr, v_out, v_scale_ptr, heads,
     ROWS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
@@ -119,6 +123,8 @@ def _v_fp8_kernel(
     offs = h[:, None] * D + tl.arange(0, D)[None, :]
     mask = (h < heads)[:, None]
     amax = tl.maximum(tl.load(v_amax_ptr + b * heads + h, mask=h < heads, other=1.0), _MIN_AMAX)
+    if tl.program_id(1) == 0:  # FA3's V descale, written once per batch
+        tl.store(v_scale_ptr + b * heads + h, amax / _FP8_MAX, mask=h < heads)
     multiplier = tl.expand_dims(_FP8_MAX / amax, 1)
     for r in range(ROWS):
         s = first + r
@@ -130,39 +136,40 @@ def _v_fp8_kernel(
 
 def launch_qk_norm_rope(
     head: tuple | None, tail: tuple, batch: int, heads: int, norms: tuple, cos, sin, eps, q_out, k_out, v_out,
-    bounds: tuple | None = None, v_amax=None, rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int | None = None,
+    descales: tuple | None = None, v_amax=None, rows_per_program: int = QK_ROWS, num_warps: int = QK_WARPS,
 ) -> None:  # fmt: skip
     """Normalise, rotate and gather the rows of `head` (text tokens first, or None) and `tail`.
 
     head, tail: (q, k, v) views of shape (batch * tokens, heads * head_dim) with one row stride
     norms: (q weight for head, k weight for head, q weight for tail, k weight for tail), each (head_dim,)
-    q_out, k_out, v_out: (batch, tokens, heads, head_dim); bounds (q, k) and v_amax (batch, heads,
-    zeroed) given: FP8 output, with V only reduced here (launch_v_fp8 casts it)."""
+    q_out, k_out, v_out: (batch, tokens, heads, head_dim); descales (q, k: FA3's, one value for all
+    heads) and v_amax (batch, heads, zeroed) given: FP8 output, with V only reduced here
+    (launch_v_fp8 casts it)."""
     split = head[0].shape[0] // batch if head is not None else 0
     seq = split + tail[0].shape[0] // batch
     head = head if head is not None else tail
     dim = q_out.shape[-1]
-    fp8 = bounds is not None
-    q_bound, k_bound = bounds if fp8 else (cos, cos)  # unread without FP8
+    fp8 = descales is not None
+    q_scale, k_scale = descales if fp8 else (cos, cos)  # unread without FP8
     v_amax = v_amax if fp8 else cos
     grid = (batch, triton.cdiv(seq, rows_per_program))
     wrap_triton(_qk_norm_rope_kernel)[grid](
-        *head, head[0].stride(0), *tail, tail[0].stride(0), seq, split, *norms, cos, sin, q_bound, k_bound,
+        *head, head[0].stride(0), *tail, tail[0].stride(0), seq, split, *norms, cos, sin, q_scale, k_scale,
         q_out, k_out, v_out, v_amax, heads,
-        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8,
-        num_warps=num_warps or (8 if dim * heads >= 2048 else 4),
+        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8, num_warps=num_warps,
     )  # fmt: skip
 
 
-def launch_v_fp8(head_v, tail_v, batch: int, heads: int, v_amax, v_out) -> None:
-    """v_out = e4m3(v / (v_amax / 448)) per (batch, head), gathered as launch_qk_norm_rope does."""
+def launch_v_fp8(head_v, tail_v, batch: int, heads: int, v_amax, v_out, v_scale) -> None:
+    """v_out = e4m3(v / (v_amax / 448)) per (batch, head), gathered as launch_qk_norm_rope does;
+    v_scale (batch, heads) gets FA3's V descale, v_amax / 448."""
     split = head_v.shape[0] // batch if head_v is not None else 0
     seq = split + tail_v.shape[0] // batch
     head_v = head_v if head_v is not None else tail_v
     dim = v_out.shape[-1]
-    wrap_triton(_v_fp8_kernel)[(batch, triton.cdiv(seq, ROWS_PER_PROGRAM))](
-        head_v, head_v.stride(0), tail_v, tail_v.stride(0), seq, split, v_amax, v_out, heads,
-        ROWS=ROWS_PER_PROGRAM, HB=triton.next_power_of_2(heads), D=dim, num_warps=8 if dim * heads >= 2048 else 4,
+    wrap_triton(_v_fp8_kernel)[(batch, triton.cdiv(seq, V_ROWS))](
+        head_v, head_v.stride(0), tail_v, tail_v.stride(0), seq, split, v_amax, v_out, v_scale, heads,
+        ROWS=V_ROWS, HB=triton.next_power_of_2(heads), D=dim, num_warps=V_WARPS,
     )  # fmt: skip
 
 
@@ -191,16 +198,17 @@ def qk_norm_rope_fp8(
     q_head: torch.Tensor | None, k_head: torch.Tensor | None, v_head: torch.Tensor | None,
     q_tail: torch.Tensor, k_tail: torch.Tensor, v_tail: torch.Tensor,
     wq_head: torch.Tensor, wk_head: torch.Tensor, wq_tail: torch.Tensor, wk_tail: torch.Tensor,
-    cos: torch.Tensor, sin: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor, batch: int, heads: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """e4m3 (batch, tokens, heads, head_dim) q, k, v and their FA3 descales, each (batch, heads)."""
+    cos: torch.Tensor, sin: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, batch: int, heads: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """e4m3 (batch, tokens, heads, head_dim) q, k, v and V's FA3 descale (batch, heads). Q and K are
+    scaled by the descales given (their norm bound / 448, stages/attention_kernels.py), which FA3
+    takes as they are."""
     b, tokens, dim = _layout(q_tail, q_head, batch, heads)
     q, k, v = (e4m3_buffer(b, tokens, heads, dim, like=q_tail) for _ in range(3))
     v_amax = torch.zeros(b, heads, device=q_tail.device, dtype=torch.float32)
+    v_scale = torch.empty(b, heads, device=q_tail.device, dtype=torch.float32)
     head = (q_head, k_head, v_head) if q_head is not None else None
     norms = (wq_head, wk_head, wq_tail, wk_tail)
-    launch_qk_norm_rope(head, (q_tail, k_tail, v_tail), batch, heads, norms, cos, sin, eps, q, k, v, (q_bound, k_bound), v_amax)
-    launch_v_fp8(v_head, v_tail, batch, heads, v_amax, v)
-    q_scale = (q_bound.float() / FP8_MAX).reshape(1, 1).expand(b, heads).contiguous()
-    k_scale = (k_bound.float() / FP8_MAX).reshape(1, 1).expand(b, heads).contiguous()
-    return as_e4m3(q), as_e4m3(k), as_e4m3(v), q_scale, k_scale, v_amax.clamp(min=1e-12) / FP8_MAX
+    launch_qk_norm_rope(head, (q_tail, k_tail, v_tail), batch, heads, norms, cos, sin, eps, q, k, v, (q_scale, k_scale), v_amax)
+    launch_v_fp8(v_head, v_tail, batch, heads, v_amax, v, v_scale)
+    return as_e4m3(q), as_e4m3(k), as_e4m3(v), v_scale

@@ -54,10 +54,19 @@ _GELU_K = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # sigmoid form: 0.5 (1 +
 
 
 def launch_options(width: int) -> dict:
-    """Block and warps from the row length: a whole row per program, about 16-32 values per thread
-    (benchmarks/fused_kernels.py --sweep times the alternatives)."""
+    """Block and warps from the row length: a whole row per program. Measured on an H200
+    (benchmarks/results/nvidia-h200-2026-12-04-fused/, `benchmarks/fused_kernels.py --sweep`): 4 warps
+    for rows of 3072 (45 -> 39 us for 8192 rows), 8 for the 12288- and 15360-wide ones."""
     block = triton.next_power_of_2(width)
-    return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
+    return {"BLOCK": block, "num_warps": 4 if block <= 4096 else 8}
+
+
+def gelu_parts(width: int) -> dict:
+    """The GELU rows in (at most three) power-of-two parts: 12288 = 3 x 4096 wastes no lane, where
+    one 16384 block would leave a quarter of them masked, and the GELU's arithmetic is a large
+    share of these kernels' time."""
+    chunk = triton.next_power_of_2(triton.cdiv(width, 3))
+    return {"CHUNK": chunk, "PARTS": triton.cdiv(width, chunk)}
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
@@ -78,8 +87,37 @@ def _row_pointer(row, seq, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb,
 
 @triton.jit
 def _gelu_tanh(x):
-    # x * sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3)
-    return x / (1.0 + tl.exp(-_GELU_K * (x + 0.044715 * x * x * x)))
+    # x * sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3); the division need not be IEEE-rounded:
+    # its 2-ulp error is far below the e4m3 step the result is rounded to next
+    return tl.fdiv(x, 1.0 + tl.exp(-_GELU_K * (x + 0.044715 * x * x * x)), ieee_rounding=False)
+
+
+@triton.jit
+def _gelu_part(m_row, start, width, CHUNK: tl.constexpr):
+    offs = start + tl.arange(0, CHUNK)
+    mask = offs < width
+    y = _gelu_tanh(tl.load(m_row + offs, mask=mask, other=0.0).to(tl.float32))
+    return y, offs, mask, _row_amax(y, mask)
+
+
+@triton.jit
+def _gelu_row_fp8(m_row, out_row, width, amax, CHUNK: tl.constexpr, PARTS: tl.constexpr):
+    """GELU of one row of `width` values in up to three parts of CHUNK, each kept in registers until
+    the row's amax (which starts from `amax`: the concatenation's other part) is known; then e4m3."""
+    y0, offs0, mask0, amax0 = _gelu_part(m_row, 0, width, CHUNK)
+    amax = tl.maximum(amax, amax0)
+    if PARTS > 1:
+        y1, offs1, mask1, amax1 = _gelu_part(m_row, CHUNK, width, CHUNK)
+        amax = tl.maximum(amax, amax1)
+    if PARTS > 2:
+        y2, offs2, mask2, amax2 = _gelu_part(m_row, 2 * CHUNK, width, CHUNK)
+        amax = tl.maximum(amax, amax2)
+    _store_fp8(y0, amax, out_row, offs0, mask0)
+    if PARTS > 1:
+        _store_fp8(y1, amax, out_row, offs1, mask1)
+    if PARTS > 2:
+        _store_fp8(y2, amax, out_row, offs2, mask2)
+    return amax
 
 
 @triton.jit
@@ -154,34 +192,27 @@ def _residual_modulated_norm_fp8_kernel(
 
 
 @triton.jit
-def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, BLOCK: tl.constexpr):
+def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, CHUNK: tl.constexpr, PARTS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < width
-    y = _gelu_tanh(tl.load(m_ptr + row * m_stride + offs, mask=mask, other=0.0).to(tl.float32))
-    amax = _row_amax(y, mask)
-    _store_fp8(y, amax, out_ptr + row * width, offs, mask)
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_ptr + row * width, width, _MIN_AMAX, CHUNK, PARTS)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
 
 @triton.jit
 def _concat_gelu_fp8_kernel(
     a_ptr, a_sb, a_ss, seq, m_ptr, m_stride, out_ptr, out_scale_ptr, a_width, m_width,
-    A_BLOCK: tl.constexpr, M_BLOCK: tl.constexpr,
+    A_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
     s = row % seq
     a_offs = tl.arange(0, A_BLOCK)
     a_mask = a_offs < a_width
-    m_offs = tl.arange(0, M_BLOCK)
-    m_mask = m_offs < m_width
     a = tl.load(a_ptr + b * a_sb + s * a_ss + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-    g = _gelu_tanh(tl.load(m_ptr + row * m_stride + m_offs, mask=m_mask, other=0.0).to(tl.float32))
-    amax = tl.maximum(_row_amax(a, a_mask), _row_amax(g, m_mask))
     out_row = out_ptr + row * (a_width + m_width)
+    # the GELU part first (it finds the amax of both parts), then the attention part with it
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, _row_amax(a, a_mask), CHUNK, PARTS)
     _store_fp8(a, amax, out_row, a_offs, a_mask)
-    _store_fp8(g, amax, out_row + a_width, m_offs, m_mask)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
 
@@ -239,22 +270,21 @@ def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_sc
     )  # fmt: skip
 
 
-def launch_gelu(m, out, out_scale, options: dict | None = None) -> None:
+def launch_gelu(m, out, out_scale, num_warps: int = 8) -> None:
     """out = e4m3(gelu_tanh(m)) for a (rows, width) m with contiguous rows."""
     rows, width = m.shape
-    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **(options or launch_options(width)))
+    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **gelu_parts(width), num_warps=num_warps)
 
 
-def launch_concat_gelu(a, m, out, out_scale, options: dict | None = None) -> None:
+def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
     C), m is (batch * tokens, M)."""
     _check_rows(a)
     batch, seq, a_width = a.shape
     m_width = m.shape[-1]
-    warps = (options or launch_options(a_width + m_width))["num_warps"]
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), M_BLOCK=triton.next_power_of_2(m_width), num_warps=warps,
+        A_BLOCK=triton.next_power_of_2(a_width), **gelu_parts(m_width), num_warps=num_warps,
     )  # fmt: skip
 
 
