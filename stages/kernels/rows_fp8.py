@@ -270,13 +270,14 @@ def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_sc
     )  # fmt: skip
 
 
-def launch_gelu(m, out, out_scale, num_warps: int = 8) -> None:
+def launch_gelu(m, out, out_scale, num_warps: int = 8, parts: dict | None = None) -> None:
     """out = e4m3(gelu_tanh(m)) for a (rows, width) m with contiguous rows."""
     rows, width = m.shape
-    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **gelu_parts(width), num_warps=num_warps)
+    parts = parts or gelu_parts(width)
+    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **parts, num_warps=num_warps)
 
 
-def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8) -> None:
+def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
     C), m is (batch * tokens, M)."""
     _check_rows(a)
@@ -284,7 +285,7 @@ def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8) -> None:
     m_width = m.shape[-1]
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), **gelu_parts(m_width), num_warps=num_warps,
+        A_BLOCK=triton.next_power_of_2(a_width), **(parts or gelu_parts(m_width)), num_warps=num_warps,
     )  # fmt: skip
 
 
