@@ -33,7 +33,8 @@ def row_wise_fp8_weights(config: OptimizationConfig) -> bool:
     return config.quantization == "fp8" or config.transformer_fp8 == "rowwise"
 
 
-FUSED_ATTENTION = ("fa3_fp8", "fa3", "sdpa")  # what stages/fused_blocks.py feeds
+# The attention kernels that stages/fused_blocks.py feeds (it holds their calls; a test checks both agree)
+FUSED_ATTENTION = ("fa3_fp8", "fa3", "sdpa")
 
 
 def graph_breaks_in_blocks(config: OptimizationConfig) -> bool:

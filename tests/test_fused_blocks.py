@@ -157,3 +157,27 @@ def test_the_stage_fuses_every_block_of_the_tiny_transformer(tiny_engine):
         got = fused(**inputs)[0]
     assert got.shape == want.shape == (1, image_tokens, config.in_channels)
     assert _relative(got, want) < 0.05
+
+
+def test_every_attention_kernel_the_rules_let_through_has_a_fused_path():
+    from stages.rules import FUSED_ATTENTION
+
+    assert set(FUSED_ATTENTION) <= set(fused_blocks.SUPPORTED_ATTENTION)
+
+
+def test_the_glue_bytes_model_counts_flux_at_1024():
+    """The bytes the fused kernels move per step for a 1024x1024 edit: 55-65 GB, as counted by hand
+    in issue 22 (13-16 ms at an H200's 4.0-4.3 TB/s)."""
+    from types import SimpleNamespace
+
+    from engine.benchmark.kernels import glue_bandwidth, glue_bytes
+
+    flux = SimpleNamespace(num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38)
+    moved = glue_bytes(flux, batch=1, text_tokens=512, image_tokens=8192, fp8_attention=True)
+    assert 55e9 < sum(moved.values()) < 65e9
+    assert sum(glue_bytes(flux, 1, 512, 8192, fp8_attention=False).values()) > sum(moved.values())  # bf16 q, k, v out
+    kernel_ms = {label: 1.0 for label in moved} | {"gemm": 70.0, "attention": 60.0, "gaps": 5.0}
+    rates = glue_bandwidth(kernel_ms, moved, fused=True)
+    assert rates["all glue"] == round(sum(moved.values()) / (len(moved) * 1e-3) / 1e9, 1)  # gemm, attention, gaps left out
+    assert set(rates) == set(moved) | {"all glue"}
+    assert set(glue_bandwidth(kernel_ms, moved, fused=False)) == {"all glue"}
