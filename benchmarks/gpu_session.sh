@@ -7,7 +7,8 @@
 #   setsid bash benchmarks/gpu_session.sh PART... > /tmp/gs/session.log 2>&1 &
 #   tar czf "$OUT/results.tgz" -C /tmp/gs results session.log     # collect, as often as needed
 #
-# Parts: startup (cold compile via precompile, then serve with the bundle on empty caches),
+# Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), startup (cold
+# compile via precompile, then serve with the bundle on empty caches),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
@@ -36,8 +37,15 @@ for name in "$@"; do
     fidelity)
       python3 -m benchmarks.fp8_fidelity --model synthetic-full --out "$RESULTS/fidelity"
       done_ fidelity $? ;;
+    kernels)
+      python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py tests/test_gpu_stages.py -k "fused or fa3_kernels" \
+        > "$RESULTS/fused_gpu_tests.txt" 2>&1
+      echo "tests rc $?"; tail -n 3 "$RESULTS/fused_gpu_tests.txt"
+      python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep
+      done_ kernels $? ;;
     stages)
       python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows main,options --profile \
+        --option-rows "${OPTION_ROWS:-without fused_kernels,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out}" \
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
     lora)

@@ -3,8 +3,9 @@
     python -m benchmarks.memory_tiers --model synthetic-full --out DIR      # H100/H200: about 5 minutes
     python -m benchmarks.memory_tiers --model tiny --device cpu --out DIR   # the same run on a CPU, tiny sizes
 
-Jobs, one process each (forked from a server process that imported torch once and never touched
-CUDA, so every job starts with a clean GPU and its own peak counters):
+Jobs, one process each (spawned: a fresh interpreter, so every job starts with a clean GPU and its
+own peak counters, and none can inherit a CUDA context; a fork server that preloaded torch, diffusers
+and torchao had passed on an H100 and failed every job on an H200, 2026-12-04):
 
     prepare  build --model (seeded), write its bf16 transformer and a prequantized FP8 pipeline (T5 in
              FP8 too; the `quantize` command's code path) to --work-dir
@@ -49,10 +50,6 @@ TIER_ROWS = {  # row -> (tier, knobs that differ from the tier's own)
 # The T5 on the CPU may take seconds per request: that row times one edit, to keep the run near 5 minutes.
 ROW_REPEATS = {"small-cpu-text": 1}
 LOAD_ROWS = ("bf16, quantized on the GPU", "bf16, quantized while read", "prequantized")
-# Imported once in the fork server, before any job forks from it: only what leaves CUDA uninitialised
-# (checked on an H100 for these three). With transformers and the engine's modules preloaded too,
-# every child failed there with "Cannot re-initialize CUDA in forked subprocess".
-PRELOAD = ["torch", "diffusers", "torchao"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- the parent: one process per job -----------------------------------------------------------------
 def _run(name: str, job: dict, work: Path) -> dict:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = multiprocessing.get_context("spawn")
     result_path = work / "results" / f"{name}.json"
     started = time.perf_counter()
     process = context.Process(target=run_job, args=(job, str(result_path)), name=name)

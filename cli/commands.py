@@ -94,7 +94,7 @@ def _output_paths(args, seed: int, count: int) -> list[Path]:
 
 def cmd_benchmark(args) -> int:
     from engine.benchmark.report import write_results
-    from engine.benchmark.runner import BenchmarkSettings, parse_row_kinds, run_benchmark
+    from engine.benchmark.runner import BenchmarkSettings, parse_row_kinds, run_benchmark, select_options
     from stages.config import parse_presets
 
     settings = BenchmarkSettings(
@@ -107,6 +107,7 @@ def cmd_benchmark(args) -> int:
         warmup=args.warmup,
         with_input_image=not args.text_to_image,
         profile=args.profile,
+        options=select_options(args.option_rows),
         overrides=given_optimization_flags(args),  # on top of every preset: --no-compile keeps a CPU run short
     )
     engine = load_engine(engine_options_from_args(args))

@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="main,cache,options",
         help="which rows run: main (the presets), cache (first-block cache), options (off-by-default options)",
     )
+    bench.add_argument(
+        "--option-rows",
+        default=None,
+        help="which option rows run, by label, comma-separated, e.g. 'without fused_kernels' (default: all of them)",
+    )
     bench.add_argument("--width", type=int, default=None, help="output width (default: 1024, 256 for tiny)")
     bench.add_argument("--height", type=int, default=None, help="output height (default: 1024, 256 for tiny)")
     bench.add_argument("--steps", type=int, default=None, help="denoising steps for every row (default: each preset's scheduler default)")

@@ -82,15 +82,19 @@ def fa3_fp8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound
     return fa3_on_fp8(*quantize_qkv_fp8(query, key, value, q_bound, k_bound)).to(query.dtype)
 
 
-def fp8_emulated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
-    """fa3_fp8's quantization with exact attention on the dequantized values: the CPU reference for
-    what the FP8 scaling alone costs (tests; no FA3 needed)."""
-    q8, k8, v8, q_scale, k_scale, v_scale = quantize_qkv_fp8(query, key, value, q_bound, k_bound)
+def sdpa_on_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor):
+    """fa3_on_fp8's inputs, dequantized, through exact attention: its CPU reference; bf16 out."""
 
     def restore(x8, scale):
         return x8.float() * scale[:, None, :, None]
 
-    return sdpa(restore(q8, q_scale), restore(k8, k_scale), restore(v8, v_scale)).to(query.dtype)
+    return sdpa(restore(q8, q_scale), restore(k8, k_scale), restore(v8, v_scale)).to(torch.bfloat16)
+
+
+def fp8_emulated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_bound: torch.Tensor, k_bound: torch.Tensor) -> torch.Tensor:
+    """fa3_fp8's quantization with exact attention on the dequantized values: the CPU reference for
+    what the FP8 scaling alone costs (tests; no FA3 needed)."""
+    return sdpa_on_fp8(*quantize_qkv_fp8(query, key, value, q_bound, k_bound)).to(query.dtype)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

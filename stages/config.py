@@ -156,6 +156,12 @@ class OptimizationConfig(BaseModel):
             legacy=(LegacyFlag("use_mxfp4", "auto", "none"), LegacyFlag("use_fp8", "fp8", "none")),
         ),
     ] = Field("none", description="Low-precision GEMMs: auto = the best native format of this GPU (FP8 on Ada/Hopper, MXFP8 on Blackwell).")
+    # On with the FP8 GEMMs (preset 3): the fused kernels exist to feed them e4m3 activations.
+    fused_kernels: Annotated[bool, Switch("variant", preset=3, phases=(Phase.EXECUTION,))] = Field(
+        False,
+        description="Fused Triton kernels between the FP8 GEMMs and attention (LayerNorm + modulation, residuals, q/k RMSNorm + "
+        "RoPE, GELU), each writing its FP8 activations in one pass.",
+    )
     # use_dpm_solver selects the sampler with the smallest error at 14 steps in
     # benchmarks/solver_fidelity.py (results in benchmarks/results/solver-fidelity/).
     scheduler: Annotated[

@@ -6,8 +6,10 @@ it is the order in which stages are applied when the model loads or a variant is
 made FP8 before they are moved to host memory; QKV fusion before quantization, because quantized
 weights cannot be concatenated; group offload before the cache wrapper, which hides the blocks from
 it, and before compilation, which cannot wrap diffusers' hooks the other way round; the LoRA slots
-before the attention kernel, the cache and compile, so that they see the slot layers; the attention
-kernel and the cache wrapper before compilation; compilation before CUDA graph capture).
+before the attention kernel, the cache and compile, so that they see the slot layers; the fused
+block forwards after the attention kernel they feed and before the cache's hooks, which wrap the
+blocks' forwards; the attention kernel and the cache wrapper before compilation; compilation before
+CUDA graph capture).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .environment import Environment
 from .fast_gelu import FastGelu
 from .first_block_cache import FirstBlockCache
 from .flash_attention import FlashAttention
+from .fused_kernels import FusedKernels
 from .lora import Lora
 from .low_precision import LowPrecision
 from .qkv_fusion import QkvFusion
@@ -50,6 +53,7 @@ STAGES: tuple[Stage, ...] = (
     Lora(),
     TransformerOffload(),
     FlashAttention(),
+    FusedKernels(),  # after the attention kernel (it feeds it); before the cache's hooks and compile wrap the blocks
     FirstBlockCache(),
     TrimReferenceTokens(),
     ContextParallel(),  # after the attention kernel is chosen (it wraps it), before compile traces it

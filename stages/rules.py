@@ -28,6 +28,15 @@ def fp8_from_load(config: OptimizationConfig) -> bool:
     return config.transformer_fp8 != "off"
 
 
+def row_wise_fp8_weights(config: OptimizationConfig) -> bool:
+    """The block Linears hold torchao's row-wise FP8 weights (stage 3's fp8, or FP8 from load)."""
+    return config.quantization == "fp8" or config.transformer_fp8 == "rowwise"
+
+
+# The attention kernels that stages/fused_blocks.py feeds (it holds their calls; a test checks both agree)
+FUSED_ATTENTION = ("fa3_fp8", "fa3", "sdpa")
+
+
 def graph_breaks_in_blocks(config: OptimizationConfig) -> bool:
     """Something runs behind torch.compiler.disable inside every block: diffusers' first-block cache
     check, or group offload's onload/offload hooks."""
@@ -69,6 +78,35 @@ RULES: tuple[Rule, ...] = (
         "not applied: group offload cannot move torchao FP8 weights that compiled graphs reference (swap_tensors fails); "
         "the offloaded FP8 transformer runs eager",
     ),
+    # The fused kernels write row-wise e4m3 activations for torchao's row-wise FP8 weights and call
+    # the blocks' modules directly (stages/fused_blocks.py); the rules below say what they cannot feed.
+    Rule(
+        "fused_kernels",
+        lambda config, env: config.fused_kernels and not row_wise_fp8_weights(config),
+        "not applied: the fused kernels produce row-wise FP8 activations for FP8 row-wise weights; "
+        "turn on quantization fp8 (preset 3) or load the transformer with transformer_fp8 rowwise",
+    ),
+    Rule(
+        "fused_kernels",
+        lambda config, env: config.fused_kernels and config.lora_slots > 0,
+        "not applied with LoRA slots: the slot layers compute their low-rank path from the bf16 activation, "
+        "which the fused kernels never write (merge mode keeps the fused kernels)",
+    ),
+    Rule(
+        "fused_kernels",
+        lambda config, env: config.fused_kernels and config.transformer_offload,
+        "not applied with group offload: its hooks move the weights that the fused GEMMs read",
+    ),
+    Rule(
+        "fused_kernels",
+        lambda config, env: config.fused_kernels and config.context_parallel > 1,
+        "not applied under context parallelism: the fused attention inputs are not sharded across ranks",
+    ),
+    Rule(
+        "fused_kernels",
+        lambda config, env: config.fused_kernels and config.attention not in FUSED_ATTENTION,
+        "not applied: the fused kernels feed FA3 (FP8 or bf16) or SDPA, and this attention kernel is cuDNN SDPA",
+    ),
     Rule(
         "fast_gelu",
         lambda config, env: config.fast_gelu and not config.compile,
@@ -107,6 +145,11 @@ RULES: tuple[Rule, ...] = (
         "split_proj_out",
         lambda config, env: config.split_proj_out and config.transformer_fp8 != "off",
         "not applied: the weights were made FP8 when the model loaded, and the split needs the bf16 proj_out",
+    ),
+    Rule(
+        "split_proj_out",
+        lambda config, env: config.split_proj_out and config.fused_kernels,
+        "not applied with the fused kernels: they write the single blocks' concatenation as one FP8 row, which is what the split avoided",
     ),
     Rule(
         "split_proj_out",

@@ -63,6 +63,18 @@ def test_every_cumulative_stage_runs_and_stays_close(gpu_engine, photo):
             assert first.steps == 6  # an explicit step count overrides the solver default
 
 
+def test_fused_kernels_run_in_the_full_stack_and_move_the_picture_only_by_rounding(gpu_engine, photo):
+    config = cumulative_config(5).with_changes(first_block_cache=False)
+    fused = _edit(gpu_engine, config, photo)
+    assert "fused_kernels" in fused.active_stages, fused.metadata()["skipped_stages"]
+    unfused = _edit(gpu_engine, config.with_changes(fused_kernels=False), photo)
+    assert "fused_kernels" not in unfused.active_stages
+    rel, _ = image_distance(fused.images[0], unfused.images[0])
+    assert rel < 0.05, rel  # the same FP8 GEMMs and attention; only intermediate rounding differs
+    again = _edit(gpu_engine, config, photo)
+    assert not again.variant["first_use"]
+
+
 def test_quantized_variant_reports_format_and_offloads_bf16_weights(gpu_engine, photo):
     fp8 = _edit(gpu_engine, OptimizationConfig(quantization="auto"), photo)
     report = next(r for r in fp8.stages if r.name == "quantization")

@@ -18,12 +18,21 @@ from stages.config import OptimizationConfig
 from ..engine import KontextEngine
 from ..requests import EditRequest
 
-# Order matters: Inductor names fused kernels after the ops they contain, so Triton kernels are
-# classified first; those computing a row amax are FP8 activation quantizations (fused with whatever
-# norm, modulation or GELU precedes them).
+# Order matters. The fused_kernels stage's kernels (stages/kernels/) come first, by their names; then
+# Inductor's, named after the ops they contain: those computing a row amax are FP8 activation
+# quantizations (fused with whatever norm, modulation or GELU precedes them).
+FUSED_NORM = "fused: norm + modulation (+ residual) -> FP8"
+FUSED_HEADS = "fused: q/k norm + RoPE (+ FP8)"
+FUSED_GELU = "fused: GELU (+ concat) -> FP8"
+FUSED_ATTENTION_OUT = "fused: attention output -> FP8"
+INDUCTOR_OTHER = "other elementwise (fused, triton)"
 KERNEL_CLASSES = (
+    (FUSED_NORM, ("modulated_norm",)),
+    (FUSED_HEADS, ("qk_norm_rope", "_v_fp8")),
+    (FUSED_GELU, ("gelu_fp8",)),
+    (FUSED_ATTENTION_OUT, ("rowwise_fp8",)),
     ("quantization (fused, triton)", ("amax",)),
-    ("other elementwise (fused, triton)", ("triton",)),
+    (INDUCTOR_OTHER, ("triton",)),
     ("attention", ("flash", "fmha", "attention")),
     ("gemm", ("gemm", "xmma", "cutlass", "sm90_", "cublas", "nvjet", "scaled_mm", "matmul")),
 )
@@ -83,3 +92,45 @@ def step_breakdown(engine: KontextEngine, inputs: dict, config: OptimizationConf
         by_class[label] = by_class.get(label, 0.0) + device_us / calls / 1000
     by_class["gaps"] = max(0.0, statistics.median(wall) - sum(by_class.values()))
     return {label: round(ms, 2) for label, ms in by_class.items()}
+
+
+# Kernel classes that are neither GEMM nor attention: the glue between them.
+NOT_GLUE = ("gemm", "attention", "gaps")
+
+
+def glue_bytes(transformer_config, batch: int, text_tokens: int, image_tokens: int, fp8_attention: bool) -> dict[str, float]:
+    """Bytes per transformer call that the fused kernels move, by kernel class (each input read once,
+    each output written once; bf16 2 bytes, e4m3 1 byte; row scales left out), and what Inductor's
+    remaining kernels move (the gated residual adds that end each block). stages/kernels/ states
+    each kernel's bytes per row; this sums them over FLUX's blocks."""
+    width = transformer_config.num_attention_heads * transformer_config.attention_head_dim
+    mlp = 4 * width  # FLUX's mlp_ratio
+    tokens = batch * (text_tokens + image_tokens)  # token rows through every block (text + image)
+    double, single = transformer_config.num_layers, transformer_config.num_single_layers
+    blocks = double + single
+    return {
+        # norm1 of both streams (3C) and the residual + norm2 (7C) in double blocks; the norm in single blocks (3C)
+        FUSED_NORM: tokens * (double * (3 + 7) + single * 3) * width,
+        # q, k, v read (6C), q, k written; FP8: written as e4m3 (2C) and V read again and written (3C); bf16: q, k, v written (6C)
+        FUSED_HEADS: tokens * blocks * (11 if fp8_attention else 12) * width,
+        # GELU of the double blocks' MLP (3M) and the single blocks' [attention, GELU(mlp)] row (3(C + M))
+        FUSED_GELU: tokens * (double * 3 * mlp + single * 3 * (width + mlp)),
+        FUSED_ATTENTION_OUT: tokens * double * 3 * width,
+        # h + gate * ff in double blocks, [text; image] + gate * proj in single ones: read 2 x 2C, write 2C
+        INDUCTOR_OTHER: tokens * blocks * 6 * width,
+    }
+
+
+def glue_bandwidth(kernel_ms: dict[str, float], bytes_by_class: dict[str, float], fused: bool) -> dict[str, float]:
+    """GB/s by kernel class where its bytes are known (the fused kernels' classes), and for the glue as a
+    whole: all of its bytes over all non-GEMM, non-attention kernel time. Without the fused kernels
+    the same bytes are the work's minimum, so the whole-glue figure compares configurations."""
+    rates = {}
+    if fused:
+        for label, moved in bytes_by_class.items():
+            if kernel_ms.get(label):
+                rates[label] = round(moved / (kernel_ms[label] * 1e-3) / 1e9, 1)
+    glue_ms = sum(ms for label, ms in kernel_ms.items() if label not in NOT_GLUE)
+    if glue_ms:
+        rates["all glue"] = round(sum(bytes_by_class.values()) / (glue_ms * 1e-3) / 1e9, 1)
+    return rates

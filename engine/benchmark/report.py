@@ -41,6 +41,7 @@ class StageResult:
     floor_ms_per_step: float | None = None
     roofline_ratio: float | None = None  # measured step time / floor
     kernel_ms_per_step: dict[str, float] = field(default_factory=dict)  # profiler, by kernel class (GPU)
+    kernel_gbps: dict[str, float] = field(default_factory=dict)  # bytes moved / kernel time, by class and for all glue (GPU)
     error: str | None = None  # the stage could not run here; the message says why
     details: dict[str, str] = field(default_factory=dict)  # what each active stage ran
 
@@ -136,7 +137,20 @@ class BenchmarkReport:
             for row in profiled
         ]
         title = "Where a step's time goes (profiler, ms per step by kernel class; gaps = step time minus the sum of kernel time)"
-        return ["", title, "", _table(["stage", *classes, "measured step", "floor"], body)]
+        lines = ["", title, "", _table(["stage", *classes, "measured step", "floor"], body)]
+        rated = [row for row in profiled if row.kernel_gbps]
+        if rated:
+            rate_classes = list(dict.fromkeys(name for row in rated for name in row.kernel_gbps))
+            copy = self.meta.get("copy_bandwidth_gbps")
+            lines += [
+                "",
+                "Bandwidth of the glue (GB/s: the bytes the fused kernels move, engine/benchmark/kernels.py glue_bytes, over the "
+                "time of their kernel class; 'all glue' over every non-GEMM, non-attention kernel; "
+                f"copy bandwidth in this run: {copy} GB/s)",
+                "",
+                _table(["stage", *rate_classes], [[row.stage, *(row.kernel_gbps.get(name) for name in rate_classes)] for row in rated]),
+            ]
+        return lines
 
     def _cache_lines(self) -> list[str]:
         if not self.cache_rows:

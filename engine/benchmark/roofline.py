@@ -132,10 +132,22 @@ def measure_ceilings(attention_shape: tuple[int, int, int, int], gemm_size: int 
     return {name: round(value, 1) for name, value in ceilings.items()}
 
 
+def measure_copy_bandwidth(gib: float = 2.0) -> float:
+    """GB/s of a large device-to-device copy (bytes read plus bytes written): the memory ceiling that
+    the elementwise kernels are held against."""
+    src = torch.randn(int(gib * 2**30) // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = median_cuda_ms(lambda: dst.copy_(src))
+    return round(2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9, 1)
+
+
 def floor_ms(flops: StepFlops, ceilings: dict[str, float], config: OptimizationConfig) -> float | None:
-    """The fastest a step of `config` (as it ran) could be on these ceilings, in milliseconds."""
+    """The fastest a step of `config` (as it ran) could be on these ceilings, in milliseconds. FP8
+    GEMMs count where the block Linears are FP8 row-wise: stage 3's quantization, or FP8 weights from
+    load (before 2026-12-04 the latter was counted as bf16, which put such a floor above the step)."""
     gemm_bf16 = ceilings.get("gemm_bf16")
-    gemm_quantized = ceilings.get("gemm_fp8_rowwise") if config.quantization == "fp8" else gemm_bf16
+    fp8_gemms = config.quantization == "fp8" or config.transformer_fp8 == "rowwise"
+    gemm_quantized = ceilings.get("gemm_fp8_rowwise") if fp8_gemms else gemm_bf16
     attention = ceilings.get(
         {"sdpa": "attention_sdpa", "cudnn": "attention_cudnn", "fa3": "attention_fa3", "fa3_fp8": "attention_fa3_fp8"}[config.attention]
     )

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from stages.config import KNOBS, MAX_PRESET, OptimizationConfig, cumulative_config
 from stages.environment import package_version
 from stages.registry import preset_title
+from stages.rules import row_wise_fp8_weights
 
 from ..engine import KontextEngine
 from ..requests import EditRequest, EditResult
@@ -32,6 +33,8 @@ ROW_KINDS = ("main", "cache", "options")
 # Options measured on top of the last preset that ran, each one knob away from it, reported with
 # their speed and their deviation. Each row is a variant of its own (one more compile).
 DEFAULT_OPTIONS: tuple[tuple[str, dict], ...] = (
+    # the fused kernels' own contribution (in preset 3): the same stack with Inductor doing the glue
+    ("without fused_kernels", {"fused_kernels": False}),
     # FP8 attention's own contribution and deviation (it is in preset 3; bf16 FA3 is the alternative)
     ("bf16 attention (fa3)", {"attention": "fa3"}),
     # an exact lever switched back off: what dropping the reference tokens before the output GEMM buys
@@ -62,6 +65,18 @@ class BenchmarkSettings:
     options: list = field(default_factory=lambda: list(DEFAULT_OPTIONS))
     roofline: bool = True  # GPU only: FLOPs per step, kernel ceilings measured in this run, floor
     profile: bool = False  # GPU only: kernel-class breakdown of each main row's step
+
+
+def select_options(text: str | None) -> list:
+    """The DEFAULT_OPTIONS rows named in `text` (labels, comma-separated; None: all)."""
+    if text is None:
+        return list(DEFAULT_OPTIONS)
+    known = dict(DEFAULT_OPTIONS)
+    labels = [label.strip() for label in text.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in known]
+    if unknown or not labels:
+        raise ValueError(f"option rows {text!r}: choose from {'; '.join(known)} (comma-separated)")
+    return [(label, known[label]) for label in labels]
 
 
 def parse_row_kinds(text: str) -> tuple[str, ...]:
@@ -170,10 +185,11 @@ def run_benchmark(
     meta.update(width=width, height=height, input_image=settings.with_input_image, repeats=settings.repeats, warmup=settings.warmup)
     flops = ceilings = None
     if run.cuda and settings.roofline:
-        from .roofline import count_step_flops, measure_ceilings
+        from .roofline import count_step_flops, measure_ceilings, measure_copy_bandwidth
 
         flops = count_step_flops(engine, request)
         ceilings = measure_ceilings(flops.attention_shape)
+        meta["copy_bandwidth_gbps"] = measure_copy_bandwidth()
         meta.update(
             step_flops={k: (round(v / 1e12, 2) if isinstance(v, float) else v) for k, v in flops.as_dict().items()},
             ceilings_tflops=ceilings,
@@ -206,9 +222,12 @@ def run_benchmark(
             if row.floor_ms_per_step:
                 row.roofline_ratio = row.median_step_s * 1e3 / row.floor_ms_per_step
         if inputs is not None:
-            from .kernels import step_breakdown
+            from .kernels import glue_bandwidth, step_breakdown
 
-            row.kernel_ms_per_step = step_breakdown(engine, inputs, timed[-1].config)
+            ran = timed[-1].config
+            row.kernel_ms_per_step = step_breakdown(engine, inputs, ran)
+            if row_wise_fp8_weights(ran):  # the bytes model counts FP8 activations; a bf16 step's glue moves other bytes
+                row.kernel_gbps = glue_bandwidth(row.kernel_ms_per_step, glue_bytes_of(engine, inputs, ran), ran.fused_kernels)
         report.images[f"stage {stage}"] = timed[-1].images[0]
         report.rows.append(row)
         base = (stage, timed[-1].config, row, pixels)
@@ -223,6 +242,15 @@ def run_benchmark(
     bar.close()
     meta["settings"] = asdict(settings)
     return report
+
+
+def glue_bytes_of(engine: KontextEngine, inputs: dict, config: OptimizationConfig) -> dict[str, float]:
+    """The glue's bytes per transformer call for the profiled inputs (engine/benchmark/kernels.py)."""
+    from .kernels import glue_bytes
+
+    batch, image_tokens = inputs["hidden_states"].shape[:2]
+    text_tokens = inputs["encoder_hidden_states"].shape[1]
+    return glue_bytes(engine.loaded.pipe.transformer.config, batch, text_tokens, image_tokens, config.attention == "fa3_fp8")
 
 
 def _median(values) -> float:

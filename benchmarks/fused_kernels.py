@@ -1,0 +1,371 @@
+"""Each fused kernel (stages/kernels/) against its eager reference, the same reference compiled by
+Inductor (how the stack ran this work before), and its memory time: the bytes the kernel must move
+over the device-to-device copy bandwidth measured in the same run. FLUX's shapes for a 1024x1024
+edit (512 text + 8192 image tokens, width 3072, MLP 12288, 24 heads of 128).
+
+    python -m benchmarks.fused_kernels --out DIR        # GPU with FP8 tensor cores; about a minute
+
+Writes fused_kernels.json and fused_kernels.md into DIR and prints the table. Each timing is the
+median of CUDA-event-timed calls that rotate over three input sets (inputs of 50-200 MB, so the 50-60
+MB L2 cannot hold one call's data for the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+TEXT, IMAGE, C, M, HEADS, DIM = 512, 8192, 3072, 12288, 24, 128
+DEVICE = "cuda"
+TOKENS = TEXT + IMAGE
+FP8 = torch.float8_e4m3fn
+
+
+def quantize_rows(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's dynamic row-wise activation quantization, as the FP8 Linears run it."""
+    scale = y.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    return (y.float() / scale).clamp(-448.0, 448.0).to(FP8), scale
+
+
+def median_ms(fn: Callable, inputs: list[tuple], repeats: int = 20) -> float:
+    """Milliseconds per call: the calls over every input set captured in one CUDA graph, its replays
+    timed with CUDA events (launch overhead out: in the stack these run under CUDA graphs too)."""
+    for args in inputs:  # warm-up: compiles and autotunes outside the capture
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in inputs:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(inputs))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy, bytes read plus bytes written per second, timed eagerly: captured in a
+    CUDA graph the copy becomes a memcpy node that the copy engines run (2.7 TB/s on an H200, where
+    the SMs copy at 4.2)."""
+    from engine.benchmark.roofline import measure_copy_bandwidth
+
+    return measure_copy_bandwidth()
+
+
+def _bf16(*shape, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) * scale).to(torch.bfloat16)
+
+
+def cases() -> list[dict]:
+    """(name, bytes, fused call, eager reference, inputs); references use diffusers' own modules."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    from stages.attention_kernels import quantize_qkv_fp8
+    from stages.fast_gelu import gelu_tanh_via_sigmoid
+    from stages.kernels import heads as _heads  # noqa: F401  (registers the ops)
+    from stages.kernels import rows_fp8 as _rows  # noqa: F401
+
+    ops = torch.ops.kontext
+
+    def modulation():
+        emb = _bf16(1, 6 * C, scale=0.3)
+        return emb[:, :C], emb[:, C : 2 * C], emb[:, 2 * C : 3 * C]
+
+    def norm_ref(x, shift, scale):
+        return quantize_rows(F.layer_norm(x, (C,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None])
+
+    def residual_ref(x, a, gate, shift, scale):
+        h = x + gate[:, None] * a
+        return (h, *quantize_rows(F.layer_norm(h, (C,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]))
+
+    def single_norm_ref(text, image, shift, scale):
+        return norm_ref(torch.cat([text, image], dim=1), shift, scale)
+
+    q_norms = [RMSNorm(DIM, eps=1e-6).to(DEVICE, torch.bfloat16) for _ in range(4)]
+    for norm in q_norms:
+        torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    bounds = [n.weight.abs().max().float().reshape(1) * DIM**0.5 for n in q_norms[:2]]
+    descales = [(bound / 448).reshape(1, 1).expand(1, HEADS).contiguous() for bound in bounds]
+    weights = [n.weight for n in q_norms]
+    angles = torch.rand(TOKENS, DIM // 2, device=DEVICE) * 6.28
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+
+    def heads_ref(text_qkv, image_qkv, fp8: bool):
+        def split(x, norms):
+            q, k, v = (t.unflatten(-1, (HEADS, DIM)) for t in x.unsqueeze(0).chunk(3, dim=-1))
+            return norms[0](q), norms[1](k), v
+
+        tq, tk, tv = split(text_qkv, q_norms[:2])
+        iq, ik, iv = split(image_qkv, q_norms[2:])
+        q = apply_rotary_emb(torch.cat([tq, iq], 1), (cos, sin), sequence_dim=1)
+        k = apply_rotary_emb(torch.cat([tk, ik], 1), (cos, sin), sequence_dim=1)
+        v = torch.cat([tv, iv], 1)
+        return quantize_qkv_fp8(q, k, v, *bounds) if fp8 else (q, k, v)
+
+    def fused_heads(text_qkv, image_qkv, fp8: bool):
+        sources = [(x[:, :C], x[:, C : 2 * C], x[:, 2 * C :]) for x in (text_qkv, image_qkv)]
+        if fp8:
+            return ops.qk_norm_rope_fp8(*sources[0], *sources[1], *weights, cos, sin, *descales, 1, HEADS, 1e-6)
+        return ops.qk_norm_rope(*sources[0], *sources[1], *weights, cos, sin, 1, HEADS, 1e-6)
+
+    sets = range(3)
+    return [
+        dict(
+            name="LayerNorm + modulation -> FP8 (double block, image stream)",
+            bytes=IMAGE * (3 * C + 4),
+            fused=lambda x, s, c: ops.modulated_norm_fp8(x, None, s, c, 1e-6),
+            reference=norm_ref,
+            inputs=[(_bf16(1, IMAGE, C), *modulation()[:2]) for _ in sets],
+        ),
+        dict(
+            name="LayerNorm + modulation -> FP8 over [text; image] (single block, no concat)",
+            bytes=TOKENS * (3 * C + 4),
+            fused=lambda t, i, s, c: ops.modulated_norm_fp8(t, i, s, c, 1e-6),
+            reference=single_norm_ref,
+            inputs=[(_bf16(1, TEXT, C), _bf16(1, IMAGE, C), *modulation()[:2]) for _ in sets],
+        ),
+        dict(
+            name="gate x attention + residual, LayerNorm + modulation -> bf16 stream + FP8",
+            bytes=IMAGE * (7 * C + 4),
+            fused=lambda x, a, g, s, c: ops.residual_modulated_norm_fp8(x, a, g, s, c, 1e-6),
+            reference=residual_ref,
+            inputs=[(_bf16(1, IMAGE, C), _bf16(1, IMAGE, C), *modulation()) for _ in sets],
+        ),
+        dict(
+            name="GELU -> FP8 (double block MLP, 12288 wide)",
+            bytes=IMAGE * (3 * M + 4),
+            fused=lambda m: ops.gelu_fp8(m),
+            reference=lambda m: quantize_rows(gelu_tanh_via_sigmoid(m)),
+            inputs=[(_bf16(IMAGE, M, scale=2),) for _ in sets],
+        ),
+        dict(
+            name="[attention, GELU(mlp)] -> one FP8 row (single block, 15360 wide)",
+            bytes=TOKENS * (3 * (C + M) + 4),
+            fused=lambda a, m: ops.concat_gelu_fp8(a, m),
+            reference=lambda a, m: quantize_rows(torch.cat([a.reshape(-1, C), gelu_tanh_via_sigmoid(m)], -1)),
+            inputs=[(_bf16(1, TOKENS, C), _bf16(TOKENS, M, scale=2)) for _ in sets],
+        ),
+        dict(
+            name="attention output -> FP8, text rows first (double block)",
+            bytes=TOKENS * (3 * C + 4),
+            fused=lambda a: ops.rowwise_fp8(a, TEXT),
+            reference=lambda a: (quantize_rows(a[:, :TEXT]), quantize_rows(a[:, TEXT:])),
+            inputs=[(_bf16(1, TOKENS, C),) for _ in sets],
+        ),
+        dict(
+            name="q/k RMSNorm + RoPE -> FP8 q, k, v with scales (FP8 attention)",
+            bytes=TOKENS * 11 * C,
+            fused=lambda t, i: fused_heads(t, i, True),
+            reference=lambda t, i: heads_ref(t, i, True),
+            inputs=[(_bf16(TEXT, 3 * C), _bf16(IMAGE, 3 * C)) for _ in sets],
+        ),
+        dict(
+            name="q/k RMSNorm + RoPE -> bf16 q, k, v (bf16 attention)",
+            bytes=TOKENS * 12 * C,
+            fused=lambda t, i: fused_heads(t, i, False),
+            reference=lambda t, i: heads_ref(t, i, False),
+            inputs=[(_bf16(TEXT, 3 * C), _bf16(IMAGE, 3 * C)) for _ in sets],
+        ),
+    ]
+
+
+def agreement(fused_out, reference_out) -> float | None:
+    """Fraction of equal e4m3 codes between the fused and the eager outputs (their FP8 tensors, in order)."""
+    fused_codes = [t.reshape(-1).view(torch.uint8) for t in _flatten(fused_out) if t.dtype == FP8]
+    reference_codes = [t.reshape(-1).view(torch.uint8) for t in _flatten(reference_out) if t.dtype == FP8]
+    if not fused_codes:
+        return None
+    fused_codes, reference_codes = torch.cat(fused_codes), torch.cat(reference_codes)
+    if fused_codes.numel() != reference_codes.numel():
+        return None
+    return round((fused_codes == reference_codes).float().mean().item(), 5)
+
+
+def _flatten(value):
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, torch.Tensor):
+        yield value
+
+
+def kernel_breakdown(fn: Callable, args: tuple) -> dict[str, float]:
+    """Device microseconds of each kernel one call launches (torch.profiler), launch gaps left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", 0) or 0
+        if device_us > 0:
+            times[event.key[:60]] = round(times.get(event.key[:60], 0.0) + device_us, 1)
+    return times
+
+
+def sweep() -> list[dict]:
+    """Each kernel's time under other launch options than launch_options' choice (writing e4m3 into
+    buffers made once), to check that choice on this GPU."""
+    from stages.kernels import heads, rows_fp8
+
+    def fp8(rows, width):
+        return torch.empty(rows, width, device=DEVICE, dtype=FP8), torch.empty(rows, device=DEVICE)
+
+    norm = [(_bf16(1, IMAGE, C), None, _bf16(1, C), _bf16(1, C), 1e-6, *fp8(IMAGE, C)) for _ in range(3)]
+    residual = [
+        (_bf16(1, IMAGE, C), _bf16(1, IMAGE, C), _bf16(1, C), _bf16(1, C), _bf16(1, C), 1e-6, _bf16(1, IMAGE, C), *fp8(IMAGE, C))
+        for _ in range(3)
+    ]
+    gelu = [(_bf16(IMAGE, M), *fp8(IMAGE, M)) for _ in range(3)]
+    concat = [(_bf16(1, TOKENS, C), _bf16(TOKENS, M), *fp8(TOKENS, C + M)) for _ in range(3)]
+    norms = tuple(_bf16(DIM) + 1 for _ in range(4))
+    angles = torch.rand(TOKENS, DIM, device=DEVICE)
+    descales = (torch.full((1, HEADS), 20.0 / 448, device=DEVICE), torch.full((1, HEADS), 20.0 / 448, device=DEVICE))
+
+    def qkv(rows):
+        x = _bf16(rows, 3 * C)
+        return x[:, :C], x[:, C : 2 * C], x[:, 2 * C :]
+
+    def head_outputs():
+        return tuple(torch.empty(1, TOKENS, HEADS, DIM, device=DEVICE, dtype=FP8) for _ in range(3))
+
+    attention = [(qkv(TEXT), qkv(IMAGE), head_outputs(), torch.zeros(1, HEADS, device=DEVICE)) for _ in range(3)]
+    plans = [
+        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm, [2, 4, 8], "options"),
+        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual, [2, 4, 8], "options"),
+        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu, [4, 8, 16], "num_warps"),
+        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat, [4, 8, 16], "num_warps"),
+    ]
+    results = []
+    for name, moved, launch, inputs, choices, keyword in plans:
+        width = inputs[0][-2].shape[-1]
+        for warps in choices:
+            if keyword == "options":
+                ms = median_ms(lambda *args: launch(*args, options={**rows_fp8.launch_options(width), "num_warps": warps}), inputs)
+            else:
+                ms = median_ms(lambda *args: launch(*args, num_warps=warps), inputs)
+            results.append({"kernel": name, "options": f"num_warps={warps}", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
+        if keyword == "num_warps":  # the GELU row in one masked power-of-two block instead of parts
+            one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}
+            ms = median_ms(lambda *args: launch(*args, num_warps=8, parts=one_block), inputs)
+            results.append({"kernel": name, "options": "num_warps=8, one block", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
+    for rows_per_program, warps in ((1, 2), (1, 4), (1, 8), (2, 4)):
+
+        def launch(text, image, outputs, v_amax):
+            heads.launch_qk_norm_rope(
+                text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, descales, v_amax,
+                rows_per_program=rows_per_program, num_warps=warps,
+            )  # fmt: skip
+
+        ms = median_ms(launch, attention)
+        results.append(
+            {"kernel": "qk_norm_rope (FP8, without the V cast)", "options": f"rows={rows_per_program}, num_warps={warps}",
+             "us": round(ms * 1e3, 1), "gbps": round(TOKENS * 8 * C / ms / 1e6)}
+        )  # fmt: skip
+    return results
+
+
+def run(out: Path, with_sweep: bool = False) -> dict:
+    torch.manual_seed(0)
+    rows = []
+    copy_gbps = copy_bandwidth_gbps()
+    for case in cases():
+        compiled = torch.compile(case["reference"], dynamic=False)
+        fused_ms = median_ms(case["fused"], case["inputs"])
+        eager_ms = median_ms(case["reference"], case["inputs"])
+        inductor_ms = median_ms(compiled, case["inputs"])
+        memory_ms = case["bytes"] / (copy_gbps * 1e9) * 1e3
+        rows.append(
+            {
+                "kernel": case["name"],
+                "bytes_mb": round(case["bytes"] / 1e6, 1),
+                "fused_us": round(fused_ms * 1e3, 1),
+                "fused_gbps": round(case["bytes"] / (fused_ms * 1e-3) / 1e9),
+                "memory_time_us": round(memory_ms * 1e3, 1),
+                "fused_over_memory_time": round(fused_ms / memory_ms, 2),
+                "inductor_us": round(inductor_ms * 1e3, 1),
+                "eager_us": round(eager_ms * 1e3, 1),
+                "speedup_vs_inductor": round(inductor_ms / fused_ms, 2),
+                "e4m3_codes_equal_to_eager": agreement(case["fused"](*case["inputs"][0]), case["reference"](*case["inputs"][0])),
+                "fused_kernels_us": kernel_breakdown(case["fused"], case["inputs"][0]),
+            }
+        )
+        torch._dynamo.reset()
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "copy_bandwidth_gbps": round(copy_gbps),
+        "shapes": {"text": TEXT, "image": IMAGE, "width": C, "mlp": M, "heads": HEADS, "head_dim": DIM},
+    }
+    result = {"meta": meta, "rows": rows, "sweep": sweep() if with_sweep else []}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fused_kernels.json").write_text(json.dumps(result, indent=2))
+    (out / "fused_kernels.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    head = [
+        "kernel",
+        "MB moved",
+        "fused us",
+        "GB/s",
+        "memory time us",
+        "fused / memory",
+        "Inductor us",
+        "eager us",
+        "x vs Inductor",
+        "e4m3 = eager",
+    ]
+    keys = ["kernel", "bytes_mb", "fused_us", "fused_gbps", "memory_time_us", "fused_over_memory_time", "inductor_us", "eager_us",
+            "speedup_vs_inductor", "e4m3_codes_equal_to_eager"]  # fmt: skip
+    lines = [
+        f"Fused kernels on {meta['device']} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']}); "
+        f"copy bandwidth measured in this run: {meta['copy_bandwidth_gbps']} GB/s",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join("-" if row[key] is None else str(row[key]) for key in keys) + " |")
+    lines += ["", "Kernels each fused call launched (profiler, device us):", ""]
+    lines += [f"- {row['kernel']}: {row['fused_kernels_us']}" for row in result["rows"]]
+    if result.get("sweep"):
+        lines += ["", "Launch options (us, GB/s):", "", "| kernel | options | us | GB/s |", "|---|---|---|---|"]
+        lines += [f"| {r['kernel']} | {r['options']} | {r['us']} | {r['gbps']} |" for r in result["sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for fused_kernels.json and fused_kernels.md")
+    parser.add_argument("--sweep", action="store_true", help="also time each kernel under other launch options")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise SystemExit("needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)")
+    print(markdown(run(args.out, args.sweep)))
+
+
+if __name__ == "__main__":
+    main()
