@@ -134,6 +134,8 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     deadline = arrived + settings.request_timeout
     client = request.client.host if request.client else ""
     call = EditCall(prepared.edit, prepared.merged.config, deadline, client)  # stops at the next step once the deadline has passed
+    if service.model.lora.merges:  # requests with the adapter set an engine holds may run first (service/worker.py)
+        call.affinity = (call.config, tuple((choice.name, choice.scale) for choice in prepared.edit.loras))
     edit = prepared.edit
     size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
     with worker_errors(service, request, "edit", size, "retry, or ask for a smaller size or fewer images"):

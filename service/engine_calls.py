@@ -37,6 +37,7 @@ class EditCall:
     config: OptimizationConfig
     deadline: float  # time.monotonic(): one clock for every process of a Linux host
     client: str = ""  # who asked (an address): what a variant build is counted against (service/builds.py)
+    affinity: tuple | None = None  # merge mode: the config and adapter set, so that equal sets run together (service/worker.py)
     waited_for_build: bool = False  # the build lane built this call's variant first (service/builds.py)
     build_s: float | None = None  # what that build took, build and compile (None: it failed; the edit builds in turn)
 

@@ -121,6 +121,7 @@ class Job:
     result: Any = None
     error: BaseException | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)  # asked to stop at its next safe point
+    passed_over: int = 0  # later jobs that ran before it to keep an engine's adapter set (service/worker.py)
 
     @property
     def kind(self) -> str:
@@ -129,6 +130,11 @@ class Job:
     @property
     def deadline(self) -> float:
         return getattr(self.call, "deadline", float("inf"))
+
+    @property
+    def affinity(self):
+        """What an engine must hold to run this job without a swap (merge mode: the adapter set); None: anything."""
+        return getattr(self.call, "affinity", None)
 
     @property
     def queue_s(self) -> float:

@@ -32,6 +32,7 @@ class WorkerProcess:
     building: dict[int, Job] = field(default_factory=dict)  # waiting there for their variant's build: no slot taken
     running: dict[int, Job] = field(default_factory=dict)  # acked as started
     asks: dict[int, Callable] = field(default_factory=dict)  # read-only calls sent, not answered: id -> resolve
+    holding: Any = None  # the affinity of the last job sent to it: what its engine holds (merge mode: an adapter set)
 
     @property
     def load(self) -> int:

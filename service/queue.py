@@ -44,6 +44,7 @@ class GpuWorker(Worker):
         self._running: Job | None = None
         self._thread: threading.Thread | None = None
         self.lane: BuildLane | None = None  # variant builds beside this thread, once the engine is up
+        self._holding = None  # the affinity of the last job run: what the engine holds (merge mode: an adapter set)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,7 +104,7 @@ class GpuWorker(Worker):
                     self._cond.wait()
                 if not self._jobs:  # stopping and nothing left
                     return
-            job = self._take(lambda waiting: waiting[0] if waiting else None)
+            job = self._take(lambda waiting: self._pick(list(waiting), self._holding))
             if job is not None:
                 self._run(job, outer=None)
 
@@ -117,7 +118,9 @@ class GpuWorker(Worker):
             with self._cond:
                 if not any(waiting.kind != yielding.kind for waiting in self._jobs):
                     return served
-            job = self._take(lambda waiting: next((job for job in waiting if job.kind != yielding.kind), None), outer=yielding)
+            job = self._take(
+                lambda waiting: self._pick([job for job in waiting if job.kind != yielding.kind], self._holding), outer=yielding
+            )
             if job is not None:
                 self._run(job, outer=yielding)
                 served += 1
@@ -150,6 +153,8 @@ class GpuWorker(Worker):
         job.state = "running"
         job.started_at = time.monotonic()
         self._running = job
+        if job.affinity is not None:
+            self._holding = job.affinity
 
     def _run(self, job: Job, outer: Job | None) -> None:
         """Run a job that `_begin` started, record it, then hand the worker back to `outer`."""

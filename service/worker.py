@@ -32,6 +32,11 @@ from .metrics import ServiceMetrics
 
 log = logging.getLogger("flux_kontext.service.queue")
 
+# LoRA merge mode swaps adapters into the weights when the adapter set changes (0.2-0.4 s on an H100),
+# so a waiting request with the set the engine holds may run before older ones; each of those lets
+# at most this many pass it, so arrival order holds within that bound.
+GROUP_PASSES = 3
+
 
 def waiter() -> tuple[asyncio.Future, Callable[[Job], None]]:
     """A future on the running loop, and a callback any thread may call to resolve it with a job."""
@@ -205,6 +210,24 @@ class Worker(ABC):
         if job.error is not None:
             raise job.error
         return job.result, job
+
+    @staticmethod
+    def _pick(waiting: list[Job], holding) -> Job | None:
+        """Under the lock: which of `waiting` (in arrival order) an engine holding `holding` (its last
+        job's affinity) runs next: the first, unless a later one needs no swap and no job ahead of it
+        has been passed over GROUP_PASSES times yet."""
+        if not waiting:
+            return None
+        first = waiting[0]
+        if holding is None or first.affinity is None or first.affinity == holding:
+            return first
+        same = next((job for job in waiting if job.affinity == holding), None)
+        ahead = waiting[: waiting.index(same)] if same is not None else []
+        if same is None or any(job.passed_over >= GROUP_PASSES for job in ahead):
+            return first
+        for job in ahead:
+            job.passed_over += 1
+        return same
 
     def _rejoin(self, job: Job) -> None:
         """On the build lane's thread: `job`'s variant is built; it goes back to the front of the queue

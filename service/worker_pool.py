@@ -413,19 +413,17 @@ class WorkerPool(Worker):
             self._send(worker, message)
 
     def _dispatch(self) -> None:
-        """Each waiting job, in order, to a ready worker with a free slot (its own, for a targeted job):
-        the least loaded, and one that is not busy with a long job when there is a choice."""
+        """Waiting jobs to ready workers with a free slot: the least loaded worker first (one not busy
+        with a long job when there is a choice), each taking the job it runs next among those it may
+        run (its own targeted ones, and untargeted ones; in merge mode, its adapter set first)."""
         while True:
             with self._cond:
+                free = [worker for worker in self.workers if worker.state == "ready" and worker.load < self.slots]
                 choice = None
-                for job in self._jobs:
-                    free = [
-                        worker
-                        for worker in self.workers
-                        if worker.state == "ready" and worker.load < self.slots and job.target in (None, worker.index)
-                    ]
-                    if free:
-                        choice = job, min(free, key=lambda worker: (worker.load, len(worker.running)))
+                for worker in sorted(free, key=lambda worker: (worker.load, len(worker.running))):
+                    job = self._pick([job for job in self._jobs if job.target in (None, worker.index)], worker.holding)
+                    if job is not None:
+                        choice = job, worker
                         break
                 if choice is None:
                     return
@@ -433,6 +431,8 @@ class WorkerPool(Worker):
                 self._jobs.remove(job)
                 job_id = next(self._ids)
                 worker.sent[job_id] = job
+                if job.affinity is not None:
+                    worker.holding = job.affinity
             self._send(worker, ("job", job_id, job.call))
 
     def _send(self, worker: WorkerProcess, message: tuple) -> None:
