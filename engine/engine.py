@@ -16,7 +16,6 @@ REQUEST in `prepare`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
@@ -46,7 +45,7 @@ from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
 from .requests import EditRequest, EditResult
 from .sizes import output_size
-from .timing import Clock, EditTimer
+from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,6 @@ LOAD_TIME = "chosen when the model loads; requests cannot change it"
 # A warm-up edit (engine/warmup.py, build_variant) runs two transformer calls per shape: cudagraph
 # trees run a new shape once before they record it.
 WARMUP_STEPS = 2
-_current_timer: contextvars.ContextVar["EditTimer | None"] = contextvars.ContextVar("kontext_edit_timer", default=None)
 
 
 class EditCancelled(Exception):
@@ -336,7 +334,7 @@ class KontextEngine:
                 raise EditCancelled(f"stopped after step {index + 1} of {steps}")
             return {}
 
-        with _instrumented(pipe, timer), contextlib.ExitStack() as stack:
+        with instrumented(pipe, timer), contextlib.ExitStack() as stack:
             for context in prepared.stage_state.contexts:
                 stack.enter_context(context)
             return pipe(
@@ -392,37 +390,3 @@ def _as_loaded(config: OptimizationConfig, loaded: LoadedModel, env: Environment
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(config: OptimizationConfig, env: Environment) -> ResolvedConfig:
     return resolve(config, env)
-
-
-def _step_started(module, args) -> None:
-    timer = _current_timer.get()
-    if timer is not None:
-        timer.transformer_called()
-
-
-@contextlib.contextmanager
-def _instrumented(pipe: FluxKontextPipeline, timer: EditTimer):
-    """Timing marks around the pipeline's own text and VAE encoders and each transformer step.
-
-    The step mark is a hook that stays on the transformer and reads the edit's timer from a context
-    variable: a hook added per edit would be copied into any variant cloned from this module while
-    the edit runs (a build on another thread), with this edit's timer in it."""
-    encode_prompt, encode_vae_image = pipe.encode_prompt, pipe._encode_vae_image
-
-    def timed_encode_prompt(*args, **kwargs):
-        with timer.span("text_encode"):
-            return encode_prompt(*args, **kwargs)
-
-    def timed_encode_vae_image(*args, **kwargs):
-        with timer.span("vae_encode"):
-            return encode_vae_image(*args, **kwargs)
-
-    pipe.encode_prompt, pipe._encode_vae_image = timed_encode_prompt, timed_encode_vae_image
-    if not getattr(pipe.transformer, "_kontext_step_hook", False):
-        pipe.transformer.register_forward_pre_hook(_step_started)
-        pipe.transformer._kontext_step_hook = True
-    token = _current_timer.set(timer)
-    try:
-        yield
-    finally:
-        _current_timer.reset(token)
