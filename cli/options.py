@@ -72,7 +72,7 @@ def add_settings(parser: argparse.ArgumentParser, cls) -> None:
         if field.setting.metavar:
             options["metavar"] = field.setting.metavar
         if field.setting.repeat:
-            options.update(action="append", default=None)
+            options.update(action="append", default=None, type=_reader(field) if field.setting.parse else str)
         elif field.kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(field.kind) is typing.Literal:

@@ -67,6 +67,10 @@ class ContextParallelEngine(KontextEngine):
     def rank(self) -> int:
         return dist.get_rank()
 
+    @property
+    def builds_beside_edits(self) -> bool:
+        return False  # every rank runs every edit in lockstep: a build on a side thread of one rank would break that order
+
     def edit(self, request: EditRequest, config=None, progress: bool = False, should_stop=None) -> EditResult:
         if self.rank != 0:
             raise RuntimeError("on context-parallel followers, edits come from rank 0 (follow())")

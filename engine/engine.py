@@ -16,12 +16,12 @@ REQUEST in `prepare`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,14 +45,16 @@ from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
 from .requests import EditRequest, EditResult
 from .sizes import output_size
-from .timing import Clock, EditTimer
+from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
 
 log = logging.getLogger(__name__)
 
 
 LOAD_TIME = "chosen when the model loads; requests cannot change it"
-_current_timer: contextvars.ContextVar["EditTimer | None"] = contextvars.ContextVar("kontext_edit_timer", default=None)
+# A warm-up edit (engine/warmup.py, build_variant) runs two transformer calls per shape: cudagraph
+# trees run a new shape once before they record it.
+WARMUP_STEPS = 2
 
 
 class EditCancelled(Exception):
@@ -94,6 +96,7 @@ class KontextEngine:
         self.variants = VariantCache(loaded.pipe, loaded.device, loaded.dtype, env, max_variants=max_variants)
         self.clock = Clock(loaded.device)
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
+        self._build_lock = threading.Lock()  # one background build at a time (build_variant)
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
         self._apply_load_stages()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
@@ -192,8 +195,41 @@ class KontextEngine:
     ) -> EditResult:
         """Run one edit. `should_stop` is polled after every denoising step; when it returns True the
         edit raises EditCancelled there, so an abandoned request stops using the GPU."""
-        with self._lock:
-            prepared = self.prepare(request, config)
+        with self._lock:  # one edit at a time; a variant build may run beside it (build_variant)
+            return self._edit(request, config, progress, should_stop)
+
+    # -- building beside the edits ----------------------------------------------------------------
+    @property
+    def builds_beside_edits(self) -> bool:
+        """Whether a variant may be built and warmed on another thread while edits run: not when
+        weights move between host and GPU during an edit (group offload, offloaded text encoders:
+        their hooks are not made for two threads)."""
+        knobs = self._loaded_knobs
+        return not knobs.get("transformer_offload") and knobs.get("text_encoders", "resident") != "offloaded"
+
+    def variant_for(self, request: EditRequest, config: OptimizationConfig | None = None) -> tuple[tuple, bool]:
+        """(the variant an edit of `request` with `config` runs on, whether it is ready: built, and
+        compiled if compile is on). Reads only: nothing is loaded or built."""
+        named = tuple(choice for choice in request.loras if choice.scale != 0)
+        effective = self.resolve(self.with_lora(config or self.default_config, named)).effective
+        return self.variants.execution_key(effective), self.variants.is_ready(effective)
+
+    def build_variant(self, request: EditRequest, config: OptimizationConfig | None = None) -> float:
+        """Build the variant `request` runs on and run a two-step edit of its shape on it, where a
+        compiled variant compiles; the seconds it took. Beside `edit`, on another thread: builds take
+        turns among themselves, never with edits."""
+        started = time.perf_counter()
+        merging = self.loras.settings.merges  # merged weights are the serving thread's: the warm-up runs without adapters
+        warm = dataclasses.replace(request, steps=WARMUP_STEPS, seed=0, loras=() if merging else request.loras)
+        with self._build_lock:
+            self._edit(warm, config, background=True)
+        return time.perf_counter() - started
+
+    def _edit(
+        self, request: EditRequest, config: OptimizationConfig | None, progress: bool = False, should_stop=None, background: bool = False
+    ) -> EditResult:
+        prepared = self.prepare(request, config, background)
+        try:
             timer = EditTimer(self.clock)
             first_use = prepared.variant.first_call_s is None
             prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
@@ -206,8 +242,10 @@ class KontextEngine:
             timings = timer.finish(variant_build_s=prepared.build_s, lora_load_s=prepared.lora_load_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
-            if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
-                self.loras.record_swap(prepared.stage_state.extras["lora"]["swap_s"])
+        finally:
+            self.variants.release(prepared.variant)
+        if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
+            self.loras.record_swap(prepared.stage_state.extras["lora"]["swap_s"])
         return EditResult(
             images=images,
             seed=prepared.seed,
@@ -228,30 +266,36 @@ class KontextEngine:
             warnings=list(prepared.resolved.notes),
         )
 
-    def prepare(self, request: EditRequest, config: OptimizationConfig | None = None) -> PreparedEdit:
-        """Resolve the config, fetch or build its variant, run the stages' REQUEST phase, and decide
-        size, seed, steps and sampler: everything but the GPU work."""
+    def prepare(self, request: EditRequest, config: OptimizationConfig | None = None, background: bool = False) -> PreparedEdit:
+        """Resolve the config, fetch or build its variant (pinned until the edit releases it), run the
+        stages' REQUEST phase, and decide size, seed, steps and sampler: everything but the GPU work."""
         loads: list[tuple[str, float]] = []
         loras = self.loras.pick(request.loras, loads)  # loads a named adapter on its first use
         resolved = self.resolve(self.with_lora(config or self.default_config, loras))
         if loras and not resolved.report("lora").active:  # never run a request without the adapters it named
             raise LoraError(f"LoRA adapters cannot run here: {resolved.report('lora').reason}", field="loras")
         effective = resolved.effective
-        pipe, variant, build_s = self.variants.pipeline_for(effective)  # WEIGHTS, EXECUTION and VAE phases, cached
-        input_size = request.image.size if request.image else None
-        width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
-        latent_cell = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 latent patches per token
-        base_scheduler = self.loaded.pipe.scheduler
-        run = RequestContext(
-            pipe.transformer,
-            true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None,
-            output_tokens=(height // latent_cell) * (width // latent_cell),
-            loras=loras,
-            scheduler=type(base_scheduler).from_config(base_scheduler.config),  # samplers keep state: a fresh one per request
-            variant_key=variant.key,
-            merged=self.variants.merged,
-        )
-        apply(Phase.REQUEST, run, effective)  # the sampler, the adapters, the cache state
+        pipe, variant, build_s = self.variants.pipeline_for(effective, pin=True)  # WEIGHTS, EXECUTION and VAE phases, cached
+        try:
+            input_size = request.image.size if request.image else None
+            width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
+            latent_cell = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 latent patches per token
+            base_scheduler = self.loaded.pipe.scheduler
+            run = RequestContext(
+                pipe.transformer,
+                true_cfg=request.true_cfg_scale > 1 and request.negative_prompt is not None,
+                output_tokens=(height // latent_cell) * (width // latent_cell),
+                loras=loras,
+                scheduler=type(base_scheduler).from_config(base_scheduler.config),  # samplers keep state: a fresh one per request
+                variant_key=variant.key,
+                merged=self.variants.merged,
+                background=background,
+            )
+            apply(Phase.REQUEST, run, effective)  # the sampler, the adapters, the cache state
+            image = self._conditioning_image(request.image, width, height)
+        except BaseException:
+            self.variants.release(variant)  # the edit that pinned it will not run
+            raise
         pipe.scheduler = run.scheduler
         if loads:
             run.extras.setdefault("lora", {})["loaded"] = [{"name": name, "load_s": round(seconds, 4)} for name, seconds in loads]
@@ -266,7 +310,7 @@ class KontextEngine:
             seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
             width=width,
             height=height,
-            image=self._conditioning_image(request.image, width, height),
+            image=image,
             lora_load_s=sum(seconds for _, seconds in loads),
         )
 
@@ -290,7 +334,7 @@ class KontextEngine:
                 raise EditCancelled(f"stopped after step {index + 1} of {steps}")
             return {}
 
-        with _instrumented(pipe, timer), contextlib.ExitStack() as stack:
+        with instrumented(pipe, timer), contextlib.ExitStack() as stack:
             for context in prepared.stage_state.contexts:
                 stack.enter_context(context)
             return pipe(
@@ -346,37 +390,3 @@ def _as_loaded(config: OptimizationConfig, loaded: LoadedModel, env: Environment
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(config: OptimizationConfig, env: Environment) -> ResolvedConfig:
     return resolve(config, env)
-
-
-def _step_started(module, args) -> None:
-    timer = _current_timer.get()
-    if timer is not None:
-        timer.transformer_called()
-
-
-@contextlib.contextmanager
-def _instrumented(pipe: FluxKontextPipeline, timer: EditTimer):
-    """Timing marks around the pipeline's own text and VAE encoders and each transformer step.
-
-    The step mark is a hook that stays on the transformer and reads the edit's timer from a context
-    variable: a hook added per edit would be copied into any variant cloned from this module while
-    the edit runs (a build on another thread), with this edit's timer in it."""
-    encode_prompt, encode_vae_image = pipe.encode_prompt, pipe._encode_vae_image
-
-    def timed_encode_prompt(*args, **kwargs):
-        with timer.span("text_encode"):
-            return encode_prompt(*args, **kwargs)
-
-    def timed_encode_vae_image(*args, **kwargs):
-        with timer.span("vae_encode"):
-            return encode_vae_image(*args, **kwargs)
-
-    pipe.encode_prompt, pipe._encode_vae_image = timed_encode_prompt, timed_encode_vae_image
-    if not getattr(pipe.transformer, "_kontext_step_hook", False):
-        pipe.transformer.register_forward_pre_hook(_step_started)
-        pipe.transformer._kontext_step_hook = True
-    token = _current_timer.set(timer)
-    try:
-        yield
-    finally:
-        _current_timer.reset(token)

@@ -17,10 +17,6 @@ DEFAULT_LORA_DIR = Path.home() / ".cache" / "flux-kontext-optimized" / "loras"
 GROUP = "LoRA adapters (requests name them; files live in one directory)"
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return (text,)
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     """How adapters run (`mode`), and the limits. In slots mode, slots and rank decide the LoRA
@@ -55,7 +51,6 @@ class LoraSettings:
         flag="--preload-lora",
         metavar="NAME",
         repeat=True,
-        parse=_names,
     )
 
     def __post_init__(self):

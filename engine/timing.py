@@ -8,6 +8,7 @@ intervals. On a CPU a mark is simply perf_counter().
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -111,3 +112,40 @@ class EditTimer:
             variant_build_s=variant_build_s,
             lora_load_s=lora_load_s,
         )
+
+
+_current_timer: contextvars.ContextVar["EditTimer | None"] = contextvars.ContextVar("kontext_edit_timer", default=None)
+
+
+def _step_started(module, args) -> None:
+    timer = _current_timer.get()
+    if timer is not None:
+        timer.transformer_called()
+
+
+@contextlib.contextmanager
+def instrumented(pipe, timer: EditTimer):
+    """Timing marks around the pipeline's own text and VAE encoders and each transformer step.
+
+    The step mark is a hook that stays on the transformer and reads the edit's timer from a context
+    variable: a hook added per edit would be copied into any variant cloned from this module while
+    the edit runs (a build on another thread), with this edit's timer in it."""
+    encode_prompt, encode_vae_image = pipe.encode_prompt, pipe._encode_vae_image
+
+    def timed_encode_prompt(*args, **kwargs):
+        with timer.span("text_encode"):
+            return encode_prompt(*args, **kwargs)
+
+    def timed_encode_vae_image(*args, **kwargs):
+        with timer.span("vae_encode"):
+            return encode_vae_image(*args, **kwargs)
+
+    pipe.encode_prompt, pipe._encode_vae_image = timed_encode_prompt, timed_encode_vae_image
+    if not getattr(pipe.transformer, "_kontext_step_hook", False):
+        pipe.transformer.register_forward_pre_hook(_step_started)
+        pipe.transformer._kontext_step_hook = True
+    token = _current_timer.set(timer)
+    try:
+        yield
+    finally:
+        _current_timer.reset(token)

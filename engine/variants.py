@@ -12,6 +12,10 @@ no weight memory, and two execution variants on FP8 share one set of FP8 weights
 no resident variant references (the bf16 Linear weights behind an FP8 variant, the unfused Q/K/V
 behind a fused one) are moved to host memory and brought back only when a variant needs them, so
 bf16 and FP8 copies of a layer are never both resident unless both are in use.
+
+A variant may be built on one thread while another runs an edit on a resident one (the service's
+build thread): builds take turns under one lock, and a variant in use by an edit is pinned, so it is
+neither evicted nor has its base weights moved while it runs (`pipeline_for` pins, `release` unpins).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Variant:
     build_s: float
     notes: list[str]
     uses: int = 0
+    pins: int = 0  # edits running on it now: a pinned variant is never evicted
     first_call_s: float | None = None  # the first edit on a compiled variant includes compilation
     parent_key: tuple = ()  # the weight variant an execution variant was cloned from
 
@@ -99,15 +104,17 @@ class VariantCache:
         self._vaes: OrderedDict[tuple, Variant] = OrderedDict()
         self._executions: OrderedDict[tuple, Variant] = OrderedDict()
         self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
-        self._report_lock = threading.Lock()  # /health reads the report while the GPU worker changes the cache
+        self._report_lock = threading.Lock()  # the dictionaries: /health reads while edits and builds change them
+        self._build_lock = threading.RLock()  # one build at a time, whichever thread asks
         # LoRA merge mode's adapters live in the weights the variants share: builds, evictions and
         # residency moves happen only on base values, under its lock (stages/lora_merge.py)
         self.merged = MergedLoras()
 
     # -- public -----------------------------------------------------------------------------------
-    def pipeline_for(self, config: OptimizationConfig) -> tuple[FluxKontextPipeline, Variant, float]:
-        """A pipeline that runs `config` (already resolved for this machine), its execution variant,
-        and the seconds spent building variants for it (0 when everything was cached).
+    def pipeline_for(self, config: OptimizationConfig, pin: bool = False) -> tuple[FluxKontextPipeline, Variant, float]:
+        """A pipeline that runs `config` (already resolved for this machine), its execution variant
+        (with `pin`, pinned until `release`: the engine's edits), and the seconds spent building
+        variants for it (0 when everything was cached).
 
         This is flux-fast's `optimize()` with a cache per part: the transformer's weights (WEIGHTS
         phase: fusion, the split projection, quantization), then its execution (EXECUTION phase: LoRA
@@ -115,24 +122,30 @@ class VariantCache:
         compile, CUDA graphs), then the VAE (VAE phase); stages/registry.py orders the stages within
         a phase. The LOAD phase ran once on the base model, the REQUEST phase runs per edit."""
         start = time.perf_counter()
-        built = False
-        exec_key = self.execution_key(config)
-        execution = self._executions.get(exec_key)
-        if execution is None:
-            with self.merged.lock:  # builds, evictions and residency moves see base weights only
+        exec_key, vae_key = self.execution_key(config), phase_key(config, Phase.VAE)
+        execution, vae = self._pinned(exec_key, vae_key)
+        built = execution is None or (vae_key and vae is None)
+        if built:
+            with self._build_lock, self.merged.lock:  # builds, evictions and residency moves see base weights only
                 self.merged.restore()
-                weights = self._weight_variant(config, phase_key(config, Phase.WEIGHTS))
-                execution = self._build(exec_key, weights.module, config, Phase.EXECUTION, clone=bool(phase_key(config, Phase.EXECUTION)))
-                execution.parent_key = weights.key
+                if self._executions.get(exec_key) is None:
+                    weights = self._weight_variant(config, phase_key(config, Phase.WEIGHTS))
+                    clone = bool(phase_key(config, Phase.EXECUTION))
+                    created = self._build(exec_key, weights.module, config, Phase.EXECUTION, clone=clone)
+                    created.parent_key = weights.key
+                    with self._report_lock:
+                        self._executions[exec_key] = created
+                if vae_key and self._vaes.get(vae_key) is None:
+                    # The VAE is small (about 1% of the model): a private copy is simpler than tracking in-place conversions.
+                    created = self._build(vae_key, self.base.vae, config, Phase.VAE, clone=True, own_tensors=True)
+                    with self._report_lock:
+                        self._vaes[vae_key] = created
+                if execution is not None:
+                    self.release(execution)
+                execution, vae = self._pinned(exec_key, vae_key)
                 with self._report_lock:
-                    self._executions[exec_key] = execution
                     self._evict()
                 self._settle_base_residency()
-            built = True
-        with self._report_lock:
-            self._executions.move_to_end(exec_key)
-            execution.uses += 1
-        vae, vae_built = self._vae_variant(config)
         pipe = FluxKontextPipeline(
             scheduler=self.base.scheduler,
             vae=vae.module if vae else self.base.vae,
@@ -143,7 +156,37 @@ class VariantCache:
             transformer=execution.module,
         )
         pipe.set_progress_bar_config(disable=True)
-        return pipe, execution, (time.perf_counter() - start) if (built or vae_built) else 0.0
+        if not pin:
+            self.release(execution)
+        return pipe, execution, (time.perf_counter() - start) if built else 0.0
+
+    def release(self, execution: Variant) -> None:
+        """An edit on `execution` is done: it may be evicted again."""
+        with self._report_lock:
+            execution.pins -= 1
+
+    def is_ready(self, config: OptimizationConfig) -> bool:
+        """True when an edit with `config` would neither build a variant nor compile one on its first call."""
+        exec_key, vae_key = self.execution_key(config), phase_key(config, Phase.VAE)
+        if not exec_key and not vae_key:
+            return True  # the base model itself: nothing to build
+        with self._report_lock:
+            execution = self._executions.get(exec_key)
+            vae_present = not vae_key or vae_key in self._vaes
+        return execution is not None and vae_present and (not config.compile or execution.first_call_s is not None)
+
+    def _pinned(self, exec_key: tuple, vae_key: tuple) -> tuple[Variant | None, Variant | None]:
+        """The resident execution variant (pinned) and VAE variant for these keys, marked as used."""
+        with self._report_lock:
+            execution, vae = self._executions.get(exec_key), self._vaes.get(vae_key) if vae_key else None
+            if execution is not None:
+                self._executions.move_to_end(exec_key)
+                execution.uses += 1
+                execution.pins += 1
+            if vae is not None:
+                self._vaes.move_to_end(vae_key)
+                vae.uses += 1
+            return execution, vae
 
     @staticmethod
     def execution_key(config: OptimizationConfig) -> tuple:
@@ -186,28 +229,18 @@ class VariantCache:
                 self._weights[key] = variant
         return variant
 
-    def _vae_variant(self, config: OptimizationConfig) -> tuple[Variant | None, bool]:
-        key = phase_key(config, Phase.VAE)
-        if not key:
-            return None, False
-        variant, built = self._vaes.get(key), False
-        if variant is None:
-            # The VAE is small (about 1% of the model): a private copy is simpler than tracking in-place conversions.
-            variant, built = self._build(key, self.base.vae, config, Phase.VAE, clone=True, own_tensors=True), True
-        with self._report_lock:
-            self._vaes[key] = variant
-            while len(self._vaes) > self.max_variants:
-                self._vaes.popitem(last=False)
-            self._vaes.move_to_end(key)
-            variant.uses += 1
-        return variant, built
-
     # -- memory -----------------------------------------------------------------------------------
     def _evict(self) -> None:
-        """Under the report lock: drop the least recently used execution variants and orphaned weights."""
+        """Under the report lock: drop the least recently used execution variants that no edit is
+        running on, the VAE variants beyond the limit, and the weights no execution variant uses."""
         while len(self._executions) > self.max_variants:
-            key, _ = self._executions.popitem(last=False)
+            key = next((key for key, variant in self._executions.items() if variant.pins == 0), None)
+            if key is None:
+                break  # every variant is in use: one more until an edit ends
+            del self._executions[key]
             log.info("evicting the least recently used variant %s", key)
+        while len(self._vaes) > self.max_variants:
+            self._vaes.popitem(last=False)
         live = {execution.parent_key for execution in self._executions.values()}
         for weights_key in [key for key in self._weights if key not in live]:
             del self._weights[weights_key]
@@ -217,7 +250,9 @@ class VariantCache:
         if self.device.type != "cuda":
             return
         in_use = set()
-        for variant in itertools.chain(self._weights.values(), self._executions.values()):
+        with self._report_lock:
+            variants = list(itertools.chain(self._weights.values(), self._executions.values()))
+        for variant in variants:
             in_use.update(id(t) for t in itertools.chain(variant.module.parameters(), variant.module.buffers()))
         moved = 0
         for name, owner, attr, tensor in _named_tensor_slots(self.base.transformer):

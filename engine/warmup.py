@@ -18,14 +18,11 @@ from PIL import Image
 
 from stages.config import OptimizationConfig
 
-from .engine import KontextEngine
+from .engine import WARMUP_STEPS, KontextEngine
 from .requests import EditRequest, LoraChoice
 from .sizes import KONTEXT_RESOLUTIONS
 
 log = logging.getLogger(__name__)
-
-# Two transformer calls per shape: cudagraph trees run a new shape once before they record it.
-WARMUP_STEPS = 2
 
 
 @dataclass(frozen=True)

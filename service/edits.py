@@ -20,7 +20,7 @@ from engine.sizes import output_size
 from .engine_calls import CheckLoras, EditCall
 from .errors import APIError, from_lora_error, invalid
 from .images import MEDIA_TYPES, DecodedImage, decode_image, encode_image
-from .jobs import ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerDied, WorkerStopped
+from .jobs import BuildLimit, ClientGone, GpuOutOfMemory, Job, JobFailed, JobTimeout, QueueFull, WorkerDied, WorkerStopped
 from .optimizations import MergedConfig, merge
 from .runtime import Service
 from .schemas import InferenceRequest
@@ -132,7 +132,10 @@ async def run_edit(service: Service, request: Request, prepared: PreparedEdit, a
     """Through the GPU queue, with the request's deadline counted from its arrival."""
     settings = service.settings
     deadline = arrived + settings.request_timeout
-    call = EditCall(prepared.edit, prepared.merged.config, deadline)  # stops at the next step once the deadline has passed
+    client = request.client.host if request.client else ""
+    call = EditCall(prepared.edit, prepared.merged.config, deadline, client)  # stops at the next step once the deadline has passed
+    if service.model.lora.merges:  # requests with the adapter set an engine holds may run first (service/worker.py)
+        call.affinity = (call.config, tuple((choice.name, choice.scale) for choice in prepared.edit.loras))
     edit = prepared.edit
     size = f"{edit.width or 'auto'}x{edit.height or 'auto'}, {edit.num_images} image(s)"
     with worker_errors(service, request, "edit", size, "retry, or ask for a smaller size or fewer images"):
@@ -150,6 +153,8 @@ def worker_errors(service: Service, request: Request, what: str, context: str, o
     settings = service.settings
     try:
         yield
+    except BuildLimit as limit:
+        raise APIError(429, "build_limit", str(limit), field="optimizations", headers={"Retry-After": str(limit.retry_after)}) from None
     except QueueFull as full:
         raise APIError(
             429,

@@ -36,13 +36,21 @@ class EditCall:
     request: EditRequest  # the decoded input image travels as pixels (PIL pickles its raw bytes)
     config: OptimizationConfig
     deadline: float  # time.monotonic(): one clock for every process of a Linux host
+    client: str = ""  # who asked (an address): what a variant build is counted against (service/builds.py)
+    affinity: tuple | None = None  # merge mode: the config and adapter set, so that equal sets run together (service/worker.py)
+    waited_for_build: bool = False  # the build lane built this call's variant first (service/builds.py)
+    build_s: float | None = None  # what that build took, build and compile (None: it failed; the edit builds in turn)
 
     def run(self, engine, job: JobContext) -> EditResult:
         # Past the deadline nobody waits for the answer: stop at the next step instead of finishing.
         try:
-            return engine.edit(self.request, self.config, should_stop=lambda: time.monotonic() > self.deadline)
+            result = engine.edit(self.request, self.config, should_stop=lambda: time.monotonic() > self.deadline)
         except LoraError as refused:  # the request's adapter was unloaded before its turn: a 4xx, not a crash
             raise JobRefused(refused) from None
+        if self.build_s is not None:  # built and compiled beside the serving thread while this call waited
+            result.timings.variant_build_s = self.build_s
+            result.variant.update(build_s=round(self.build_s, 3), built_beside_edits=True)
+        return result
 
 
 @dataclass

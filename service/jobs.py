@@ -74,6 +74,17 @@ class WorkerDied(Exception):
     """The worker process running this job died; the job is not retried (it may have caused it)."""
 
 
+class BuildLimit(Exception):
+    """The client has caused as many variant builds as it may in the window (a 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, retry_after)  # both in args: the exception pickles across processes
+        self.message, self.retry_after = message, retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class JobContext(Protocol):
     """What a running call may ask of the worker that runs it."""
 
@@ -106,10 +117,11 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
-    state: str = "queued"  # queued -> running -> done | failed; queued -> cancelled
+    state: str = "queued"  # queued [-> building -> queued] -> running -> done | failed; queued | building -> cancelled
     result: Any = None
     error: BaseException | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)  # asked to stop at its next safe point
+    passed_over: int = 0  # later jobs that ran before it to keep an engine's adapter set (service/worker.py)
 
     @property
     def kind(self) -> str:
@@ -118,6 +130,11 @@ class Job:
     @property
     def deadline(self) -> float:
         return getattr(self.call, "deadline", float("inf"))
+
+    @property
+    def affinity(self):
+        """What an engine must hold to run this job without a swap (merge mode: the adapter set); None: anything."""
+        return getattr(self.call, "affinity", None)
 
     @property
     def queue_s(self) -> float:

@@ -52,6 +52,7 @@ class ServiceMetrics:
         self.images = Counter("kontext_images_generated_total", "Images produced", registry=r)
         self.running = Gauge("kontext_jobs_running", "Jobs running on the GPU worker (0 or 1)", registry=r)
         self.waiting = Gauge("kontext_jobs_waiting", "Jobs waiting in the queue", registry=r)
+        self.building = Gauge("kontext_jobs_building", "Jobs waiting for their variant to be built beside the serving thread", registry=r)
         self.ready = Gauge("kontext_ready", "1 when the model is loaded and warm and the server is not draining", registry=r)
         self.cache_calls = Counter(
             "kontext_first_block_cache_calls_total",
@@ -95,6 +96,7 @@ class ServiceMetrics:
         self,
         waiting: Callable[[], float],
         running: Callable[[], float],
+        building: Callable[[], float],
         ready: Callable[[], float],
         memory: Callable[[], dict[str, int]],
         loras: Callable[[], tuple[int, int]] = lambda: (0, 0),
@@ -103,6 +105,7 @@ class ServiceMetrics:
         `loras` gives (adapters loaded, their bytes)."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)
+        self.building.set_function(building)
         self.ready.set_function(ready)
         self.loras_loaded.set_function(lambda: loras()[0])
         self.lora_memory.set_function(lambda: loras()[1])

@@ -29,8 +29,10 @@ class WorkerProcess:
     status: dict = field(default_factory=dict)  # memory, variants and adapters after its latest job
     last_exit: dict | None = None
     sent: dict[int, Job] = field(default_factory=dict)  # handed over, not started
+    building: dict[int, Job] = field(default_factory=dict)  # waiting there for their variant's build: no slot taken
     running: dict[int, Job] = field(default_factory=dict)  # acked as started
     asks: dict[int, Callable] = field(default_factory=dict)  # read-only calls sent, not answered: id -> resolve
+    holding: Any = None  # the affinity of the last job sent to it: what its engine holds (merge mode: an adapter set)
 
     @property
     def load(self) -> int:
@@ -49,6 +51,7 @@ class WorkerProcess:
             "running": running.kind if running else None,
             "running_for_s": round(running.run_s, 3) if running else None,
             "buffered": len(self.sent),
+            "building": len(self.building),
             "completed": self.completed,
             "error": self.error,
             "last_exit": self.last_exit,

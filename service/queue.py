@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from .builds import BuildLane
 from .engine_calls import DescribeEngine, EngineStatus
-from .jobs import Job, Unattended, execute
+from .jobs import BuildLimit, Job, Outcome, Unattended, execute
 from .metrics import ServiceMetrics
 from .startup import start_engine
 from .worker import Worker
@@ -42,6 +43,8 @@ class GpuWorker(Worker):
         self.loader, self.settings, self.engine = loader, settings, engine
         self._running: Job | None = None
         self._thread: threading.Thread | None = None
+        self.lane: BuildLane | None = None  # variant builds beside this thread, once the engine is up
+        self._holding = None  # the affinity of the last job run: what the engine holds (merge mode: an adapter set)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -62,6 +65,7 @@ class GpuWorker(Worker):
             self.on_event("failed", error)
             return
         self.description = DescribeEngine().run(self.engine, Unattended())
+        self.lane = BuildLane(self.engine, self.settings, self._rejoin)
         self.on_event("ready", startup)
         self._serve()
 
@@ -100,9 +104,9 @@ class GpuWorker(Worker):
                     self._cond.wait()
                 if not self._jobs:  # stopping and nothing left
                     return
-                job = self._jobs.popleft()
-                self._begin(job)
-            self._run(job, outer=None)
+            job = self._take(lambda waiting: self._pick(list(waiting), self._holding))
+            if job is not None:
+                self._run(job, outer=None)
 
     def run_waiting(self, yielding: Job) -> int:
         """Called by a long job on the worker thread between two of its pieces of work: run the jobs
@@ -110,27 +114,55 @@ class GpuWorker(Worker):
         if threading.current_thread() is not self._thread:
             raise RuntimeError("run_waiting belongs to the worker thread")
         served = 0
-        while True:
+        while not self._stopping:
             with self._cond:
-                job = next((waiting for waiting in self._jobs if waiting.kind != yielding.kind), None)
-                if job is None or self._stopping:
+                if not any(waiting.kind != yielding.kind for waiting in self._jobs):
                     return served
-                self._jobs.remove(job)
+            job = self._take(
+                lambda waiting: self._pick([job for job in waiting if job.kind != yielding.kind], self._holding), outer=yielding
+            )
+            if job is not None:
+                self._run(job, outer=yielding)
+                served += 1
+        return served
+
+    def _take(self, choose, outer: Job | None = None) -> Job | None:
+        """The next job to run, taken from the queue and begun, as `choose(queue)` picks it; None when
+        the pick went to wait for its variant's build instead (or was refused: its client may cause
+        no more builds)."""
+        with self._cond:
+            job = choose(self._jobs)
+            if job is None:
+                return None
+            self._jobs.remove(job)
+            try:
+                if self.lane is not None and self.lane.divert(job, job.call):
+                    job.state = "building"
+                    self._building.append(job)
+                    return None
+            except BuildLimit as limit:
+                refused = limit
+            else:
                 self._begin(job)
-            self._run(job, outer=yielding)
-            served += 1
+                return job
+        self._finish(job, Outcome("refused", error=refused), outer)
+        return None
 
     def _begin(self, job: Job) -> None:
         """Under the lock: `job` leaves the queue and runs."""
         job.state = "running"
         job.started_at = time.monotonic()
         self._running = job
+        if job.affinity is not None:
+            self._holding = job.affinity
 
     def _run(self, job: Job, outer: Job | None) -> None:
         """Run a job that `_begin` started, record it, then hand the worker back to `outer`."""
         if self.metrics:
             self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
-        outcome = execute(job.call, self.engine, _Context(self, job))
+        self._finish(job, execute(job.call, self.engine, _Context(self, job)), outer)
+
+    def _finish(self, job: Job, outcome: Outcome, outer: Job | None) -> None:
         with self._cond:
             job.result, job.error = outcome.result, outcome.error
             job.finished_at = time.monotonic()

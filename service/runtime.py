@@ -67,6 +67,7 @@ class Service:
         self.metrics.bind(
             waiting=lambda: self.worker.waiting,
             running=lambda: len(self.worker.running),
+            building=lambda: self.worker.building,
             ready=lambda: 1 if self.ready else 0,
             memory=self.worker.gpu_memory_bytes,
             loras=lambda: self.worker.engine_status().get("lora_counts", (0, 0)),

@@ -10,16 +10,17 @@ waits, the drain timeout bounds how long a shutdown takes.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from engine.setting import declared_fields, setting
-from stages.config import PRESETS, parse_presets
+from stages.config import PRESETS, USER_FIELDS, OptimizationConfig, parse_presets
 
 API_KEY_ENV_DEFAULT = "FLUX_KONTEXT_API_KEY"
 LOOPBACK_NAMES = ("localhost",)
-SERVER, LOAD, LIMITS, SECURITY, BENCHMARK = "server", "load and timeouts", "input limits", "security", "/benchmark"
+SERVER, LOAD, VARIANTS, LIMITS, SECURITY, BENCHMARK = "server", "load and timeouts", "variants", "input limits", "security", "/benchmark"
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -28,6 +29,25 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 def _presets(text: str) -> tuple[int, ...]:
     return tuple(parse_presets(text))
+
+
+def optimization_overrides(text: str) -> dict:
+    """A JSON object of optimization knobs, as a request's `optimizations` (--warm-variants)."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{text!r} is not a JSON object ({error.msg})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{text!r} is not a JSON object of optimization knobs")
+    unknown = sorted(set(overrides) - set(USER_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown optimization knob(s) {', '.join(unknown)}; known: {', '.join(USER_FIELDS)}")
+    OptimizationConfig().with_changes(**overrides)  # the values too (a ValueError names the field)
+    return overrides
+
+
+def _overrides_text(text: str) -> str:
+    return json.dumps(optimization_overrides(text), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,26 @@ class ServiceSettings:
         "each new combination builds a variant, and compile takes minutes per new shape",
         LOAD,
         public=True,
+    )
+    # -- variants -----------------------------------------------------------------------------------------
+    background_builds: bool = setting(
+        True,
+        "build the variant a request asks for, and compile it with a short edit, on a thread beside the one serving requests on "
+        "built variants, which never wait for it; off: builds run in turn with edits",
+        VARIANTS,
+        public=True,
+    )
+    variant_builds_per_hour: int = setting(
+        10, "variant builds one client (by address) may cause in an hour; beyond: 429 with Retry-After (0: no limit)", VARIANTS, public=True
+    )
+    warm_variants: tuple[str, ...] = setting(
+        tuple,
+        'an optimizations object (JSON, as in a request: \'{"quantization": "none"}\') whose variant is built and warmed at every '
+        "shape before /ready (repeatable); each counts against --max-variants",
+        VARIANTS,
+        repeat=True,
+        parse=_overrides_text,
+        metavar="JSON",
     )
     # -- input limits -----------------------------------------------------------------------------------
     max_body_mb: float = setting(32.0, "request body cap in MiB, checked while it is read (413 beyond)", LIMITS, public=True)

@@ -1,9 +1,11 @@
 """Starting an engine before it takes traffic, the same in the in-process worker and in every worker
 process of `serve --gpus`: load the model, load a compile-artifact bundle, then warm up every shape a
-request can reach, so that no request after /ready pays a compile or a CUDA-graph recording."""
+request can reach, so that no request after /ready pays a compile or a CUDA-graph recording; then
+the same for each variant --warm-variants names, so that requests asking for one find it built."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,11 +26,23 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
         engine = loader()
         startup["load_s"] = round(time.perf_counter() - started, 2)
         log.info("model loaded in %.1f s: %s", startup["load_s"], engine.model_info.get("name"))
-    if settings.warmup:
+    wanted = [json.loads(text) for text in settings.warm_variants]
+    if wanted and len(wanted) + 1 > engine.variants.max_variants:  # the default variant stays resident too
+        raise ValueError(
+            f"--warm-variants names {len(wanted)} variant(s), but --max-variants {engine.variants.max_variants} keeps at most "
+            f"{engine.variants.max_variants - 1} beside the default one: raise --max-variants or name fewer"
+        )
+    if settings.warmup or wanted:
         on_phase("warming")
         startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts)
+    if settings.warmup:
         startup["warmup"] = warm_up(engine).as_dict()
-        startup["compile_counters"] = compile_counters()  # cache hits, misses, bypasses: what the warm-up compiled
+    for overrides in wanted:  # built and warmed at every shape, as the default one
+        report = warm_up(engine, engine.default_config.with_changes(**overrides))
+        startup.setdefault("warm_variants", []).append({"optimizations": overrides, **report.as_dict()})
+        log.info("warm variant %s: %d shapes in %.1f s", overrides, len(report.shapes), report.total_s)
+    if settings.warmup or wanted:
+        startup["compile_counters"] = compile_counters()  # cache hits, misses, bypasses: what the warm-ups compiled
     return engine, startup
 
 

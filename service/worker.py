@@ -32,6 +32,11 @@ from .metrics import ServiceMetrics
 
 log = logging.getLogger("flux_kontext.service.queue")
 
+# LoRA merge mode swaps adapters into the weights when the adapter set changes (0.2-0.4 s on an H100),
+# so a waiting request with the set the engine holds may run before older ones; each of those lets
+# at most this many pass it, so arrival order holds within that bound.
+GROUP_PASSES = 3
+
 
 def waiter() -> tuple[asyncio.Future, Callable[[Job], None]]:
     """A future on the running loop, and a callback any thread may call to resolve it with a job."""
@@ -53,6 +58,7 @@ class Worker(ABC):
         self.metrics = metrics
         self.poll_s = poll_s
         self._jobs: deque[Job] = deque()
+        self._building: list[Job] = []  # left the queue to wait for their variant's build (service/builds.py)
         self._cond = threading.Condition()
         self._stopping = False
         self._seconds_per_job: float | None = None  # moving average of user edits, for Retry-After
@@ -111,6 +117,11 @@ class Worker(ABC):
         return len(self._jobs)
 
     @property
+    def building(self) -> int:
+        """Jobs waiting for their variant to be built beside the serving thread."""
+        return len(self._building)
+
+    @property
     @abstractmethod
     def running(self) -> list[Job]:
         """The jobs running now."""
@@ -118,7 +129,7 @@ class Worker(ABC):
     @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._jobs and not self.running
+            return not self._jobs and not self._building and not self.running
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead times the average job, over the engines."""
@@ -132,6 +143,7 @@ class Worker(ABC):
             "waiting": self.waiting,
             "running": running[0].kind if len(running) == 1 else len(running) or None,
             "running_for_s": round(running[0].run_s, 3) if len(running) == 1 else None,
+            "building": self.building,
             "completed": self.completed,
             "seconds_per_job": round(self._seconds_per_job, 3) if self._seconds_per_job else None,
         }
@@ -152,14 +164,13 @@ class Worker(ABC):
         return job
 
     def cancel(self, job: Job, reason: str) -> bool:
-        """Drop a job that is still waiting (True); a running or finished job cannot be (False)."""
+        """Drop a job that is still waiting, in the queue or for its variant's build (True); a running
+        or finished job cannot be (False). A build goes on: its variant is still of use."""
         with self._cond:
-            if job.state != "queued":
+            waiting_in = self._jobs if job.state == "queued" else self._building if job.state == "building" else None
+            if waiting_in is None or job not in waiting_in:
                 return False
-            try:
-                self._jobs.remove(job)
-            except ValueError:
-                return False
+            waiting_in.remove(job)
             job.state = "cancelled"
         if self.metrics:
             self.metrics.jobs.labels(job.kind, f"cancelled_{reason}").inc()
@@ -199,6 +210,35 @@ class Worker(ABC):
         if job.error is not None:
             raise job.error
         return job.result, job
+
+    @staticmethod
+    def _pick(waiting: list[Job], holding) -> Job | None:
+        """Under the lock: which of `waiting` (in arrival order) an engine holding `holding` (its last
+        job's affinity) runs next: the first, unless a later one needs no swap and no job ahead of it
+        has been passed over GROUP_PASSES times yet."""
+        if not waiting:
+            return None
+        first = waiting[0]
+        if holding is None or first.affinity is None or first.affinity == holding:
+            return first
+        same = next((job for job in waiting if job.affinity == holding), None)
+        ahead = waiting[: waiting.index(same)] if same is not None else []
+        if same is None or any(job.passed_over >= GROUP_PASSES for job in ahead):
+            return first
+        for job in ahead:
+            job.passed_over += 1
+        return same
+
+    def _rejoin(self, job: Job) -> None:
+        """On the build lane's thread: `job`'s variant is built; it goes back to the front of the queue
+        (it has waited since before everything there), unless it was cancelled meanwhile."""
+        with self._cond:
+            if job.state != "building" or job not in self._building:
+                return
+            self._building.remove(job)
+            job.state = "queued"
+            self._jobs.appendleft(job)
+            self._queued()
 
     # -- finishing ------------------------------------------------------------------------------------
     def _drop_waiting(self) -> None:

@@ -88,9 +88,13 @@ class WorkerPool(Worker):
         return sum(1 for worker in self.workers if worker.state == "ready")
 
     @property
+    def building(self) -> int:
+        return sum(len(worker.building) for worker in self.workers)
+
+    @property
     def idle(self) -> bool:
         with self._cond:
-            return not self._jobs and not any(worker.sent or worker.running for worker in self.workers)
+            return not self._jobs and not any(worker.sent or worker.running or worker.building for worker in self.workers)
 
     def snapshot(self) -> dict:
         with self._cond:
@@ -159,11 +163,12 @@ class WorkerPool(Worker):
         if super().cancel(job, reason):
             return True
         with self._cond:
-            owner = next((worker for worker in self.workers if job in worker.sent.values()), None)
-            if owner is None or job.state != "queued":
+            owner = next((worker for worker in self.workers if job in (*worker.sent.values(), *worker.building.values())), None)
+            if owner is None or job.state not in ("queued", "building"):
                 return False
             job.state = "cancelled"  # keeps its slot until the worker skips it (or, in a race, runs it for nobody)
-            job_id = next(key for key, value in owner.sent.items() if value is job)
+            held = {**owner.sent, **owner.building}
+            job_id = next(key for key, value in held.items() if value is job)
             self._outgoing.append((owner, ("cancel", job_id)))
         if self.metrics:
             self.metrics.jobs.labels(job.kind, f"cancelled_{reason}").inc()
@@ -273,11 +278,17 @@ class WorkerPool(Worker):
                 worker.state, worker.error = "failed", message[1]
             log.error("worker %d could not load its engine: %s", worker.index, message[1])
             self._check_all_failed()
-        elif kind == "started":
+        elif kind == "building":  # its variant is being built beside that worker's edits: its slot is free
             with self._cond:
                 job = worker.sent.pop(message[1])
-                worker.running[message[1]] = job
+                worker.building[message[1]] = job
                 if job.state == "queued":
+                    job.state = "building"
+        elif kind == "started":
+            with self._cond:
+                job = worker.sent.pop(message[1], None) or worker.building.pop(message[1])
+                worker.running[message[1]] = job
+                if job.state in ("queued", "building"):
                     job.state, job.started_at = "running", time.monotonic()
             if self.metrics and job.state == "running":
                 self.metrics.queue_wait.labels(job.kind).observe(job.queue_s)
@@ -287,8 +298,8 @@ class WorkerPool(Worker):
                 job.on_progress(message[2], message[3])
         elif kind == "skipped":
             with self._cond:
-                job = worker.sent.pop(message[1], None)
-            if job is not None and job.state == "queued":  # its deadline passed before it could start
+                job = worker.sent.pop(message[1], None) or worker.building.pop(message[1], None)
+            if job is not None and job.state in ("queued", "building"):  # its deadline passed before it could start
                 self._finish_cancelled(job, "timeout", JobTimeout(job.queue_s, was_running=False))
         elif kind == "answer":
             resolve = worker.asks.pop(message[1], None)
@@ -313,7 +324,7 @@ class WorkerPool(Worker):
     def _finished(self, worker: WorkerProcess, message: tuple) -> None:
         job_id, status = message[1], message[-1]
         with self._cond:
-            job = worker.running.pop(job_id)
+            job = worker.running.pop(job_id, None) or worker.building.pop(job_id, None) or worker.sent.pop(job_id)  # refused before it ran
             worker.completed += 1
             worker.status = status
             self.completed += 1
@@ -340,11 +351,13 @@ class WorkerPool(Worker):
         for end in (worker.inbox, worker.outbox):
             end.close()
         with self._cond:
-            lost = [job for job in worker.running.values() if job.state == "running"]
+            # A job whose variant was being built may be what killed the worker: like a running job, it is not retried.
+            lost = [job for job in (*worker.running.values(), *worker.building.values()) if job.state in ("running", "building")]
             requeue = [job for job in worker.sent.values() if job.state == "queued" and job.target is None]
             stranded = [job for job in worker.sent.values() if job.state == "queued" and job.target is not None]
             asks, worker.asks = list(worker.asks.values()), {}
             worker.running.clear()
+            worker.building.clear()
             worker.sent.clear()
             self._jobs.extendleft(reversed(requeue))  # back to the front of the queue, in their order
             worker.process, worker.inbox, worker.outbox = None, None, None
@@ -400,19 +413,17 @@ class WorkerPool(Worker):
             self._send(worker, message)
 
     def _dispatch(self) -> None:
-        """Each waiting job, in order, to a ready worker with a free slot (its own, for a targeted job):
-        the least loaded, and one that is not busy with a long job when there is a choice."""
+        """Waiting jobs to ready workers with a free slot: the least loaded worker first (one not busy
+        with a long job when there is a choice), each taking the job it runs next among those it may
+        run (its own targeted ones, and untargeted ones; in merge mode, its adapter set first)."""
         while True:
             with self._cond:
+                free = [worker for worker in self.workers if worker.state == "ready" and worker.load < self.slots]
                 choice = None
-                for job in self._jobs:
-                    free = [
-                        worker
-                        for worker in self.workers
-                        if worker.state == "ready" and worker.load < self.slots and job.target in (None, worker.index)
-                    ]
-                    if free:
-                        choice = job, min(free, key=lambda worker: (worker.load, len(worker.running)))
+                for worker in sorted(free, key=lambda worker: (worker.load, len(worker.running))):
+                    job = self._pick([job for job in self._jobs if job.target in (None, worker.index)], worker.holding)
+                    if job is not None:
+                        choice = job, worker
                         break
                 if choice is None:
                     return
@@ -420,6 +431,8 @@ class WorkerPool(Worker):
                 self._jobs.remove(job)
                 job_id = next(self._ids)
                 worker.sent[job_id] = job
+                if job.affinity is not None:
+                    worker.holding = job.affinity
             self._send(worker, ("job", job_id, job.call))
 
     def _send(self, worker: WorkerProcess, message: tuple) -> None:

@@ -2,8 +2,8 @@
 
     front -> worker  ("job", id, call) | ("cancel", id) | ("halt", id) | ("ask", id, call) | ("stop",)
     worker -> front  ("ready", description, startup, status) | ("load_failed", message) | ("started", id)
-                     | ("progress", id, message, fraction) | ("skipped", id) | ("answer", id, ok, value)
-                     | ("done", id, result, status) | ("failed", id, outcome, error, status)
+                     | ("building", id) | ("progress", id, message, fraction) | ("skipped", id)
+                     | ("answer", id, ok, value) | ("done", id, result, status) | ("failed", id, outcome, error, status)
 
 The process pins its GPU (CUDA_VISIBLE_DEVICES) before anything can initialise CUDA, starts its
 engine as the in-process worker does (service/startup.py), says "ready", then runs the calls it is
@@ -13,7 +13,9 @@ never started) and which may not (the one it was running). A reader thread takes
 arrive: a cancel for a buffered job is seen before that job starts, a halt reaches a running
 benchmark, and an ask (a read-only call) is answered at once. A job past its deadline is skipped:
 its client has had its 504 already. A long job that yields (a benchmark) runs the jobs buffered here
-between its own pieces of work; the front keeps sending while it runs (service/worker_pool.py).
+between its own pieces of work; the front keeps sending while it runs (service/worker_pool.py). A
+job whose variant is not ready waits for it on this process's build lane (service/builds.py, as in
+the in-process worker): "building" tells the front that its slot is free meanwhile.
 """
 
 from __future__ import annotations
@@ -55,14 +57,17 @@ def worker_main(index: int, gpu: str | None, loader: Callable[[str], Any], setti
         log.error("worker %d could not load or warm up its engine", index, exc_info=error)
         outbox.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
-    _Server(engine, inbox, outbox).serve()
+    _Server(engine, inbox, outbox, settings).serve()
 
 
 class _Server:
     """The engine's side of the pipes: a reader thread that files messages, and the main thread that runs jobs."""
 
-    def __init__(self, engine, inbox, outbox):
+    def __init__(self, engine, inbox, outbox, settings):
+        from .builds import BuildLane
+
         self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.lane = BuildLane(engine, settings, self._rejoin)
         self.jobs: deque = deque()  # (id, call), in the order the front sent them
         self.cond = threading.Condition()
         self.cancelled: set[int] = set()
@@ -116,16 +121,29 @@ class _Server:
         except Exception as error:  # noqa: BLE001 - a read that failed: the front raises it for its caller
             self.send(("answer", ask_id, False, _portable(error)))
 
+    def _rejoin(self, token) -> None:
+        """On the build lane's thread: the job's variant is built; it runs next."""
+        with self.cond:
+            self.jobs.appendleft(token)
+            self.cond.notify()
+
     def run(self, job_id: int, call) -> None:
         from .engine_calls import EngineStatus
-        from .jobs import Unattended, execute
+        from .jobs import BuildLimit, Outcome, Unattended, execute
 
         if job_id in self.cancelled or time.monotonic() > getattr(call, "deadline", float("inf")):
             self.cancelled.discard(job_id)
             self.send(("skipped", job_id))
             return
-        self.send(("started", job_id))
-        outcome = execute(call, self.engine, _Context(self, job_id))
+        try:
+            if self.lane.divert((job_id, call), call):
+                self.send(("building", job_id))
+                return
+        except BuildLimit as limit:
+            outcome = Outcome("refused", error=limit)
+        else:
+            self.send(("started", job_id))
+            outcome = execute(call, self.engine, _Context(self, job_id))
         status = EngineStatus().run(self.engine, Unattended())
         if outcome.name == "ok":
             self.send(("done", job_id, outcome.result, status))

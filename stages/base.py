@@ -61,6 +61,7 @@ class RequestContext:
     default_steps: int = 28  # steps when the request names none: FluxKontextPipeline's default, unless a stage sets them
     variant_key: tuple = ()  # the execution variant that runs (what merged LoRA weights were merged through)
     merged: "MergedLoras | None" = None  # merge mode: the adapters in the variants' shared weights now
+    background: bool = False  # a variant's warm-up edit on the build thread, beside the serving thread's edits
     contexts: list[ContextManager] = field(default_factory=list)  # entered around the pipeline call
     extras: dict[str, Any] = field(default_factory=dict)  # per-stage statistics, reported in the result
 

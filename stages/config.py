@@ -175,7 +175,7 @@ class OptimizationConfig(BaseModel):
         ),
     ] = Field("euler", description="Sampler: euler (FlowMatch Euler, 28 steps), dpmpp_2m_karras (DPM-Solver++ 2M Karras, 14), unipc (20).")
     cuda_graphs: Annotated[
-        bool, Switch("variant", preset=5, phases=(Phase.EXECUTION,), legacy=(LegacyFlag("use_cuda_graphs", True, False),))
+        bool, Switch("variant", preset=5, phases=(Phase.EXECUTION, Phase.REQUEST), legacy=(LegacyFlag("use_cuda_graphs", True, False),))
     ] = Field(False, description="CUDA graph capture of the transformer blocks (through compile).")
     context_parallel: Annotated[int, Switch("variant", phases=(Phase.EXECUTION,))] = Field(
         1,

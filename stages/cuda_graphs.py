@@ -7,17 +7,37 @@ first-block cache's skip decision, stays eager, outside the captured regions, so
 still made every step. Each transformer call starts a new cudagraph-tree step, which tells Inductor
 that the previous step's outputs may be overwritten. Rules with compile and the cache backend:
 stages/rules.py.
+
+Inductor counts those step marks in one process-wide counter, while each thread records and replays
+its own graphs. An edit that runs beside the serving thread (a variant's warm-up on the build
+thread, `RequestContext.background`) therefore marks no steps: its marks would end the serving
+thread's graph generation in the middle of a step.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
 from .base import Requirements, Stage
 
+_marks_steps: contextvars.ContextVar[bool] = contextvars.ContextVar("kontext_cuda_graph_marks_steps", default=True)
+
 
 def _mark_step_begin(module, args):
-    torch.compiler.cudagraph_mark_step_begin()
+    if _marks_steps.get():
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+@contextlib.contextmanager
+def _unmarked():
+    token = _marks_steps.set(False)
+    try:
+        yield
+    finally:
+        _marks_steps.reset(token)
 
 
 class CudaGraphs(Stage):
@@ -35,3 +55,7 @@ class CudaGraphs(Stage):
     def apply_execution(self, transformer, config, build):
         transformer.register_forward_pre_hook(_mark_step_begin)
         build.note("cuda graphs: blocks captured on first call per shape")
+
+    def apply_request(self, run, config):
+        if run.background:
+            run.contexts.append(_unmarked())

@@ -51,6 +51,7 @@ class FirstBlockCache(Stage):
         if config.cache_backend == "para_attn":
             from para_attn.first_block_cache.diffusers_adapters.flux import apply_cache_on_transformer
 
+            import patches.para_attn_cache_context_per_thread  # noqa: F401  (one cache context per thread)
             import patches.para_attn_first_block_cache  # noqa: F401  (version-checked runtime fix)
 
             apply_cache_on_transformer(transformer)

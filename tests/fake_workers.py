@@ -20,7 +20,8 @@ def load_fake_engine(device: str):
         stage_status=lambda: [],
         memory_report=lambda: {},
         memory=lambda: {"device": device},
-        variants=SimpleNamespace(report=lambda: []),
+        variants=SimpleNamespace(report=lambda: [], max_variants=3),
+        builds_beside_edits=False,
         loras=SimpleNamespace(settings=None, loaded=lambda: [], report=lambda with_files=True: {}),
     )
 

@@ -102,16 +102,47 @@ def test_auto_backend_is_para_attn_when_installed(tiny_engine, photo):
     assert "para_attn backend" in next(r.detail for r in result.stages if r.name == "first_block_cache")
 
 
-def test_patch_refuses_an_unknown_para_attn_version(monkeypatch):
+@pytest.mark.parametrize("module", ["para_attn_first_block_cache", "para_attn_cache_context_per_thread"])
+def test_patch_refuses_an_unknown_para_attn_version(monkeypatch, module):
+    import importlib
     import importlib.metadata
 
     import patches
-    import patches.para_attn_first_block_cache as patch
 
+    patch = importlib.import_module(f"patches.{module}")
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.0" if name == "para-attn" else real_version(name))
-    with pytest.raises(patches.PatchVersionError, match="0.3.38"):
-        patch.apply()
+    patches.installed_version.cache_clear()  # versions are read once per process
+    try:
+        with pytest.raises(patches.PatchVersionError, match="0.3.38"):
+            patch.apply()
+    finally:
+        patches.installed_version.cache_clear()
+
+
+def test_each_thread_has_its_own_para_attn_cache_context():
+    """A variant's warm-up edit on the build thread and a request on the serving thread each keep
+    their own residuals (patches/para_attn_cache_context_per_thread.py)."""
+    import threading
+
+    from para_attn.first_block_cache import utils
+
+    import patches.para_attn_cache_context_per_thread  # noqa: F401
+
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        with utils.cache_context("build thread's"):
+            inside.set()
+            seen["other"] = utils.get_current_cache_context()
+
+    with utils.cache_context("serving thread's"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+        seen["here"] = utils.get_current_cache_context()
+    assert inside.is_set() and seen == {"other": "build thread's", "here": "serving thread's"}
+    assert utils.get_current_cache_context() is None
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def workers(url: str) -> list[dict]:
 
 
 def test_two_workers_serve_concurrent_requests_with_the_same_images(server):
+    built = post_all(server.url, [{**SMALL, "optimizations": {"fuse_qkv": True}}])[0]
+    assert built.status_code == 200 and built.json()["variant"]["built_beside_edits"], built.text[:300]  # a worker's build lane
     answers = post_all(server.url, [SMALL] * 6)
     assert [answer.status_code for answer in answers] == [200] * 6, [answer.text[:300] for answer in answers]
     images = {base64.b64decode(answer.json()["images"][0]) for answer in answers}

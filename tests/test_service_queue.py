@@ -154,13 +154,14 @@ class Step:
     action: Callable
     kind: str = "inference"
     deadline: float = field(default_factory=lambda: time.monotonic() + 20)
+    affinity: str | None = None
 
     def run(self, engine, job):
         return self.action(job)
 
 
-def idle_worker(tiny_engine) -> GpuWorker:
-    worker = GpuWorker(capacity=4, poll_s=0.05, engine=tiny_engine, settings=ServiceSettings(warmup=False))
+def idle_worker(tiny_engine, capacity: int = 4) -> GpuWorker:
+    worker = GpuWorker(capacity=capacity, poll_s=0.05, engine=tiny_engine, settings=ServiceSettings(warmup=False))
     worker.start()
     return worker
 
@@ -280,3 +281,33 @@ def test_a_benchmark_through_http_yields_to_an_edit(tiny_engine):
     assert answered.status_code == 200
     assert progress is not None  # the edit was answered while the benchmark still had edits to run
     assert len(benchmark_edits) < 3 + 4 * 3 + 3 * 3  # and the benchmark did not run to its end before it
+
+
+def test_merge_mode_runs_waiting_requests_with_the_held_adapter_set_first_within_a_bound(tiny_engine):
+    """In merge mode an edit carries its adapter set as its affinity: a waiting one with the set the
+    engine holds runs before older ones, but none waits behind more than GROUP_PASSES of those."""
+    from service.worker import GROUP_PASSES
+
+    worker = idle_worker(tiny_engine, capacity=8)
+    order: list[str] = []
+    gate = threading.Event()
+
+    def step(label: str, action=None) -> Step:
+        return Step(action or (lambda job: order.append(label)), affinity=label[0])
+
+    async def scenario():
+        first = asyncio.create_task(worker.run(step("A1", lambda job: (gate.wait(10), order.append("A1"))), time.monotonic() + 30))
+        while not worker.running:
+            await asyncio.sleep(0.01)
+        later = [asyncio.create_task(worker.run(step(label), time.monotonic() + 30)) for label in ("B1", "A2", "A3", "A4", "A5", "B2")]
+        while worker.waiting < len(later):
+            assert not any(task.done() for task in later), [task.exception() for task in later if task.done()]
+            await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *later)
+
+    asyncio.run(scenario())
+    worker.stop(5)
+    assert GROUP_PASSES == 3
+    # A2-A4 pass B1 (three times), then B1 runs; B2 now needs no swap and passes A5 once
+    assert order == ["A1", "A2", "A3", "A4", "B1", "B2", "A5"]
