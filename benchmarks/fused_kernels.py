@@ -248,25 +248,30 @@ def sweep() -> list[dict]:
         return tuple(torch.empty(1, TOKENS, HEADS, DIM, device=DEVICE, dtype=FP8) for _ in range(3))
 
     attention = [(qkv(TEXT), qkv(IMAGE), head_outputs(), torch.zeros(1, HEADS, device=DEVICE)) for _ in range(3)]
-    plans = [
-        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm, [2, 4, 8], "options"),
-        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual, [2, 4, 8], "options"),
-        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu, [4, 8, 16], "num_warps"),
-        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat, [4, 8, 16], "num_warps"),
-    ]
+
+    def timed(kernel: str, options: str, moved: int, launch: Callable, inputs: list[tuple]) -> dict:
+        ms = median_ms(launch, inputs)
+        return {"kernel": kernel, "options": options, "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)}
+
     results = []
-    for name, moved, launch, inputs, choices, keyword in plans:
-        width = inputs[0][-2].shape[-1]
-        for warps in choices:
-            if keyword == "options":
-                ms = median_ms(lambda *args: launch(*args, options={**rows_fp8.launch_options(width), "num_warps": warps}), inputs)
-            else:
-                ms = median_ms(lambda *args: launch(*args, num_warps=warps), inputs)
-            results.append({"kernel": name, "options": f"num_warps={warps}", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
-        if keyword == "num_warps":  # the GELU row in one masked power-of-two block instead of parts
-            one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}
-            ms = median_ms(lambda *args: launch(*args, num_warps=8, parts=one_block), inputs)
-            results.append({"kernel": name, "options": "num_warps=8, one block", "us": round(ms * 1e3, 1), "gbps": round(moved / ms / 1e6)})
+    norm_plans = [
+        ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm),
+        ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual),
+    ]
+    for name, moved, launch, inputs in norm_plans:
+        for rows, warps in ((1, 2), (1, 4), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)):
+            options = {**rows_fp8.norm_options(C, rows), "num_warps": warps}
+            results.append(timed(name, f"rows={rows}, num_warps={warps}", moved, lambda *args: launch(*args, options=options), inputs))
+    gelu_plans = [
+        ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu),
+        ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat),
+    ]
+    for name, moved, launch, inputs in gelu_plans:
+        for warps, fast_tanh in ((4, False), (8, False), (16, False), (4, True), (8, True), (16, True)):
+            label = f"num_warps={warps}, {'tanh.approx' if fast_tanh else 'exp + division'}"
+            results.append(timed(name, label, moved, lambda *args: launch(*args, num_warps=warps, fast_tanh=fast_tanh), inputs))
+        one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}  # one masked block instead of parts
+        results.append(timed(name, "num_warps=8, one block", moved, lambda *args: launch(*args, num_warps=8, parts=one_block), inputs))
     for rows_per_program, warps in ((1, 2), (1, 4), (1, 8), (2, 4)):
 
         def launch(text, image, outputs, v_amax):

@@ -13,7 +13,9 @@
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
-# tiers. Everything uses synthetic-full (random weights) at 1024x1024.
+# tiers, small-tier-stall (issue 23: the small tier's knobs with compile on, each under a time
+# limit, with every thread's Python stack dumped every 30 s). Everything uses synthetic-full (random
+# weights) at 1024x1024.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=/tmp/gs/results
@@ -69,6 +71,18 @@ for name in "$@"; do
     tiers)
       python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers"
       done_ tiers $? ;;
+    small-tier-stall)
+      mkdir -p "$RESULTS/small-tier-stall"
+      for knobs in "--memory-budget 22" "--transformer-fp8 rowwise --vae-tiling" "--transformer-fp8 rowwise --text-encoders offloaded"; do
+        label=$(echo "$knobs" | tr -c 'a-z0-9\n' '_')
+        echo "--- $knobs (limit ${STALL_LIMIT:-180} s)"
+        TORCH_LOGS=recompiles timeout "${STALL_LIMIT:-180}" python3 -m benchmarks.with_stack_dumps --every 30 \
+          --to "$RESULTS/small-tier-stall/stacks$label.txt" -- benchmark --model synthetic-full --stages 5 --rows main \
+          $knobs --warmup 1 --repeats 1 --compile-cache "$CACHE" --results-dir "$RESULTS/small-tier-stall/run$label" \
+          > "$RESULTS/small-tier-stall/log$label.txt" 2>&1
+        echo "rc $? after $SECONDS s"
+      done
+      done_ small-tier-stall $? ;;
     *) echo "unknown part $name" ;;
   esac
 done

@@ -44,7 +44,12 @@ def test_modulated_norm_of_one_tensor(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(x, shift, scale)))
 
 
-def test_modulated_norm_reads_two_halves_without_concatenating(gen):
+# 1 is the default; 4 puts the text/image boundary and the end of each batch inside a program's tile
+NORM_ROWS = pytest.mark.parametrize("rows", [1, 4], ids=["row", "4rows"])
+
+
+@NORM_ROWS
+def test_modulated_norm_reads_two_halves_without_concatenating(gen, rows):
     # the single blocks' input: text rows from one tensor, image rows from another, both strided views
     text_store = bf16_with_outliers(2, 7, 128, generator=gen)
     image_store = bf16_with_outliers(2, 31, 160, generator=gen)
@@ -52,19 +57,20 @@ def test_modulated_norm_reads_two_halves_without_concatenating(gen):
     emb = bf16_with_outliers(2, 6 * 96, generator=gen)
     shift, scale = emb[:, :96], emb[:, 96:192]  # chunks of one modulation vector, as diffusers makes them
     out, out_scale = _outputs(2 * 36, 96)
-    rows_fp8.launch_modulated_norm(text, image, shift, scale, 1e-6, out, out_scale)
+    rows_fp8.launch_modulated_norm(text, image, shift, scale, 1e-6, out, out_scale, rows_fp8.norm_options(96, rows))
     assert_written(out)
     reference = modulated_norm(torch.cat([text, image], dim=1), shift, scale)
     check_fp8_rows(out, out_scale, rowwise_reference(reference))
 
 
-def test_residual_modulated_norm_writes_the_stream_and_the_fp8_input(gen):
+@NORM_ROWS
+def test_residual_modulated_norm_writes_the_stream_and_the_fp8_input(gen, rows):
     x = bf16_with_outliers(2, 23, 96, generator=gen)
     a = bf16_with_outliers(2, 23, 96, generator=gen)
     gate, shift, scale = (bf16_with_outliers(2, 96, generator=gen) for _ in range(3))
     h = torch.full((2, 23, 96), float("nan"), dtype=torch.bfloat16)
     out, out_scale = _outputs(2 * 23, 96)
-    rows_fp8.launch_residual_modulated_norm(x, a, gate, shift, scale, 1e-6, h, out, out_scale)
+    rows_fp8.launch_residual_modulated_norm(x, a, gate, shift, scale, 1e-6, h, out, out_scale, rows_fp8.norm_options(96, rows))
     expected_h = (x.float() + gate.float()[:, None] * a.float()).to(torch.bfloat16)
     assert_written(h)
     torch.testing.assert_close(h, expected_h, rtol=8e-3, atol=1e-5)  # one bf16 rounding apart at most

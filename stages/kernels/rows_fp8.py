@@ -50,7 +50,7 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Kernels read globals only as constexprs.
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _MIN_AMAX = tl.constexpr(1e-12)  # a zero row gets this amax: finite scale, zero output
-_GELU_K = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # sigmoid form: 0.5 (1 + tanh z) == sigmoid(2 z)
+_GELU_Z = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh(x) = 0.5 x (1 + tanh z) = x sigmoid(2 z)
 
 
 def launch_options(width: int) -> dict:
@@ -59,6 +59,28 @@ def launch_options(width: int) -> dict:
     for rows of 3072 (45 -> 39 us for 8192 rows), 8 for the 12288- and 15360-wide ones."""
     block = triton.next_power_of_2(width)
     return {"BLOCK": block, "num_warps": 4 if block <= 4096 else 8}
+
+
+# Token rows per program of the LayerNorm kernels. One row per program reloads the modulation
+# vectors (shift, scale, gate: 2-3 rows' worth of bytes, from L2) for every row it normalises, and
+# each row's three reductions stall its program; ROWS rows of one batch share one load of the
+# modulation and reduce together.
+NORM_ROWS = 1
+
+
+def norm_options(width: int, rows: int = NORM_ROWS) -> dict:
+    """Launch options of the LayerNorm kernels: ROWS token rows of BLOCK values per program."""
+    block = triton.next_power_of_2(width)
+    return {"BLOCK": block, "ROWS": rows, "num_warps": min(16, max(4, rows * block // 1024))}
+
+
+# GELU's tanh as the GPU's tanh.approx instruction (see _gelu_tanh) instead of exp and a division.
+FAST_TANH = False
+
+
+def _tanh_instruction(requested: bool) -> bool:
+    """Inline PTX cannot run in Triton's CPU interpreter: there the exact form runs."""
+    return requested and not triton.knobs.runtime.interpret
 
 
 def gelu_parts(width: int) -> dict:
@@ -73,44 +95,50 @@ def gelu_parts(width: int) -> dict:
 
 
 @triton.jit
-def _row_pointer(row, seq, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss):
-    """Where token row `row` of a (batch, seq) sequence starts, when tokens [0, split) come from
-    `head` and [split, seq) from `tail` (the single blocks' text and image halves)."""
-    b = row // seq
-    s = row % seq
-    if s < split:
-        ptr = head_ptr + b * head_sb + s * head_ss
+def _tile_rows(s, b, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss):
+    """Where the token rows `s` (a vector) of batch b start, when tokens [0, split) come from `head`
+    and the rest from `tail` (the single blocks' text and image halves)."""
+    head_rows = head_ptr + b * head_sb + s * head_ss
+    tail_rows = tail_ptr + b * tail_sb + (s - split) * tail_ss
+    return tl.where(s < split, head_rows, tail_rows)
+
+
+@triton.jit
+def _gelu_tanh(x, FAST_TANH: tl.constexpr):
+    z = _GELU_Z * (x + 0.044715 * x * x * x)
+    if FAST_TANH:
+        # 0.5 x (1 + tanh z) with the GPU's one-instruction tanh: one special-function op per value
+        # where the sigmoid form takes two (exp and a reciprocal). Its error is absolute (about
+        # 2^-11 of |tanh z|), so values far out on the negative side, where 1 + tanh z cancels, are
+        # off by up to 2^-12 |x|: far below the e4m3 step of the row's large values.
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True, pack=1)
+        half = 0.5 * x
+        return half + half * t
     else:
-        ptr = tail_ptr + b * tail_sb + (s - split) * tail_ss
-    return ptr
+        # x * sigmoid(2 z); the division need not be IEEE-rounded: its 2-ulp error is far below the
+        # e4m3 step the result is rounded to next
+        return tl.fdiv(x, 1.0 + tl.exp(-2.0 * z), ieee_rounding=False)
 
 
 @triton.jit
-def _gelu_tanh(x):
-    # x * sigmoid(2 z), z = sqrt(2/pi) (x + 0.044715 x^3); the division need not be IEEE-rounded:
-    # its 2-ulp error is far below the e4m3 step the result is rounded to next
-    return tl.fdiv(x, 1.0 + tl.exp(-_GELU_K * (x + 0.044715 * x * x * x)), ieee_rounding=False)
-
-
-@triton.jit
-def _gelu_part(m_row, start, width, CHUNK: tl.constexpr):
+def _gelu_part(m_row, start, width, CHUNK: tl.constexpr, FAST_TANH: tl.constexpr):
     offs = start + tl.arange(0, CHUNK)
     mask = offs < width
-    y = _gelu_tanh(tl.load(m_row + offs, mask=mask, other=0.0).to(tl.float32))
+    y = _gelu_tanh(tl.load(m_row + offs, mask=mask, other=0.0).to(tl.float32), FAST_TANH)
     return y, offs, mask, _row_amax(y, mask)
 
 
 @triton.jit
-def _gelu_row_fp8(m_row, out_row, width, amax, CHUNK: tl.constexpr, PARTS: tl.constexpr):
+def _gelu_row_fp8(m_row, out_row, width, amax, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr):
     """GELU of one row of `width` values in up to three parts of CHUNK, each kept in registers until
     the row's amax (which starts from `amax`: the concatenation's other part) is known; then e4m3."""
-    y0, offs0, mask0, amax0 = _gelu_part(m_row, 0, width, CHUNK)
+    y0, offs0, mask0, amax0 = _gelu_part(m_row, 0, width, CHUNK, FAST_TANH)
     amax = tl.maximum(amax, amax0)
     if PARTS > 1:
-        y1, offs1, mask1, amax1 = _gelu_part(m_row, CHUNK, width, CHUNK)
+        y1, offs1, mask1, amax1 = _gelu_part(m_row, CHUNK, width, CHUNK, FAST_TANH)
         amax = tl.maximum(amax, amax1)
     if PARTS > 2:
-        y2, offs2, mask2, amax2 = _gelu_part(m_row, 2 * CHUNK, width, CHUNK)
+        y2, offs2, mask2, amax2 = _gelu_part(m_row, 2 * CHUNK, width, CHUNK, FAST_TANH)
         amax = tl.maximum(amax, amax2)
     _store_fp8(y0, amax, out_row, offs0, mask0)
     if PARTS > 1:
@@ -122,15 +150,16 @@ def _gelu_row_fp8(m_row, out_row, width, amax, CHUNK: tl.constexpr, PARTS: tl.co
 
 @triton.jit
 def _modulated_layer_norm(x, mask, shift, scale, width, EPS: tl.constexpr):
-    mean = tl.sum(x, axis=0) / width
+    """Rows of x (ROWS, BLOCK) normalised along the last axis, then modulated."""
+    mean = tl.sum(x, axis=1, keep_dims=True) / width
     centered = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / width + EPS)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1, keep_dims=True) / width + EPS)
     return centered * rstd * (1.0 + scale) + shift
 
 
 @triton.jit
 def _row_amax(y, mask):
-    return tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), _MIN_AMAX)
+    return tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=-1), _MIN_AMAX)
 
 
 @triton.jit
@@ -148,20 +177,21 @@ def _modulated_norm_fp8_kernel(
     head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss, seq, split,
     shift_ptr, shift_sb, scale_ptr, scale_sb,
     out_ptr, out_scale_ptr, width,
-    EPS: tl.constexpr, BLOCK: tl.constexpr,
+    EPS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < width
-    x_ptr = _row_pointer(row, seq, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = row // seq
-    shift = tl.load(shift_ptr + b * shift_sb + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_sb + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # this program's tokens
+    cols = tl.arange(0, BLOCK)
+    mask = (s < seq)[:, None] & (cols < width)[None, :]
+    rows = _tile_rows(s, b, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
+    x = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
     y = _modulated_layer_norm(x, mask, shift, scale, width, EPS)
     amax = _row_amax(y, mask)
-    _store_fp8(y, amax, out_ptr + row * width, offs, mask)
-    tl.store(out_scale_ptr + row, amax / _FP8_MAX)
+    out_rows = b * seq + s
+    _store_fp8(y, amax[:, None], out_ptr + out_rows[:, None] * width, cols[None, :], mask)
+    tl.store(out_scale_ptr + out_rows, amax / _FP8_MAX, mask=s < seq)
 
 
 @triton.jit
@@ -169,39 +199,40 @@ def _residual_modulated_norm_fp8_kernel(
     x_ptr, x_sb, x_ss, a_ptr, a_sb, a_ss, seq,
     gate_ptr, gate_sb, shift_ptr, shift_sb, scale_ptr, scale_sb,
     h_ptr, out_ptr, out_scale_ptr, width,
-    EPS: tl.constexpr, BLOCK: tl.constexpr,
+    EPS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    b = row // seq
-    s = row % seq
-    offs = tl.arange(0, BLOCK)
-    mask = offs < width
-    x = tl.load(x_ptr + b * x_sb + s * x_ss + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + b * a_sb + s * a_ss + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * gate_sb + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < width
+    mask = (s < seq)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + b * x_sb + s[:, None] * x_ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + b * a_sb + s[:, None] * a_ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # The residual stream is bf16 between blocks: round it as it is stored and normalise the
     # rounded value, which is what the next reader of the stream sees.
     h = (x + gate * a).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + row * width + offs, h, mask=mask)
-    shift = tl.load(shift_ptr + b * shift_sb + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_sb + offs, mask=mask, other=0.0).to(tl.float32)
+    out_rows = b * seq + s
+    tl.store(h_ptr + out_rows[:, None] * width + cols[None, :], h, mask=mask)
+    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y = _modulated_layer_norm(h.to(tl.float32), mask, shift, scale, width, EPS)
     amax = _row_amax(y, mask)
-    _store_fp8(y, amax, out_ptr + row * width, offs, mask)
-    tl.store(out_scale_ptr + row, amax / _FP8_MAX)
+    _store_fp8(y, amax[:, None], out_ptr + out_rows[:, None] * width, cols[None, :], mask)
+    tl.store(out_scale_ptr + out_rows, amax / _FP8_MAX, mask=s < seq)
 
 
 @triton.jit
-def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, CHUNK: tl.constexpr, PARTS: tl.constexpr):
+def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_ptr + row * width, width, _MIN_AMAX, CHUNK, PARTS)
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_ptr + row * width, width, _MIN_AMAX, CHUNK, PARTS, FAST_TANH)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
 
 @triton.jit
 def _concat_gelu_fp8_kernel(
     a_ptr, a_sb, a_ss, seq, m_ptr, m_stride, out_ptr, out_scale_ptr, a_width, m_width,
-    A_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr,
+    A_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
@@ -211,7 +242,7 @@ def _concat_gelu_fp8_kernel(
     a = tl.load(a_ptr + b * a_sb + s * a_ss + a_offs, mask=a_mask, other=0.0).to(tl.float32)
     out_row = out_ptr + row * (a_width + m_width)
     # the GELU part first (it finds the amax of both parts), then the attention part with it
-    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, _row_amax(a, a_mask), CHUNK, PARTS)
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, _row_amax(a, a_mask), CHUNK, PARTS, FAST_TANH)
     _store_fp8(a, amax, out_row, a_offs, a_mask)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
@@ -252,10 +283,11 @@ def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale, options
     seq = split + tail.shape[1]
     if tail.shape[1] == 0:
         split = seq  # every row from head
-    wrap_triton(_modulated_norm_fp8_kernel)[(batch * seq,)](
+    options = options or norm_options(width)
+    wrap_triton(_modulated_norm_fp8_kernel)[(batch, triton.cdiv(seq, options["ROWS"]))](
         head, head.stride(0), head.stride(1), tail, tail.stride(0), tail.stride(1), seq, split,
         shift, shift.stride(0), scale, scale.stride(0), out, out_scale, width,
-        EPS=eps, **(options or launch_options(width)),
+        EPS=eps, **options,
     )  # fmt: skip
 
 
@@ -263,21 +295,24 @@ def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_sc
     """h = x + gate * a (bf16, rows contiguous); out = e4m3(LN(h) * (1 + scale) + shift)."""
     _check_rows(x, a)
     batch, seq, width = x.shape
-    wrap_triton(_residual_modulated_norm_fp8_kernel)[(batch * seq,)](
+    options = options or norm_options(width)
+    wrap_triton(_residual_modulated_norm_fp8_kernel)[(batch, triton.cdiv(seq, options["ROWS"]))](
         x, x.stride(0), x.stride(1), a, a.stride(0), a.stride(1), seq,
         gate, gate.stride(0), shift, shift.stride(0), scale, scale.stride(0), h, out, out_scale, width,
-        EPS=eps, **(options or launch_options(width)),
+        EPS=eps, **options,
     )  # fmt: skip
 
 
-def launch_gelu(m, out, out_scale, num_warps: int = 8, parts: dict | None = None) -> None:
+def launch_gelu(m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH) -> None:
     """out = e4m3(gelu_tanh(m)) for a (rows, width) m with contiguous rows."""
     rows, width = m.shape
     parts = parts or gelu_parts(width)
-    wrap_triton(_gelu_fp8_kernel)[(rows,)](m, m.stride(0), out, out_scale, width, **parts, num_warps=num_warps)
+    wrap_triton(_gelu_fp8_kernel)[(rows,)](
+        m, m.stride(0), out, out_scale, width, **parts, FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps
+    )
 
 
-def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None) -> None:
+def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
     C), m is (batch * tokens, M)."""
     _check_rows(a)
@@ -285,7 +320,8 @@ def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | N
     m_width = m.shape[-1]
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), **(parts or gelu_parts(m_width)), num_warps=num_warps,
+        A_BLOCK=triton.next_power_of_2(a_width), **(parts or gelu_parts(m_width)),
+        FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps,
     )  # fmt: skip
 
 
