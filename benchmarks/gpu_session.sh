@@ -73,7 +73,7 @@ for name in "$@"; do
       done_ tiers $? ;;
     small-tier-stall)
       mkdir -p "$RESULTS/small-tier-stall"
-      for knobs in "--memory-budget 22" "--transformer-fp8 rowwise --vae-tiling" "--transformer-fp8 rowwise --text-encoders offloaded"; do
+      for knobs in "--memory-budget 22" "--transformer-fp8 rowwise --t5-fp8 --text-encoders offloaded" "--transformer-fp8 rowwise --vae-tiling"; do
         label=$(echo "$knobs" | tr -c 'a-z0-9\n' '_')
         echo "--- $knobs (limit ${STALL_LIMIT:-180} s)"
         TORCH_LOGS=recompiles timeout "${STALL_LIMIT:-180}" python3 -m benchmarks.with_stack_dumps --every 30 \
