@@ -72,16 +72,21 @@ for name in "$@"; do
       python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers"
       done_ tiers $? ;;
     small-tier-stall)
+      # The three knob groups run side by side (each with its own compile cache, all cold), so the
+      # bisect costs one limit, not three; a stall shows as the same stack in every dump.
       mkdir -p "$RESULTS/small-tier-stall"
       for knobs in "--memory-budget 22" "--transformer-fp8 rowwise --t5-fp8 --text-encoders offloaded" "--transformer-fp8 rowwise --vae-tiling"; do
         label=$(echo "$knobs" | tr -c 'a-z0-9\n' '_')
-        echo "--- $knobs (limit ${STALL_LIMIT:-180} s)"
-        TORCH_LOGS=recompiles timeout "${STALL_LIMIT:-180}" python3 -m benchmarks.with_stack_dumps --every 30 \
-          --to "$RESULTS/small-tier-stall/stacks$label.txt" -- benchmark --model synthetic-full --stages 5 --rows main \
-          $knobs --warmup 1 --repeats 1 --compile-cache "$CACHE" --results-dir "$RESULTS/small-tier-stall/run$label" \
-          > "$RESULTS/small-tier-stall/log$label.txt" 2>&1
-        echo "rc $? after $SECONDS s"
+        (
+          start=$SECONDS
+          TORCH_LOGS=recompiles timeout "${STALL_LIMIT:-180}" python3 -m benchmarks.with_stack_dumps --every 30 \
+            --to "$RESULTS/small-tier-stall/stacks$label.txt" -- benchmark --model synthetic-full --stages 5 --rows main \
+            $knobs --warmup 1 --repeats 1 --compile-cache "$CACHE$label" --results-dir "$RESULTS/small-tier-stall/run$label" \
+            > "$RESULTS/small-tier-stall/log$label.txt" 2>&1
+          echo "--- $knobs: rc $? after $((SECONDS - start)) s (limit ${STALL_LIMIT:-180} s)"
+        ) &
       done
+      wait
       done_ small-tier-stall $? ;;
     *) echo "unknown part $name" ;;
   esac

@@ -2,15 +2,36 @@
 where a run that never finishes spends its time (a compile that stalls, a loop that recompiles).
 
     python -m benchmarks.with_stack_dumps --every 30 --to stacks.txt -- benchmark --stages 5 ...
+
+The stacks are taken by a Python thread (sys._current_frames), not by faulthandler's watchdog:
+faulthandler walks the frames from a signal-free C thread while Dynamo's frame evaluation is
+running, and on torch 2.11 / Python 3.12 that crashed the process (SIGSEGV) at its first dump.
 """
 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import runpy
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
+
+
+def _dump_stacks_every(seconds: float, path: Path) -> None:
+    started = time.monotonic()
+    while True:
+        time.sleep(seconds)
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        lines = [f"=== {time.monotonic() - started:.0f} s\n"]
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue
+            lines.append(f"--- thread {names.get(ident, ident)}\n")
+            lines.extend(traceback.format_stack(frame))
+        with path.open("a") as stacks:
+            stacks.writelines(lines)
 
 
 def main() -> None:
@@ -20,8 +41,7 @@ def main() -> None:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the arguments of flux_kontext_optimized.py")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    stacks = args.to.open("a")
-    faulthandler.dump_traceback_later(args.every, repeat=True, file=stacks)
+    threading.Thread(target=_dump_stacks_every, args=(args.every, args.to), name="stack-dumps", daemon=True).start()
     entry = Path(__file__).resolve().parent.parent / "flux_kontext_optimized.py"
     sys.argv = [str(entry), *command]
     runpy.run_path(str(entry), run_name="__main__")
