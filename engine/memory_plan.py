@@ -80,7 +80,7 @@ TIERS: tuple[Tier, ...] = (
         TRANSFORMER_FP8_GIB + T5_FP8_GIB + CLIP_GIB + VAE_GIB,
         0.0,
         "FP8 transformer from load (the bf16 weights never reach the GPU), FP8 weight-only T5; nothing else changes",
-        "step: the same FP8 GEMMs as a large-tier FP8 variant, without QKV fusion (FP8 weights cannot be concatenated); "
+        "step: the same FP8 GEMMs as a large-tier FP8 variant, QKV fusion included (FP8 rows and row scales concatenated); "
         "end to end: the T5 dequantizes its weights once per request",
     ),
     Tier(

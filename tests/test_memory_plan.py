@@ -143,7 +143,7 @@ def test_fp8_from_load_replaces_the_stages_that_need_bf16_weights():
     config = cumulative_config(5).with_changes(transformer_fp8="auto")
     resolved = registry.resolve(config, _gpu_env(79.1))
     assert resolved.effective.quantization == "none" and "FP8 from load" in resolved.skipped["quantization"]
-    assert not resolved.effective.fuse_qkv and "concatenates bf16" in resolved.skipped["fuse_qkv"]
+    assert resolved.effective.fuse_qkv and "fuse_qkv" not in resolved.skipped, "FP8 rows and row scales concatenate exactly"
     assert resolved.effective.compile and resolved.effective.cuda_graphs, "a resident FP8 transformer keeps compile and graphs"
 
 
