@@ -18,11 +18,15 @@ and torchao had passed on an H100 and failed every job on an H200, 2026-12-04):
              its budget (the CUDA context, about half a GiB, is not counted): load, warm-up, timed edits;
              peak allocated and reserved memory, median step, end-to-end time, a memory timeline.
 
-All tier runs share one config: stage 0 with FP8 GEMMs (quantization=auto: the large tier builds its
-FP8 variant from bf16, the others load FP8 weights) and compile OFF (the tiny tier cannot compile with
-FP8 weights; the rest would only add compile time), so the rows differ in their memory mechanisms
-alone. Writes memory_tiers.json, memory_tiers.md and memory_tiers.png (memory against time per tier)
-into --out; the checkpoints (about 45 GB for synthetic-full) stay in --work-dir until the end.
+Every row runs the full stack by default: --preset 5 (compile, fused QKV, FP8 GEMMs, FP8 attention,
+CUDA graphs where the GPU has them) with its tier's memory knobs, as a server started with its
+defaults would; stages that cannot run (the tiny tier's compile with offloaded FP8 weights, anything
+needing a GPU on a CPU) are listed with their reasons. A row named ROW-eager (e.g. small-eager) runs
+with compile off, and --no-compile makes every row eager (the tier results before issue 23). The
+first warm-up edit is the cold start: it builds the variant and compiles (`cold_compile_s` is its
+time beyond a warm edit). Writes memory_tiers.json, memory_tiers.md and memory_tiers.png (memory
+against time per tier) into --out; the checkpoints (about 45 GB for synthetic-full) stay in
+--work-dir until the end.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ TIER_ROWS = {  # row -> (tier, knobs that differ from the tier's own)
 }
 # The T5 on the CPU may take seconds per request: that row times one edit, to keep the run near 5 minutes.
 ROW_REPEATS = {"small-cpu-text": 1}
+EAGER_SUFFIX = "-eager"  # a row option: the row with compile off
 LOAD_ROWS = ("bf16, quantized on the GPU", "bf16, quantized while read", "prequantized")
 
 
@@ -65,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed edits per tier")
     parser.add_argument("--warmup", type=int, default=1, help="untimed edits per tier")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--preset", type=int, default=5, help="cumulative stage preset every row starts from (default 5: the full stack)")
+    parser.add_argument("--no-compile", action="store_true", help=f"compile off in every row (one row: name it ROW{EAGER_SUFFIX})")
     args = parser.parse_args(argv)
 
     budgets = {name: float(value) for name, value in (item.split("=") for item in args.budgets.split(",") if item)}
     rows = [row for row in args.rows.split(",") if row]
-    unknown = set(rows) - set(TIER_ROWS)
+    unknown = {row for row in rows if row.removesuffix(EAGER_SUFFIX) not in TIER_ROWS}
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(TIER_ROWS)}")
+        parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(TIER_ROWS)}, each also as ROW{EAGER_SUFFIX}")
     size = args.size or (256 if args.model == "tiny" else 1024)
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)
@@ -85,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             loads[name] = _run(f"load-{LOAD_ROWS.index(name)}", {**common, "job": "load", "how": name}, work)
     tiers = {}
     for row in rows:
-        tier, overrides = TIER_ROWS[row]
+        tier, overrides = TIER_ROWS[row.removesuffix(EAGER_SUFFIX)]
+        if args.no_compile or row.endswith(EAGER_SUFFIX):
+            overrides = {**overrides, "compile": False}
         source = args.model if tier == "large" else str(work / "prequantized")
         job = {**common, "job": "tier", "row": row, "tier": tier, "source": source, "overrides": overrides, "budget": budgets.get(tier)}
-        job.update(size=size, steps=args.steps, repeats=min(args.repeats, ROW_REPEATS.get(row, args.repeats)), warmup=args.warmup)
+        repeats = min(args.repeats, ROW_REPEATS.get(row.removesuffix(EAGER_SUFFIX), args.repeats))
+        job.update(size=size, steps=args.steps, repeats=repeats, warmup=args.warmup, preset=args.preset)
         tiers[row] = _run(f"tier-{row}", job, work) if "error" not in results["prepare"] else {"error": "prepare failed"}
     from .memory_tiers_report import compare_images, write_report
 
@@ -223,7 +233,7 @@ def tier(job: dict) -> dict:
     plan = choose_memory_plan(env, budget)
     if plan.tier.name != job["tier"]:
         raise RuntimeError(f"a budget of {budget} GiB selects the {plan.tier.name} tier, not {job['tier']}: fix --budgets")
-    config = cumulative_config(0).with_changes(quantization="auto", **{**plan.changes, **job["overrides"]})
+    config = cumulative_config(job["preset"]).with_changes(**{**plan.changes, **job["overrides"]})
     memory = _Memory(env, timeline=True)
     if job["tier"] == "large":
         torch.manual_seed(SEED)  # the same weights the prequantized checkpoint was made from
@@ -235,9 +245,15 @@ def tier(job: dict) -> dict:
     load_peaks = memory.peaks(reset=True)
     size = job["size"]
     request = EditRequest("make the sky red", image=benchmark_input_image(size, size), width=size, height=size, steps=job["steps"], seed=0)
+    # The first edit builds the variant and compiles (and records CUDA graphs): the cold start. A
+    # compiled row warms up at least once, so that no timed edit compiles.
+    warmups = max(job["warmup"], 1 if engine.resolve().effective.compile else 0)
+    cold_s = None
     with memory.phase("warm-up"):
-        for _ in range(job["warmup"]):
+        for index in range(warmups):
+            started = time.perf_counter()
             engine.edit(request)
+            cold_s = time.perf_counter() - started if index == 0 else cold_s
     warm_peaks = memory.peaks(reset=True)
     results, walls = [], []
     with memory.phase("timed edits"):
@@ -251,17 +267,23 @@ def tier(job: dict) -> dict:
     results[-1].images[0].save(images / f"{job['row']}.png")
     resolved = engine.resolve()
     steps = [s for result in results for s in result.timings.step_s]
+    median_edit_s = statistics.median(r.timings.total_s for r in results)
     return {
         "row": job["row"],
         "plan": plan.as_dict(),
+        "estimated_peak_gib": plan.tier.estimated_peak_with(resolved.effective.compile, resolved.effective.cuda_graphs),
         "budget_gib": budget,
         "knobs": engine.memory_report()["loaded_knobs"],
         "active_stages": resolved.active_stages,
         "skipped_stages": resolved.skipped,
         "compile": resolved.effective.compile,
+        "cuda_graphs": resolved.effective.cuda_graphs,
+        "config": resolved.effective.describe(),
         "load_s": round(load_s, 2),
+        "cold_first_edit_s": None if cold_s is None else round(cold_s, 2),
+        "cold_compile_s": None if cold_s is None or not resolved.effective.compile else round(max(0.0, cold_s - median_edit_s), 2),
         "median_step_ms": round(statistics.median(steps) * 1e3, 2),
-        "median_edit_s": round(statistics.median(r.timings.total_s for r in results), 3),
+        "median_edit_s": round(median_edit_s, 3),
         "median_wall_s": round(statistics.median(walls), 3),
         "median_text_encode_s": round(statistics.median(r.timings.text_encode_s for r in results), 3),
         "median_vae_s": round(statistics.median(r.timings.vae_encode_s + r.timings.vae_decode_s for r in results), 3),

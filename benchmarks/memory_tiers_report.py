@@ -17,13 +17,15 @@ def compare_images(tiers: dict, images: Path) -> None:
     """Each tier's last output against the medium tier's (same FP8 weights and T5: the offload paths
     should match it) and the large tier's (bf16 T5, FP8 variant built at run time)."""
     pixels = {row: np.asarray(_open(images / f"{row}.png"), dtype=np.int16) for row in tiers if (images / f"{row}.png").exists()}
+    # the reference rows, compiled or not (ROW-eager)
+    references = {name: next((row for row in (name, f"{name}-eager") if row in pixels), None) for name in ("medium", "large")}
     for row, result in tiers.items():
         if row not in pixels:
             continue
         result["max_pixel_difference"] = {
-            reference: int(np.abs(pixels[row] - pixels[reference]).max())
-            for reference in ("medium", "large")
-            if reference in pixels and reference != row and pixels[reference].shape == pixels[row].shape
+            name: int(np.abs(pixels[row] - pixels[reference]).max())
+            for name, reference in references.items()
+            if reference is not None and reference != row and pixels[reference].shape == pixels[row].shape
         }
 
 
@@ -41,22 +43,28 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Memory tiers: {command['model']} on {command['device']}, {command['size']}x{command['size']}, {command['steps']} steps",
         "",
-        f"Each tier in its own process, {cap}; {command['warmup']} warm-up and {command['repeats']} timed edits. "
-        f"Config: stage 0 with FP8 GEMMs (quantization=auto), compile OFF in every row. Whole run {report['wall_s']} s.",
+        f"Each tier in its own process, {cap}; {command['warmup']} warm-up (at least one in a compiled row) "
+        f"and {command['repeats']} timed edits. "
+        f"Config: preset {command.get('preset', 0)} with each tier's memory knobs{_compile_note(command)}; "
+        f"cold = the first warm-up edit (variant build, compile, CUDA graph recording), compile = its time beyond a warm edit. "
+        f"Whole run {report['wall_s']} s.",
         "",
-        "| row | tier | budget GiB | estimate GiB | peak allocated GiB | peak reserved GiB | load s | median step ms | step vs large "
-        "| edit s | edit vs large | text encode s | max pixel diff vs medium / large | status |",
-        "|" + "---|" * 14,
+        "| row | tier | compile / graphs | budget GiB | estimate GiB | peak allocated GiB | peak reserved GiB | load s | cold edit s "
+        "| cold compile s | median step ms | step vs large | edit s | edit vs large | text encode s | max pixel diff vs medium / large "
+        "| status |",
+        "|" + "---|" * 17,
     ]
     for row, result in tiers.items():
         if "error" in result:
-            lines.append(f"| {row} | | {_budget(result)} | | | | | | | | | | | FAILED: {result['error']} |")
+            lines.append(f"| {row} | | | {_budget(result)} |" + " |" * 12 + f" FAILED: {result['error']} |")
             continue
         peak = _peak(result)
         diffs = result.get("max_pixel_difference", {})
         lines.append(
-            f"| {row} | {result['plan']['tier']} | {_budget(result)} | {result['plan']['estimated_peak_gib_at_1024']} "
+            f"| {row} | {result['plan']['tier']} | {_on(result.get('compile'))} / {_on(result.get('cuda_graphs'))} | {_budget(result)} "
+            f"| {result.get('estimated_peak_gib', result['plan']['estimated_peak_gib_at_1024'])} "
             f"| {peak.get('peak_allocated_gib', NOT_MEASURED)} | {peak.get('peak_reserved_gib', NOT_MEASURED)} | {result['load_s']} "
+            f"| {_dash(result.get('cold_first_edit_s'))} | {_dash(result.get('cold_compile_s'))} "
             f"| {result['median_step_ms']} | {_ratio(result, large, 'median_step_ms')} | {result['median_edit_s']} "
             f"| {_ratio(result, large, 'median_edit_s')} | {result['median_text_encode_s']} "
             f"| {diffs.get('medium', '-')} / {diffs.get('large', '-')} | ok |"
@@ -66,6 +74,7 @@ def markdown(report: dict) -> str:
         reserved = _peak(small).get("peak_reserved_gib")
         verdict = NOT_MEASURED if reserved is None else ("met" if reserved < report["small_tier_target_gib"] else "NOT met")
         lines += ["", f"Target, small tier peak under {report['small_tier_target_gib']:g} GiB (reserved, any phase): {verdict}."]
+    lines += ["", "Estimate: engine/memory_plan.py at 1024x1024, with its compile and CUDA-graph allowances where the row has them."]
     lines += ["", "Memory per phase (peak allocated / reserved GiB): load, warm-up, timed edits.", ""]
     for row, result in tiers.items():
         if "memory" in result:
@@ -131,6 +140,20 @@ def _peak(result: dict) -> dict:
 
 def _pair(values: dict) -> str:
     return f"{values['peak_allocated_gib']} / {values['peak_reserved_gib']}" if "peak_reserved_gib" in values else NOT_MEASURED
+
+
+def _compile_note(command: dict) -> str:
+    if command.get("no_compile"):
+        return ", compile OFF in every row (--no-compile)"
+    return "; compile on unless the row is named -eager or a rule switches it off (skipped stages, below)"
+
+
+def _on(value) -> str:
+    return "-" if value is None else ("on" if value else "off")
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def _budget(result: dict) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from engine.lora_files import available_files
 from engine.lora_settings import LoraSettings
-from engine.memory_plan import TIERS, MemoryPlan
-from stages.config import OptimizationConfig
+from engine.memory_plan import COMPILE_WORKSPACE_GIB, CUDA_GRAPH_POOL_GIB, TIERS, MemoryPlan
+from stages.config import OptimizationConfig, cumulative_config
 from stages.environment import Environment
 from stages.registry import resolve, stage_status
 
@@ -28,6 +28,7 @@ def render_doctor(env: Environment, config: OptimizationConfig, plan: MemoryPlan
         lines.append(f"  {name:<20} {version or 'not installed'}")
     lines.append("")
     lines.extend(_memory_lines(plan))
+    lines.extend(_full_stack_lines(env, plan))
     lines.append("")
     if lora is not None:  # the server's own: responses name adapters, never this path
         directory = lora.resolved_directory
@@ -64,4 +65,27 @@ def _memory_lines(plan: MemoryPlan) -> list[str]:
         span = f"below {lower:g} GiB" if lower else f"from {tier.min_free_gib:g} GiB"
         lines.append(f"  needs about  {estimate} (an estimate; this tier {span})")
     lines.extend(f"  note         {note}" for note in plan.notes)
+    return lines
+
+
+def _full_stack_lines(env: Environment, plan: MemoryPlan) -> list[str]:
+    """Each tier with the full stack (preset 5) as the rules leave it on this machine: compile and
+    CUDA graphs on or off (and why), and the estimated peak they add to (engine/memory_plan.py)."""
+    lines = ["  full stack   per tier, preset 5 on this machine (estimated peak for FLUX.1-Kontext-dev at 1024x1024)"]
+    for tier in TIERS:
+        resolved = resolve(cumulative_config(5).with_changes(**tier.changes), env)
+        compiled, graphs = resolved.effective.compile, resolved.effective.cuda_graphs
+        parts = (
+            f"compile +{COMPILE_WORKSPACE_GIB:.1f}" if compiled else "compile off",
+            f"CUDA graphs +{CUDA_GRAPH_POOL_GIB:.1f}" if graphs else "CUDA graphs off",
+        )
+        off = [f"{name}: {resolved.skipped[name]}" for name in ("compile", "cuda_graphs") if name in resolved.skipped]
+        why = f"; {off[0]}" if off else ""
+        peak = tier.estimated_peak_with(compiled, graphs)
+        lines.append(f"    {tier.name:<7} {peak:>5.1f} GiB (eager {tier.estimated_peak_gib:.1f}; {', '.join(parts)}){why}")
+        if tier is plan.tier and plan.budget_gib is not None and peak > plan.budget_gib:
+            lines.append(
+                f"    note: the full stack's estimate is above the {plan.budget_gib:.1f} GiB budget: "
+                f"--no-cuda-graphs gives back about {CUDA_GRAPH_POOL_GIB:.1f} GiB"
+            )
     return lines

@@ -12,7 +12,8 @@ and the report says so; it costs time instead of saving it.
 Only the Linears inside the transformer blocks are quantized. The embedders, the final
 normalization and projection, and the AdaLN modulation Linears stay bf16: they are a negligible
 share of the FLOPs (the modulation GEMMs have one row per image), and their errors reach every token.
-QKV fusion must come first (torchao's quantized weights cannot be concatenated): the registry orders it.
+QKV fusion comes first (it concatenates plain and row-scaled FP8 weights only, stages/qkv_fusion.py):
+the registry orders it.
 """
 
 from __future__ import annotations

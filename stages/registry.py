@@ -3,13 +3,13 @@
 
 A stage is one module, one declaration (its Switch in config.py) and one line below. Order matters:
 it is the order in which stages are applied when the model loads or a variant is built (weights are
-made FP8 before they are moved to host memory; QKV fusion before quantization, because quantized
-weights cannot be concatenated; group offload before the cache wrapper, which hides the blocks from
-it, and before compilation, which cannot wrap diffusers' hooks the other way round; the LoRA slots
-before the attention kernel, the cache and compile, so that they see the slot layers; the fused
-block forwards after the attention kernel they feed and before the cache's hooks, which wrap the
-blocks' forwards; the attention kernel and the cache wrapper before compilation; compilation before
-CUDA graph capture).
+made FP8 before they are moved to host memory; QKV fusion before quantization, because it
+concatenates only plain and row-scaled FP8 weights, not stage 3's other formats; group offload
+before the cache wrapper, which hides the blocks from it, and before compilation, which cannot
+wrap diffusers' hooks the other way round; the LoRA slots before the attention kernel, the cache
+and compile, so that they see the slot layers; the fused block forwards after the attention kernel
+they feed and before the cache's hooks, which wrap the blocks' forwards; the attention kernel and
+the cache wrapper before compilation; compilation before CUDA graph capture).
 """
 
 from __future__ import annotations

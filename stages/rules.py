@@ -64,11 +64,8 @@ RULES: tuple[Rule, ...] = (
         lambda config, env: config.quantization != "none" and fp8_from_load(config),
         "not applied: the transformer's weights are FP8 from load (transformer_fp8) and are not quantized again",
     ),
-    Rule(
-        "fuse_qkv",
-        lambda config, env: config.fuse_qkv and fp8_from_load(config),
-        "not applied: QKV fusion concatenates bf16 weights, and the transformer's weights are FP8 from load (transformer_fp8)",
-    ),
+    # No rule for fuse_qkv: it runs on FP8 weights from load too (stages/qkv_fusion.py concatenates
+    # row-scaled FP8 rows and their scales, which is exact; every transformer_fp8 format is row-scaled).
     # Found on the CPU with torchao 0.18 and diffusers 0.42.1 (rowwise and weight-only alike): group
     # offload moves torchao tensors with torch.utils.swap_tensors, which refuses tensors that compiled
     # graphs hold weak references to ("Cannot swap t1 because it has weakref associated with it").

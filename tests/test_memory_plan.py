@@ -11,7 +11,7 @@ import torch
 
 from cli.doctor import render_doctor
 from cli.options import add_optimization_options, optimization_config_from_args
-from engine.memory_plan import TIERS, choose_memory_plan, get_tier
+from engine.memory_plan import CUDA_GRAPH_POOL_GIB, TIERS, WORKING_GIB, choose_memory_plan, execution_allowance_gib, get_tier
 from stages import registry
 from stages.config import OptimizationConfig, cumulative_config
 from stages.environment import Environment, GpuInfo
@@ -100,6 +100,17 @@ def test_each_threshold_leaves_room_for_its_tier():
         assert set(larger.changes.items()) <= set(smaller.changes.items()), "each tier keeps the savings of the one above"
 
 
+def test_compile_and_cuda_graphs_add_allowances_derived_from_the_activations():
+    assert execution_allowance_gib(False, False) == 0
+    assert 0 < execution_allowance_gib(True, False) < execution_allowance_gib(True, True) <= WORKING_GIB
+    assert CUDA_GRAPH_POOL_GIB < WORKING_GIB, "the graph pool holds the transformer's activations, not the VAE's"
+    small = get_tier("small")
+    full = small.estimated_peak_with(compile=True, cuda_graphs=True)
+    assert full == round(small.estimated_peak_gib + execution_allowance_gib(True, True), 1)
+    assert full <= 22.0, "the issue's target: the small tier's full stack under a 22 GiB budget"
+    assert choose_memory_plan(RTX_4090).as_dict()["estimated_peak_gib_at_1024_compiled_with_cuda_graphs"] == full
+
+
 def test_component_sizes_match_the_real_architecture():
     """The estimates' component sizes, recomputed from FLUX.1-Kontext-dev on the meta device."""
     from engine import memory_plan as plan
@@ -143,7 +154,7 @@ def test_fp8_from_load_replaces_the_stages_that_need_bf16_weights():
     config = cumulative_config(5).with_changes(transformer_fp8="auto")
     resolved = registry.resolve(config, _gpu_env(79.1))
     assert resolved.effective.quantization == "none" and "FP8 from load" in resolved.skipped["quantization"]
-    assert not resolved.effective.fuse_qkv and "concatenates bf16" in resolved.skipped["fuse_qkv"]
+    assert resolved.effective.fuse_qkv and "fuse_qkv" not in resolved.skipped, "FP8 rows and row scales concatenate exactly"
     assert resolved.effective.compile and resolved.effective.cuda_graphs, "a resident FP8 transformer keeps compile and graphs"
 
 
@@ -189,3 +200,20 @@ def test_doctor_tells_a_4090_user_which_stages_they_get():
     text = render_doctor(RTX_4090, cumulative_config(5).with_changes(**twelve.changes), twelve)
     assert "memory plan   tiny tier" in text and "ON" in _stage_line(text, "transformer_offload")
     assert "SKIPPED" in _stage_line(text, "compile") and "SKIPPED" in _stage_line(text, "cuda_graphs")
+
+
+def test_doctor_says_what_the_full_stack_costs_on_each_tier():
+    plan = choose_memory_plan(RTX_4090)
+    text = render_doctor(RTX_4090, cumulative_config(5).with_changes(**plan.changes), plan)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ") and "GiB (eager" in line}
+    assert list(rows) == [tier.name for tier in TIERS]
+    for name in ("large", "medium", "small"):
+        peak = get_tier(name).estimated_peak_with(compile=True, cuda_graphs=True)
+        assert f"{peak:.1f} GiB" in rows[name] and "compile +" in rows[name] and "CUDA graphs +" in rows[name]
+    assert "compile off" in rows["tiny"] and "swap_tensors" in rows["tiny"]  # the rule's reason, as the stage lines give it
+    assert "budget: --no-cuda-graphs" not in text
+    tight = choose_memory_plan(RTX_4090, budget_gib=19.2)  # a small-tier budget the eager peak fits, the graph pool not
+    text = render_doctor(RTX_4090, cumulative_config(5).with_changes(**tight.changes), tight)
+    assert "above the 19.2 GiB budget: --no-cuda-graphs" in text
+    cpu = render_doctor(CPU, cumulative_config(0), choose_memory_plan(CPU))
+    assert "CUDA graphs off); cuda_graphs: needs a CUDA GPU" in cpu
