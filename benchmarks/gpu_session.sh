@@ -13,7 +13,7 @@
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
-# tiers, small-tier-stall (issue 23: the small tier's knobs with compile on, each under a time
+# tiers, small-tiers (the 22 and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's knobs with compile on, each under a time
 # limit, with every thread's Python stack dumped every 30 s). Everything uses synthetic-full (random
 # weights) at 1024x1024.
 set -uo pipefail
@@ -88,6 +88,16 @@ for name in "$@"; do
       done
       wait
       done_ small-tier-stall $? ;;
+    small-tiers)
+      # The small (22 GiB) and medium (24 GiB) tiers with the full stack, each capped to its budget
+      # and compiling on a cold cache of its own (the cold compile is its first warm-up edit).
+      for gib in 22 24; do
+        python3 -m benchmarks.with_memory_cap --gib $gib -- benchmark --model synthetic-full --stages 5 --rows main \
+          --memory-budget $gib --warmup 1 --repeats 2 --compile-cache "$CACHE-tier$gib" --results-dir "$RESULTS/tier-$gib" \
+          > "$RESULTS/tier-$gib.log" 2>&1
+        echo "tier $gib GiB: rc $?"
+      done
+      done_ small-tiers $? ;;
     *) echo "unknown part $name" ;;
   esac
 done

@@ -27,7 +27,11 @@ def quantize_text_encoder_fp8(text_encoder: torch.nn.Module) -> int:
 def text_encoder_fp8_config():
     from torchao.quantization import Float8WeightOnlyConfig
 
-    return Float8WeightOnlyConfig()
+    # set_inductor_config=False: with torchao's default (True) quantizing T5 switched on Inductor's
+    # coordinate-descent tuning for the whole process, so the VAE's dynamic-shape kernels were re-tuned
+    # one by one at their first run: the small tier's "stalled compile" of issue 23 (H200: over 5
+    # minutes in the VAE encoder's first call, against under a minute without T5 FP8)
+    return Float8WeightOnlyConfig(set_inductor_config=False)
 
 
 class TextEncoderFp8(Stage):

@@ -79,9 +79,10 @@ def test_row_kernels_write_e4m3_rows_and_scales(gen):
 
 @pytest.mark.parametrize("concat", [False, True], ids=["gelu", "concat_gelu"])
 def test_gelu_with_the_tanh_instruction_stays_within_e4m3_rounding_of_the_row(gen, concat):
-    """tanh.approx's error is absolute (about 2^-11), so where 1 + tanh z cancels (x below about -3)
-    the GELU is off by up to 2^-12 |x| absolutely: the codes may differ there, by less than 2^-9 of
-    the row's amax (the e4m3 step of the row's largest values is 2^-4 of it)."""
+    """tanh.approx's largest error on an H200 was 7.6e-6 (measured 2026-12-05; it returns exactly +-1
+    beyond |z| = 8), so the GELU is off by at most 2^-17 |x| before the cast: every value must lie
+    within half an e4m3 step (at the row's own scale: 3 mantissa bits, subnormal step 2^-9) of the
+    float32 GELU plus that slack, and almost all codes equal the float32 reference's."""
     from stages.kernels import rows_fp8
 
     mlp = bf16_with_outliers(BATCH * IMAGE, M, generator=gen).cuda() * 3
@@ -91,15 +92,19 @@ def test_gelu_with_the_tanh_instruction_stays_within_e4m3_rounding_of_the_row(ge
     out_scale = torch.full((BATCH * IMAGE,), float("nan"), device="cuda")
     if concat:
         rows_fp8.launch_concat_gelu(a, mlp, out, out_scale, fast_tanh=True)
+        inputs = torch.cat([a.float().reshape(-1, C), mlp.float()], -1)
         want = torch.cat([a.float().reshape(-1, C), gelu_tanh(mlp)], -1)
     else:
         rows_fp8.launch_gelu(mlp, out, out_scale, fast_tanh=True)
-        want = gelu_tanh(mlp)
+        inputs, want = mlp.float(), gelu_tanh(mlp)
     want_values, want_scale = rowwise_reference(want)
     torch.testing.assert_close(out_scale, want_scale, rtol=2e-3, atol=0)  # the row's amax: a large value, relative error
-    got = out.float() * out_scale[:, None]
-    half_step = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=1e-30)))) / 16  # e4m3: 3 mantissa bits
-    bound = half_step * 1.01 + want_scale[:, None] * 2**-9 + want.abs().amax(-1, keepdim=True) * 2**-9
+    scale = out_scale[:, None]
+    got = out.float() * scale
+    in_codes = want.abs() / scale
+    exponent = torch.floor(torch.log2(in_codes.clamp(min=2**-6)))
+    half_step = torch.where(in_codes >= 2**-6, torch.exp2(exponent - 4), torch.full_like(in_codes, 2**-10)) * scale
+    bound = half_step * 1.01 + inputs.abs() * 2**-17
     assert ((got - want).abs() <= bound).all()
     assert (out.view(torch.uint8) == want_values.to(torch.float8_e4m3fn).view(torch.uint8)).float().mean() > 0.98
 

@@ -25,13 +25,16 @@ from torch.library import triton_op, wrap_triton
 
 from .rows_fp8 import _FP8_MAX, _MIN_AMAX, as_e4m3, e4m3_buffer
 
-# Measured on an H200 (benchmarks/fused_kernels.py --sweep): one token row per program with 4 warps
-# for q/k (88 us for 8704 rows, 96 with 4 rows and 8 warps); the light V cast keeps 4 rows and 8 warps.
-QK_ROWS, QK_WARPS = 1, 4
+# Measured on an H200 (benchmarks/fused_kernels.py --sweep): one token row per program; 2 warps took
+# 82 us for 8704 rows on 2026-12-05 against 96 with 4 warps (and 104 with 2 rows and 4 warps); the light
+# V cast keeps 4 rows and 8 warps.
+QK_ROWS, QK_WARPS = 1, 2
 V_ROWS, V_WARPS = 4, 8
 # How RoPE finds each value's pair member: False splits the (heads, D) tile into even and odd halves
 # and joins them back (reshape, split, join: layout shuffles the compiler may route through shared
 # memory); True loads the row a second time at index ^ 1 (an L1 hit) and stays elementwise.
+# Measured on an H200 (2026-12-05): the partner load took 276-472 us against 82-97 for the split,
+# so the split stays.
 QK_BY_PARTNER = False
 
 
