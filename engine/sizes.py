@@ -64,3 +64,15 @@ def output_size(
         return (max(SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE), max(SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE))
     aspect = input_size[0] / input_size[1] if input_size else 1.0
     return scale_to_area(*closest_kontext_resolution(aspect), max_area)
+
+
+def edit_shape(width: int, height: int, input_size: tuple[int, int] | None, num_images: int, snaps: bool) -> tuple:
+    """What decides the shapes the transformer and the VAE see, so the graphs compiled and the CUDA
+    graphs recorded for an edit: the output size, the size the input image is conditioned at (its
+    tokens join the sequence; diffusers snaps it to the preferred resolution closest to its aspect
+    ratio, models without them condition at the output size) and the batch."""
+    reference = None
+    if input_size is not None:
+        reference = closest_kontext_resolution(input_size[0] / input_size[1]) if snaps else (width, height)
+        reference = (reference[0] // SIZE_MULTIPLE * SIZE_MULTIPLE, reference[1] // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return (width, height, reference, num_images)
