@@ -43,7 +43,7 @@ from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
-from .requests import EditRequest, EditResult
+from .requests import EditCancelled, EditRequest, EditResult
 from .sizes import edit_shape, output_size
 from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
@@ -55,10 +55,6 @@ LOAD_TIME = "chosen when the model loads; requests cannot change it"
 # A warm-up edit (engine/warmup.py, build_variant) runs two transformer calls per shape: cudagraph
 # trees run a new shape once before they record it.
 WARMUP_STEPS = 2
-
-
-class EditCancelled(Exception):
-    """`should_stop` asked the edit to stop; raised at the next step boundary."""
 
 
 @dataclass

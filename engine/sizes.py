@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
-from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
-# diffusers lists them as (width, height); all are about one megapixel.
-KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = tuple(PREFERRED_KONTEXT_RESOLUTIONS)
+# diffusers' PREFERRED_KONTEXT_RESOLUTIONS, (width, height), all about one megapixel. Copied, not
+# imported: importing diffusers' pipeline module costs seconds (transformers with it) on the HTTP
+# side's import path, which otherwise needs neither; tests/test_sizes.py checks they still agree.
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104), (1024, 1024),
+    (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)  # fmt: skip
 KONTEXT_AREA = 1024 * 1024  # the pixel budget the preferred resolutions were chosen for (each within 2% of it)
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent packing (2)
 

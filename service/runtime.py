@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from engine import __version__
-from engine.loading import ModelLoadError
+from engine.model_specs import ModelLoadError
 from engine.setting import public_values
 
 from .benchmark_jobs import BenchmarkJobs
