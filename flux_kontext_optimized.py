@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries(args.verbose)
     from cli.commands import HANDLERS
-    from engine.loading import ModelLoadError
+    from engine.model_specs import ModelLoadError  # torch-free: a command imports what it uses
 
     try:
         return HANDLERS[args.command](args)

@@ -1,5 +1,6 @@
-"""Start-up as a user sees it: real `serve` processes, timed from launch to /ready, then the first
-requests at preferred resolutions, then the same with a bundle that `precompile` made earlier.
+"""Start-up as a user sees it: real `serve` processes, timed from launch to /ready and to every shape
+warm, phase by phase, then the first requests at preferred resolutions, then the same with a bundle
+that `precompile` made earlier.
 
     python -m benchmarks.startup --model synthetic-full --out benchmarks/results/<gpu>-<date>
 
@@ -10,6 +11,13 @@ requests at preferred resolutions, then the same with a bundle that `precompile`
 
 With --cold-via-precompile, step 1 is `precompile` on empty caches instead (the same load and
 warm-up code as serve, timed from launch to exit), which saves one full compile on a short GPU lease.
+
+Phases come from the server's /health `startup` (service/startup.py): imports (process start to the
+engine's start), the engine's imports (torch, diffusers), model load, bundle load, the first shape
+(before /ready), each other shape (warmed after /ready while the server is idle), and the epoch times
+of /ready and of the last shape warm, from which launch to /ready and launch to all-warm are taken.
+The first requests are sent right after /ready, while the other shapes are still being warmed: each
+waits behind one shape's warm-up at most, or compiles and records its own shape if none has yet.
 
 Each first request is an edit (an input at the resolution, no size given: Kontext picks it) and a
 text-to-image request at that size, at resolutions other than the default square one; for each, the
@@ -58,6 +66,7 @@ class Server:
         command += ["--compile-cache", str(cache), *extra]
         self.log_path = log_dir / f"serve_{label}.log"
         self.launched = time.monotonic()
+        self.launched_at = time.time()  # the server's epoch stamps (ready_at, done_at) are read against this
         self.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> float:
@@ -72,6 +81,18 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def wait_all_warm(self, timeout: float) -> dict:
+        """/health once the background warm-up has warmed every shape."""
+        deadline = self.launched + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}; see {self.log_path}")
+            health = httpx.get(f"{self.url}/health", timeout=30).json()
+            if (health.get("warmup") or {}).get("done"):
+                return health
+            time.sleep(0.5)
+        raise TimeoutError(f"shapes still pending after {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -96,6 +117,7 @@ def first_requests(server: Server, resolutions) -> list[dict]:
     with httpx.Client(base_url=server.url, timeout=600) as client:
         for width, height in resolutions:
             for kind, body in (("edit", {"image": _png(width, height)}), ("text-to-image", {"width": width, "height": height})):
+                warmed = f"{width}x{height} {kind}" in (client.get("/health").json().get("warmup") or {}).get("warmed", [])
                 started = time.monotonic()
                 response = client.post("/inference", json={"prompt": "make the sky red", "seed": 0, **body})
                 wall = time.monotonic() - started
@@ -106,6 +128,7 @@ def first_requests(server: Server, resolutions) -> list[dict]:
                 rows.append(
                     {
                         "request": f"{answer['width']}x{answer['height']} {kind}",
+                        "shape_warm_before": warmed,  # False: it waited for the warm-up or recorded its own shape
                         "steps": len(steps),
                         "median_step_s": round(statistics.median(steps), 4),
                         "slowest_step_s": round(max(steps), 4),
@@ -124,13 +147,19 @@ def first_requests(server: Server, resolutions) -> list[dict]:
 def run_server(label: str, model: str, cache: Path, extra: list[str], resolutions, out: Path, timeout: float) -> dict:
     server = Server(label, model, cache, extra, out)
     try:
-        ready_s = server.wait_ready(timeout)
-        print(f"{label}: /ready after {ready_s:.1f} s", flush=True)
-        startup = httpx.get(f"{server.url}/health", timeout=30).json()["startup"]
-        requests = first_requests(server, resolutions)
+        polled_ready_s = server.wait_ready(timeout)
+        print(f"{label}: /ready after {polled_ready_s:.1f} s", flush=True)
+        requests = first_requests(server, resolutions)  # at once: the background warm-up is still going
+        startup = server.wait_all_warm(timeout)["startup"]
     finally:
         server.stop()
-    return {"launch_to_ready_s": round(ready_s, 1), "startup": startup, "first_requests": requests}
+    ready_at, done_at = startup.get("ready_at"), (startup.get("warmup") or {}).get("done_at")
+    return {
+        "launch_to_ready_s": round(ready_at - server.launched_at if ready_at else polled_ready_s, 1),
+        "launch_to_all_warm_s": round(done_at - server.launched_at, 1) if done_at else None,
+        "startup": startup,
+        "first_requests": requests,
+    }
 
 
 def precompile(model: str, cache: Path, bundle: Path, out: Path, flags: list[str]) -> dict:
@@ -146,45 +175,63 @@ def precompile(model: str, cache: Path, bundle: Path, out: Path, flags: list[str
     return {"seconds": round(time.monotonic() - started, 1), **summary}
 
 
+PHASES = (  # (row label, path in /health's startup)
+    ("imports (process start to engine start), s", ("imports_s",)),
+    ("engine imports (torch, diffusers), s", ("engine_imports_s",)),
+    ("model load, s", ("load_s",)),
+    ("bundle load, s", ("compile_artifacts_s",)),
+    ("first shape (build + compile + record), s", ("warmup", "phases", "first_shape_s")),
+    ("other shapes, s in all (CUDA-graph recording, after /ready)", ("warmup", "phases", "other_shapes_s")),
+    ("compile artifacts", ("compile_artifacts", "reason")),
+    ("compile cache counters", ("compile_counters",)),
+)
+
+
+def _lookup(run: dict, *path):
+    value = run.get("startup", {})
+    for key in path:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return value if value not in ({}, None) else "-"
+
+
+def _other_shapes(run: dict) -> str:
+    """The shapes after the first: how many the warm-up ran (min / median / max s) and how many a request ran first."""
+    rows = (run.get("startup", {}).get("warmup") or {}).get("shapes", [])[1:]
+    warmed = [row["seconds"] for row in rows if row.get("by", "warm-up") == "warm-up" and "error" not in row]
+    by_request = sum(1 for row in rows if row.get("by") == "request")
+    if not warmed:
+        return f"0 warmed, {by_request} by requests"
+    spread = f"{min(warmed):.2f} / {statistics.median(warmed):.2f} / {max(warmed):.2f} s"
+    return f"{len(warmed)} warmed ({spread}), {by_request} by requests"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Start-up ({report['meta']['device']}, {report['meta']['date']}, model {report['model']})", ""]
     if report.get("cold_measured_by"):
         lines += [f"Cold start measured by {report['cold_measured_by']}.", ""]
     lines += ["| phase | cold | with a precompile bundle |", "|---|---|---|"]
     cold, warm = report["cold"], report.get("artifacts", {})
-
-    def phase(run: dict, *path):
-        value = run.get("startup", {})
-        for key in path:
-            value = value.get(key, {}) if isinstance(value, dict) else {}
-        return value if value != {} else "-"
-
-    rows = (
-        ("model load, s", ("load_s",)),
-        ("first shape (build + compile), s", ("warmup", "phases", "first_shape_s")),
-        ("other shapes (CUDA-graph recording), s", ("warmup", "phases", "other_shapes_s")),
-        ("compile artifacts", ("compile_artifacts", "reason")),
-        ("compile cache counters", ("compile_counters",)),
-    )
-    lines.append(f"| launch to /ready, s | {cold['launch_to_ready_s']} | {warm.get('launch_to_ready_s', '-')} |")
-    lines += [f"| {label} | {phase(cold, *path)} | {phase(warm, *path)} |" for label, path in rows]
-    shapes = [len(run.get("startup", {}).get("warmup", {}).get("shapes", [])) for run in (cold, warm)]
-    lines.append(f"| shapes warmed | {shapes[0]} | {shapes[1] if warm else '-'} |")
+    for label, key in (("launch to /ready, s", "launch_to_ready_s"), ("launch to every shape warm, s", "launch_to_all_warm_s")):
+        lines.append(f"| {label} | {cold.get(key) or '-'} | {warm.get(key) or '-'} |")
+    lines += [f"| {label} | {_lookup(cold, *path)} | {_lookup(warm, *path)} |" for label, path in PHASES]
+    lines.append(f"| shapes after the first: min / median / max | {_other_shapes(cold)} | {_other_shapes(warm) if warm else '-'} |")
     if "precompile" in report:
         lines += ["", f"precompile: {report['precompile']['seconds']} s, bundle {report['precompile']['megabytes']} MB"]
     for label, run in (("cold", cold), ("with artifacts", warm)):
-        if not run:
+        if not run or not run.get("first_requests"):
             continue
         lines += [
             "",
-            f"First requests after /ready ({label})",
+            f"First requests right after /ready, while the other shapes are warmed ({label}; warm: the shape was warm when sent)",
             "",
-            "| request | steps | median step s | slowest step s | slowest / median | engine s | served s | served / engine | encode s |",
+            "| request | warm | steps | median step s | slowest step s | slowest / median | engine s | served s | served / engine "
+            "| encode s | client s |",
         ]
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in run["first_requests"]:
             cells = (
                 row["request"],
+                "yes" if row.get("shape_warm_before") else "no",
                 row["steps"],
                 row["median_step_s"],
                 row["slowest_step_s"],
@@ -193,6 +240,7 @@ def markdown(report: dict) -> str:
                 row["served_s"],
                 row["served_over_engine"],
                 row["output_encode_s"],
+                row["client_wall_s"],
             )
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
@@ -207,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-artifacts", action="store_true", help="cold start only")
     parser.add_argument("--cold-via-precompile", action="store_true", help="measure the cold start with precompile on empty caches")
     parser.add_argument("--flags", default="", help="extra flags for serve and precompile, e.g. '--compile' for a CPU try-out")
+    parser.add_argument("--serve-flags", default="", help="extra flags for serve only, e.g. '--warm-all-before-ready'")
     args = parser.parse_args(argv)
-    flags = args.flags.split()
+    flags, serve_flags = args.flags.split(), args.serve_flags.split()
     # SIGTERM ends this script through its `finally` blocks, which stop the servers it started
     # (a server left behind holds its GPU memory, and drains for minutes on its own SIGTERM).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -220,16 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": args.model, "meta": _meta()}
     if args.cold_via_precompile:
         report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
-        report["cold"] = {"launch_to_ready_s": report["precompile"]["seconds"], "startup": report["precompile"], "first_requests": []}
+        seconds = report["precompile"]["seconds"]  # precompile warms every shape before it exits
+        report["cold"] = {
+            "launch_to_ready_s": seconds,
+            "launch_to_all_warm_s": seconds,
+            "startup": report["precompile"],
+            "first_requests": [],
+        }
         report["cold_measured_by"] = "precompile on empty caches (serve's load and warm-up, launch to exit)"
     else:
-        report["cold"] = run_server("cold", args.model, cold_cache, flags, resolutions, args.out, args.timeout)
+        report["cold"] = run_server("cold", args.model, cold_cache, [*flags, *serve_flags], resolutions, args.out, args.timeout)
     _write(report, args.out)
     if not args.skip_artifacts:
         if "precompile" not in report:
             report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
         _write(report, args.out)
-        with_bundle = [*flags, "--compile-artifacts", str(bundle)]
+        with_bundle = [*flags, *serve_flags, "--compile-artifacts", str(bundle)]
         report["artifacts"] = run_server("artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout)
         _write(report, args.out)
     print(markdown(report))

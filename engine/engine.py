@@ -43,8 +43,8 @@ from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
-from .requests import EditRequest, EditResult
-from .sizes import output_size
+from .requests import EditCancelled, EditRequest, EditResult
+from .sizes import edit_shape, output_size
 from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
 
@@ -55,10 +55,6 @@ LOAD_TIME = "chosen when the model loads; requests cannot change it"
 # A warm-up edit (engine/warmup.py, build_variant) runs two transformer calls per shape: cudagraph
 # trees run a new shape once before they record it.
 WARMUP_STEPS = 2
-
-
-class EditCancelled(Exception):
-    """`should_stop` asked the edit to stop; raised at the next step boundary."""
 
 
 @dataclass
@@ -242,6 +238,8 @@ class KontextEngine:
             timings = timer.finish(variant_build_s=prepared.build_s, lora_load_s=prepared.lora_load_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
+            if not background and _full_transformer_calls(prepared) >= WARMUP_STEPS:  # cudagraph trees are per thread
+                prepared.variant.shapes_run.add(self.shape_of(prepared.request, prepared.width, prepared.height))
         finally:
             self.variants.release(prepared.variant)
         if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
@@ -314,6 +312,14 @@ class KontextEngine:
             lora_load_s=sum(seconds for _, seconds in loads),
         )
 
+    def shape_of(self, request: EditRequest, width: int | None = None, height: int | None = None) -> tuple:
+        """The shape an edit of `request` runs at (engine/sizes.py: edit_shape); `width` and `height`
+        when already decided."""
+        input_size = request.image.size if request.image else None
+        if width is None or height is None:
+            width, height = output_size(request.width, request.height, input_size, request.max_area or self.loaded.spec.default_max_area)
+        return edit_shape(width, height, input_size, request.num_images, self.loaded.spec.snap_input_to_kontext_resolutions)
+
     def with_lora(self, config: OptimizationConfig, loras) -> OptimizationConfig:
         """The LoRA knobs are the engine's, from the server's settings: the lora stage runs exactly for
         requests with adapters, and in merge mode also for a request that must restore the base weights."""
@@ -371,6 +377,12 @@ class KontextEngine:
             return image  # diffusers resizes it to the closest preferred (~1 MP) resolution
         # Models without Kontext's training resolutions (tiny) condition at the output size.
         return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+
+
+def _full_transformer_calls(prepared: PreparedEdit) -> int:
+    """Transformer calls that ran every block (the first-block cache counts them; true CFG makes two per step)."""
+    cache = prepared.stage_state.extras.get("first_block_cache") or {}
+    return cache.get("computed", prepared.steps * (2 if prepared.stage_state.true_cfg else 1))
 
 
 def _as_loaded(config: OptimizationConfig, loaded: LoadedModel, env: Environment) -> OptimizationConfig:

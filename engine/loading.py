@@ -30,17 +30,13 @@ from diffusers import FluxKontextPipeline
 from stages.config import OptimizationConfig
 
 from .model_builders import TINY_TRANSFORMER_CONFIG, build_synthetic_full_pipeline, build_tiny_pipeline
-from .model_specs import HUB_DEFAULT, MODEL_ENV_VAR, SYNTHETIC_FULL, TINY, ModelSpec
+from .model_specs import HUB_DEFAULT, MODEL_ENV_VAR, SYNTHETIC_FULL, TINY, ModelLoadError, ModelSpec
 
 log = logging.getLogger(__name__)
 
 FULL_MAX_AREA = 1024 * 1024
 TINY_MAX_AREA = 256 * 256
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message tells the user what to do next."""
 
 
 @dataclass

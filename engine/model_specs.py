@@ -10,6 +10,11 @@ TINY = "tiny"
 SYNTHETIC_FULL = "synthetic-full"
 
 
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message tells the user what to do next. (Here, beside the
+    specs, so that the command line catches it without importing torch and diffusers.)"""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # what was asked for: a hub id, a directory, "tiny" or "synthetic-full"

@@ -14,6 +14,11 @@ from .timing import Timings
 DEFAULT_GUIDANCE = 2.5  # FLUX.1-Kontext-dev's recommended distilled guidance
 
 
+class EditCancelled(Exception):
+    """`should_stop` asked the edit to stop; raised at the next step boundary. (Here, not in engine.py,
+    so that the service catches it without importing diffusers.)"""
+
+
 @dataclass(frozen=True)
 class LoraChoice:
     """An adapter a request runs with, by name (never a path)."""

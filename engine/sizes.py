@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
-from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
-# diffusers lists them as (width, height); all are about one megapixel.
-KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = tuple(PREFERRED_KONTEXT_RESOLUTIONS)
+# diffusers' PREFERRED_KONTEXT_RESOLUTIONS, (width, height), all about one megapixel. Copied, not
+# imported: importing diffusers' pipeline module costs seconds (transformers with it) on the HTTP
+# side's import path, which otherwise needs neither; tests/test_sizes.py checks they still agree.
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104), (1024, 1024),
+    (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)  # fmt: skip
 KONTEXT_AREA = 1024 * 1024  # the pixel budget the preferred resolutions were chosen for (each within 2% of it)
 SIZE_MULTIPLE = 16  # VAE downsampling (8) x latent packing (2)
 
@@ -64,3 +67,15 @@ def output_size(
         return (max(SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE), max(SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE))
     aspect = input_size[0] / input_size[1] if input_size else 1.0
     return scale_to_area(*closest_kontext_resolution(aspect), max_area)
+
+
+def edit_shape(width: int, height: int, input_size: tuple[int, int] | None, num_images: int, snaps: bool) -> tuple:
+    """What decides the shapes the transformer and the VAE see, so the graphs compiled and the CUDA
+    graphs recorded for an edit: the output size, the size the input image is conditioned at (its
+    tokens join the sequence; diffusers snaps it to the preferred resolution closest to its aspect
+    ratio, models without them condition at the output size) and the batch."""
+    reference = None
+    if input_size is not None:
+        reference = closest_kontext_resolution(input_size[0] / input_size[1]) if snaps else (width, height)
+        reference = (reference[0] // SIZE_MULTIPLE * SIZE_MULTIPLE, reference[1] // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    return (width, height, reference, num_images)

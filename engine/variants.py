@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import FluxKontextPipeline
@@ -80,6 +80,9 @@ class Variant:
     pins: int = 0  # edits running on it now: a pinned variant is never evicted
     first_call_s: float | None = None  # the first edit on a compiled variant includes compilation
     parent_key: tuple = ()  # the weight variant an execution variant was cloned from
+    # Shapes (engine/sizes.py: edit_shape) the serving thread has run in full at least twice: compiled
+    # and with their CUDA graphs recorded, so the background warm-up skips them (engine/warmup.py)
+    shapes_run: set = field(default_factory=set)
 
     def summary(self, kind: str) -> dict:
         return {
@@ -164,6 +167,11 @@ class VariantCache:
         """An edit on `execution` is done: it may be evicted again."""
         with self._report_lock:
             execution.pins -= 1
+
+    def find(self, exec_key: tuple) -> Variant | None:
+        """The resident execution variant with this key, if any (nothing is built or pinned)."""
+        with self._report_lock:
+            return self._executions.get(exec_key)
 
     def is_ready(self, config: OptimizationConfig) -> bool:
         """True when an edit with `config` would neither build a variant nor compile one on its first call."""

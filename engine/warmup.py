@@ -1,17 +1,24 @@
-"""Warm-up: every shape a request can reach runs once before traffic, so that no request pays a
-compile or a CUDA-graph recording.
+"""Warm-up: every shape a request can reach runs once, so that requests at those shapes pay no
+compile and no CUDA-graph recording.
 
 A shape is an output size and whether an input image comes with it (an edit attends over the
 reference image's tokens as well: 8192 + 512 tokens at 1024x1024, against 4096 + 512 for text to
 image). Kontext snaps inputs to its 17 preferred resolutions, so a full-size model has 34 shapes:
 the first one compiles (once, with dynamic sequence lengths: stages/compile.py), each later one
 costs a two-step edit, in which Inductor's cudagraph trees warm up and record that shape.
+
+The server warms the first shape before /ready and the others afterwards, one per idle moment of the
+thread that serves requests (service/queue.py): cudagraph trees are per thread, so a shape recorded
+on any other thread would be recorded again by the first request there. A shape a request ran first
+is skipped (engine.py notes each variant's `shapes_run`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image
@@ -38,9 +45,11 @@ class Shape:
 
 @dataclass
 class WarmupReport:
-    shapes: list[dict] = field(default_factory=list)  # each warmed shape with its seconds
-    phases: dict[str, float] = field(default_factory=dict)  # seconds: first_shape (builds and compiles), other_shapes
-    total_s: float = 0.0
+    # each shape with its seconds and what warmed it: "warm-up", or "request" (a request ran it first: 0 s here)
+    shapes: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: first_shape_s (builds and compiles), other_shapes_s
+    total_s: float = 0.0  # seconds spent warming (not the wall time from the first shape to the last)
+    done_at: float | None = None  # epoch time when every shape was warm (the start-up benchmark subtracts its launch time)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,29 +78,106 @@ def shapes_for(engine: KontextEngine) -> list[Shape]:
 
 
 def warm_up(engine: KontextEngine, config: OptimizationConfig | None = None, shapes: list[Shape] | None = None) -> WarmupReport:
-    """Run a short edit at every shape with `config` (default: the engine's), never skipping a step
-    through the first-block cache, so that every block of every shape runs and is recorded."""
-    config = (config or engine.default_config).with_changes(cache_threshold=0.0)
-    shapes = shapes if shapes is not None else shapes_for(engine)
-    report = WarmupReport()
-    started = time.perf_counter()
-    for index, shape in enumerate(shapes):
-        shape_started = time.perf_counter()
-        image = Image.new("RGB", (shape.width, shape.height), (120, 140, 160)) if shape.edit else None
-        loras = (LoraChoice(shape.lora, 1.0),) if shape.lora else ()
-        request = EditRequest(
-            prompt="warm-up", image=image, width=shape.width, height=shape.height, steps=WARMUP_STEPS, seed=0, loras=loras
-        )
-        engine.edit(request, config)
-        seconds = time.perf_counter() - shape_started
-        report.shapes.append({**asdict(shape), "seconds": round(seconds, 2)})
-        if index == 0:
-            report.phases["first_shape_s"] = round(seconds, 2)
-            log.info("warm-up %s: %.1f s (builds and compiles the variant)", shape.label(), seconds)
-        else:
-            log.debug("warm-up %s: %.2f s", shape.label(), seconds)
-    report.total_s = round(time.perf_counter() - started, 2)
-    if len(shapes) > 1:
-        report.phases["other_shapes_s"] = round(report.total_s - report.phases["first_shape_s"], 2)
-    log.info("warm-up: %d shapes in %.1f s", len(shapes), report.total_s)
-    return report
+    """Every shape in turn (precompile, serve --warm-all-before-ready, tests)."""
+    warmup = Warmup(engine, config, shapes)
+    while warmup.warm_next():
+        pass
+    return warmup.report
+
+
+class Warmup:
+    """The shapes left to warm with one config, one `warm_next` at a time. Each runs a short edit
+    with `config` (default: the engine's), never skipping a step through the first-block cache, so
+    that every block of every shape runs and is recorded. `status` may be read from any thread."""
+
+    def __init__(self, engine: KontextEngine, config: OptimizationConfig | None = None, shapes: list[Shape] | None = None):
+        self.engine = engine
+        self.config = (config or engine.default_config).with_changes(cache_threshold=0.0)
+        self.pending: deque[Shape] = deque(shapes if shapes is not None else shapes_for(engine))
+        self.current: Shape | None = None
+        self.report = WarmupReport()
+        self._lock = threading.Lock()  # pending, current and the report: /health reads them while the worker warms
+
+    @property
+    def done(self) -> bool:
+        with self._lock:
+            return not self.pending and self.current is None
+
+    def warm_next(self) -> bool:
+        """Warm the next shape no request has run yet, skipping (and reporting) those one has; False
+        when nothing was left to warm. A failing shape is reported, not raised (a request at it
+        compiles it as before), except the first: nothing has shown yet that the variant runs."""
+        while True:
+            with self._lock:
+                if not self.pending:
+                    return False
+                shape = self.current = self.pending.popleft()
+                first = not self.report.shapes
+            request = _request(shape)
+            row = {**asdict(shape), "seconds": 0.0, "by": "request"}
+            started = time.perf_counter()
+            try:
+                if first or not self.ran(request):
+                    row["by"] = "warm-up"
+                    self.engine.edit(request, self.config)
+            except Exception as error:
+                if first:
+                    with self._lock:
+                        self.current = None
+                    raise
+                row["error"] = f"{type(error).__name__}: {error}"
+                log.warning("warm-up %s failed (a request at this shape compiles it): %s", shape.label(), row["error"])
+            if row["by"] == "warm-up":
+                row["seconds"] = round(time.perf_counter() - started, 2)
+            self._finish(shape, row, first)
+            if row["by"] == "warm-up":
+                return True
+
+    def ran(self, request: EditRequest) -> bool:
+        """Whether the serving thread has run this shape in full on the variant it would run on now."""
+        key, _ = self.engine.variant_for(request, self.config)
+        variant = self.engine.variants.find(key)
+        return variant is not None and self.engine.shape_of(request) in variant.shapes_run
+
+    def _finish(self, shape: Shape, row: dict, first: bool) -> None:
+        with self._lock:
+            report = self.report
+            report.shapes.append(row)
+            report.total_s = round(report.total_s + row["seconds"], 2)
+            self.current = None
+            if first:
+                report.phases["first_shape_s"] = row["seconds"]
+                log.info("warm-up %s: %.1f s (builds and compiles the variant)", shape.label(), row["seconds"])
+            elif row["by"] == "request":
+                log.info("warm-up %s: skipped, a request ran it first", shape.label())
+            else:
+                log.debug("warm-up %s: %.2f s", shape.label(), row["seconds"])
+            if not self.pending:
+                report.done_at = round(time.time(), 3)
+                if len(report.shapes) > 1:
+                    report.phases["other_shapes_s"] = round(report.total_s - report.phases["first_shape_s"], 2)
+                log.info("warm-up: %d shapes warm, %.1f s spent warming them", len(report.shapes), report.total_s)
+
+    def status(self) -> dict:
+        """Labels of the shapes warm (by the warm-up or by a request), failed, being warmed and pending."""
+        with self._lock:
+            return {
+                "warmed": [_label(row) for row in self.report.shapes if "error" not in row],
+                "failed": [_label(row) for row in self.report.shapes if "error" in row],
+                "warming": self.current.label() if self.current else None,
+                "pending": [shape.label() for shape in self.pending],
+            }
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return self.report.as_dict()
+
+
+def _request(shape: Shape) -> EditRequest:
+    image = Image.new("RGB", (shape.width, shape.height), (120, 140, 160)) if shape.edit else None
+    loras = (LoraChoice(shape.lora, 1.0),) if shape.lora else ()
+    return EditRequest(prompt="warm-up", image=image, width=shape.width, height=shape.height, steps=WARMUP_STEPS, seed=0, loras=loras)
+
+
+def _label(row: dict) -> str:
+    return Shape(row["width"], row["height"], row["edit"], row["lora"]).label()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from engine.engine import EditCancelled
+from engine.requests import EditCancelled
 
 log = logging.getLogger("flux_kontext.service.queue")
 

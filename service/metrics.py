@@ -76,6 +76,12 @@ class ServiceMetrics:
         )
         self.loras_loaded = Gauge("kontext_loras_loaded", "Adapters loaded", registry=r)
         self.lora_memory = Gauge("kontext_lora_memory_bytes", "Device memory held by the loaded adapters", registry=r)
+        self.warm_shapes = Gauge(
+            "kontext_warmup_shapes",
+            "Shapes a request can reach, by warm-up state (warmed, failed, pending: warmed while idle)",
+            ["state"],
+            registry=r,
+        )
 
     def record_edit(self, result) -> None:
         self.images.inc(len(result.images))
@@ -100,9 +106,12 @@ class ServiceMetrics:
         ready: Callable[[], float],
         memory: Callable[[], dict[str, int]],
         loras: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        warmup: Callable[[], dict | None] = lambda: None,
     ) -> None:
         """Read live values at scrape time instead of updating gauges from every code path.
-        `loras` gives (adapters loaded, their bytes)."""
+        `loras` gives (adapters loaded, their bytes); `warmup` the shapes' warm-up status."""
+        for state in ("warmed", "failed", "pending"):
+            self.warm_shapes.labels(state).set_function(lambda state=state: _count(warmup(), state))
         self.waiting.set_function(waiting)
         self.running.set_function(running)
         self.building.set_function(building)
@@ -116,3 +125,10 @@ class ServiceMetrics:
         for kind, value in memory.items():
             self.gpu_memory.labels(kind).set(value)
         return generate_latest(self.registry)
+
+
+def _count(status: dict | None, state: str) -> int:
+    """Shapes in `state`; the one being warmed counts as pending."""
+    if not status:
+        return 0
+    return len(status.get(state, ())) + (state == "pending" and status.get("warming") is not None)

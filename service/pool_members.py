@@ -25,7 +25,8 @@ class WorkerProcess:
     completed: int = 0
     error: str | None = None
     started_at: float = 0.0
-    startup: dict = field(default_factory=dict)  # what it said when ready
+    startup: dict = field(default_factory=dict)  # what it said when ready, and its warm-ups since
+    warmup: dict | None = None  # its shapes warmed and pending (BackgroundWarmups.status)
     status: dict = field(default_factory=dict)  # memory, variants and adapters after its latest job
     last_exit: dict | None = None
     sent: dict[int, Job] = field(default_factory=dict)  # handed over, not started
@@ -56,6 +57,7 @@ class WorkerProcess:
             "error": self.error,
             "last_exit": self.last_exit,
             "startup": self.startup,
+            "warmup": self.warmup,
             "memory": self.status.get("memory"),
             "variants": self.status.get("variants", []),
             "loras": [adapter["name"] for adapter in (self.status.get("loras") or {}).get("loaded", [])],

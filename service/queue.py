@@ -1,5 +1,6 @@
-"""The in-process GPU worker: one thread loads the engine, warms it up, then runs every call in
-arrival order, from the bounded queue of service/worker.py.
+"""The in-process GPU worker: one thread loads the engine, warms its first shape, then runs every call
+in arrival order, from the bounded queue of service/worker.py, and warms the other shapes one at a
+time whenever nothing waits (so a request waits behind one shape's warm-up at most).
 
     worker = GpuWorker(capacity=16, loader=lambda: KontextEngine.load("tiny"), settings=settings); worker.start()
     result, job = await worker.run(EditCall(request, config, deadline), deadline, is_disconnected)
@@ -45,6 +46,7 @@ class GpuWorker(Worker):
         self._thread: threading.Thread | None = None
         self.lane: BuildLane | None = None  # variant builds beside this thread, once the engine is up
         self._holding = None  # the affinity of the last job run: what the engine holds (merge mode: an adapter set)
+        self.warmups = None  # shapes left to warm after /ready (service/startup.py: BackgroundWarmups)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -60,7 +62,9 @@ class GpuWorker(Worker):
 
     def _main(self) -> None:
         try:
-            self.engine, startup = start_engine(self.loader, self.settings, self.engine, lambda phase: self.on_event(phase, None))
+            self.engine, startup, self.warmups = start_engine(
+                self.loader, self.settings, self.engine, lambda phase: self.on_event(phase, None)
+            )
         except Exception as error:  # noqa: BLE001 - reported on /health and /ready, and ends the server
             self.on_event("failed", error)
             return
@@ -97,16 +101,34 @@ class GpuWorker(Worker):
         job = self._running
         return [job] if job is not None else []
 
+    def warmup_status(self) -> dict | None:
+        return self.warmups.status() if self.warmups is not None else None
+
+    def warmup_report(self) -> dict:
+        return self.warmups.report() if self.warmups is not None else {}
+
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
+                while not self._jobs and not self._stopping and not self.warmups.pending:
                     self._cond.wait()
-                if not self._jobs:  # stopping and nothing left
+                if self._stopping and not self._jobs:
                     return
+                warm = not self._jobs
+            if warm:  # nothing waits: one shape, on this thread (its CUDA graphs are this thread's)
+                self._warm_one()
+                continue
             job = self._take(lambda waiting: self._pick(list(waiting), self._holding))
             if job is not None:
                 self._run(job, outer=None)
+
+    def _warm_one(self) -> None:
+        try:
+            self.warmups.warm_one()
+        except Exception:  # noqa: BLE001 - Warmup reports a failing shape itself; this is anything else
+            log.exception("background warm-up failed; the shapes left compile on first use")
+            self.warmups.warmups.clear()
+        self._holding = None  # a warm-up with an adapter in merge mode changed what the engine holds
 
     def run_waiting(self, yielding: Job) -> int:
         """Called by a long job on the worker thread between two of its pieces of work: run the jobs

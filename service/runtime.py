@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from engine import __version__
-from engine.loading import ModelLoadError
+from engine.model_specs import ModelLoadError
 from engine.setting import public_values
 
 from .benchmark_jobs import BenchmarkJobs
@@ -71,6 +71,7 @@ class Service:
             ready=lambda: 1 if self.ready else 0,
             memory=self.worker.gpu_memory_bytes,
             loras=lambda: self.worker.engine_status().get("lora_counts", (0, 0)),
+            warmup=self.worker.warmup_status,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class Service:
             self.phase = "warming"
         elif event == "ready":
             self.startup.update(payload)
-            self.startup["ready_after_service_start_s"] = round(time.time() - self.started_at, 2)  # imports come before
+            self.startup["ready_after_service_start_s"] = round(time.time() - self.started_at, 2)  # imports come before (imports_s)
             self.phase = "ready"
         elif event == "failed":
             self.phase = "failed"
@@ -176,7 +177,8 @@ class Service:
             "default_optimizations": model.default_config.model_dump() if model else None,
             "stages": model.stages if model else [],
             "variants": status.get("variants", []),
-            "startup": self.startup,
+            "startup": {**self.startup, **self.worker.warmup_report()},  # the warm-ups go on after /ready
+            "warmup": self.worker.warmup_status(),
             "loras": status.get("loras"),
             "queue": {**self.worker.snapshot(), "in_flight_requests": self.in_flight},
             "benchmark": self.benchmarks.summary(),

@@ -72,7 +72,15 @@ class ServiceSettings:
         LOAD,
     )
     body_timeout: float = setting(30.0, "seconds a client may take to send its request body; slower uploads get 408", LOAD, public=True)
-    warmup: bool = setting(True, "before /ready turns 200, run every shape a request can reach (builds, compiles, records)", LOAD)
+    warmup: bool = setting(
+        True,
+        "before /ready turns 200, run the first shape a request can reach (builds and compiles); the others run afterwards, "
+        "one at a time while no request waits, on the thread that serves requests (records their CUDA graphs)",
+        LOAD,
+    )
+    warm_all_before_ready: bool = setting(
+        False, "run every shape before /ready instead (no request after /ready compiles or records anything; a later /ready)", LOAD
+    )
     compile_artifacts: str | None = setting(
         None,
         "a bundle written by `precompile` (same GPU model and versions): loaded before the warm-up so that it compiles from cache "
@@ -99,8 +107,8 @@ class ServiceSettings:
     )
     warm_variants: tuple[str, ...] = setting(
         tuple,
-        'an optimizations object (JSON, as in a request: \'{"quantization": "none"}\') whose variant is built and warmed at every '
-        "shape before /ready (repeatable); each counts against --max-variants",
+        'an optimizations object (JSON, as in a request: \'{"quantization": "none"}\') whose variant is built and warmed as the '
+        "default one is: its first shape before /ready (repeatable); each counts against --max-variants",
         VARIANTS,
         repeat=True,
         parse=_overrides_text,

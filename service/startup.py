@@ -1,26 +1,37 @@
 """Starting an engine before it takes traffic, the same in the in-process worker and in every worker
-process of `serve --gpus`: load the model, load a compile-artifact bundle, then warm up every shape a
-request can reach, so that no request after /ready pays a compile or a CUDA-graph recording; then
-the same for each variant --warm-variants names, so that requests asking for one find it built."""
+process of `serve --gpus`: load the model, load a compile-artifact bundle, then warm the first shape
+of the default variant and of each variant --warm-variants names (which builds and compiles it), so
+that the engine serves from /ready on. The other shapes are left to `BackgroundWarmups`, which the
+thread that serves requests runs one shape at a time while no request waits (cudagraph trees are per
+thread: engine/warmup.py); with --warm-all-before-ready every shape is warmed before /ready.
+
+Every phase is timed (`startup` in /health, and one log line at /ready) for benchmarks/startup.py.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
-
-from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, describe, load_bundle
-from engine.compile_cache import active_cache_dir
-from engine.warmup import warm_up
 
 log = logging.getLogger("flux_kontext.service")
 
 
 def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_phase: Callable[[str], None] = lambda phase: None):
-    """(engine, startup report): `engine` as given, or loaded by `loader`, then warmed when the settings ask."""
-    startup: dict = {}
+    """(engine, startup report, BackgroundWarmups): `engine` as given, or loaded by `loader`, then
+    warmed as the settings ask."""
+    began = time.time()
+    started_at = process_started_at()
+    startup: dict = {"imports_s": round(began - started_at, 2) if started_at else None}  # everything before this call
+    startup["engine_imports_s"] = _timed(_import_engine)  # torch, diffusers: 0 when something imported them before
+    from engine.compile_artifacts import compile_counters
+    from engine.warmup import Warmup
+
     if engine is None:
         started = time.perf_counter()
         engine = loader()
@@ -32,23 +43,86 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
             f"--warm-variants names {len(wanted)} variant(s), but --max-variants {engine.variants.max_variants} keeps at most "
             f"{engine.variants.max_variants - 1} beside the default one: raise --max-variants or name fewer"
         )
-    if settings.warmup or wanted:
+    warmups = [(None, Warmup(engine))] if settings.warmup else []
+    warmups += [(overrides, Warmup(engine, engine.default_config.with_changes(**overrides))) for overrides in wanted]
+    background = BackgroundWarmups(warmups)
+    if warmups:
         on_phase("warming")
+        started = time.perf_counter()
         startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts)
-    if settings.warmup:
-        startup["warmup"] = warm_up(engine).as_dict()
-    for overrides in wanted:  # built and warmed at every shape, as the default one
-        report = warm_up(engine, engine.default_config.with_changes(**overrides))
-        startup.setdefault("warm_variants", []).append({"optimizations": overrides, **report.as_dict()})
-        log.info("warm variant %s: %d shapes in %.1f s", overrides, len(report.shapes), report.total_s)
-    if settings.warmup or wanted:
+        startup["compile_artifacts_s"] = round(time.perf_counter() - started, 2)
+    for _overrides, warmup in warmups:  # the first shape builds and compiles each variant
+        warmup.warm_next()
+        while settings.warm_all_before_ready and warmup.warm_next():
+            pass
+    if warmups:
         startup["compile_counters"] = compile_counters()  # cache hits, misses, bypasses: what the warm-ups compiled
-    return engine, startup
+    startup.update(background.report())
+    startup["ready_at"] = round(time.time(), 3)
+    startup["ready_after_process_start_s"] = round(startup["ready_at"] - started_at, 2) if started_at else None
+    log.info("start-up: %s", _summary(startup, background))
+    return engine, startup, background
+
+
+class BackgroundWarmups:
+    """The warm-ups' shapes left after /ready, for the serving thread to warm one at a time while no
+    request waits (service/queue.py, service/worker_process.py). `report` and `status` may be read
+    from any thread."""
+
+    def __init__(self, warmups: list):
+        self.warmups = warmups  # (the --warm-variants overrides or None for the default variant, Warmup)
+        self._logged = threading.Event()
+
+    @property
+    def pending(self) -> bool:
+        return any(not warmup.done for _, warmup in self.warmups)
+
+    def warm_one(self) -> None:
+        """Warm the next pending shape (one edit at most); logs once when every shape is warm."""
+        for _, warmup in self.warmups:
+            if not warmup.done:
+                warmup.warm_next()
+                break
+        if not self.pending and self.warmups and not self._logged.is_set():
+            self._logged.set()
+            done_at = max(warmup.report.done_at or 0 for _, warmup in self.warmups)
+            started_at = process_started_at()
+            after = f" ({done_at - started_at:.1f} s after the process started)" if started_at else ""
+            log.info("every shape is warm%s: %s", after, self._counts())
+
+    def report(self) -> dict:
+        """What /health's `startup` says of the warm-ups: each one's shapes and seconds, as they go."""
+        found: dict = {}
+        for overrides, warmup in self.warmups:
+            if overrides is None:
+                found["warmup"] = warmup.as_dict()
+            else:
+                found.setdefault("warm_variants", []).append({"optimizations": overrides, **warmup.as_dict()})
+        return found
+
+    def status(self) -> dict:
+        """Shapes warmed, being warmed and pending, over every warm-up (a warm variant's labels name it)."""
+        merged = {"done": not self.pending, "warmed": [], "failed": [], "warming": None, "pending": []}
+        for overrides, warmup in self.warmups:
+            prefix = f"{json.dumps(overrides, sort_keys=True)} " if overrides is not None else ""
+            status = warmup.status()
+            for key in ("warmed", "failed", "pending"):
+                merged[key] += [prefix + label for label in status[key]]
+            if status["warming"]:
+                merged["warming"] = prefix + status["warming"]
+        return merged
+
+    def _counts(self) -> str:
+        status = self.status()
+        return f"{len(status['warmed'])} warm, {len(status['failed'])} failed, {len(status['pending'])} pending"
 
 
 def load_compile_artifacts(engine, path: str | None) -> dict:
     """Before the first compile: the bundle at `path`, else the one `precompile` left in the compile
     cache directory for exactly this setup, if any."""
+    from engine.compile_artifacts import bundle_key, default_bundle_path, describe, load_bundle
+    from engine.compile_cache import active_cache_dir
+
     key = bundle_key(engine.env, engine.resolve().effective)
     asked = path is not None
     if path is None and active_cache_dir() is not None:
@@ -59,3 +133,41 @@ def load_compile_artifacts(engine, path: str | None) -> dict:
     found = path is not None and Path(path).is_file()
     log.log(logging.INFO if asked or found else logging.DEBUG, describe(outcome))
     return outcome.as_dict()
+
+
+def process_started_at() -> float | None:
+    """Epoch time this process started (Linux: /proc), so that start-up reports include the
+    interpreter's start and every import; None where /proc does not say."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _import_engine() -> None:
+    """The engine's own imports (torch, diffusers, transformers): the bulk of a start's import time."""
+    if "engine.engine" not in sys.modules:
+        import engine.engine  # noqa: F401
+
+
+def _timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return round(time.perf_counter() - started, 2)
+
+
+def _summary(startup: dict, background: BackgroundWarmups) -> str:
+    phases = (
+        ("imports", startup.get("imports_s")),
+        ("engine imports", startup.get("engine_imports_s")),
+        ("model load", startup.get("load_s")),
+        ("bundle load", startup.get("compile_artifacts_s")),
+        ("first shape", startup.get("warmup", {}).get("phases", {}).get("first_shape_s")),
+    )
+    text = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases if seconds is not None)
+    ready = startup.get("ready_after_process_start_s")
+    text += f"; ready {ready:.1f} s after the process started" if ready is not None else "; ready"
+    pending = len(background.status()["pending"])
+    return text + (f"; {pending} shape(s) left to warm while idle" if pending else "")

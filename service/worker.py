@@ -89,6 +89,14 @@ class Worker(ABC):
     def gpu_memory_bytes(self) -> dict[str, int]:
         return {}
 
+    def warmup_status(self) -> dict | None:
+        """Shapes warmed and pending (service/startup.py: BackgroundWarmups.status); None: not known here."""
+        return None
+
+    def warmup_report(self) -> dict:
+        """The warm-ups' shapes and seconds so far, for /health's `startup`."""
+        return {}
+
     def workers_report(self) -> list[dict] | None:
         """One entry per worker process (state, pid, restarts, ...); None for the in-process worker."""
         return None

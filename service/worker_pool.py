@@ -111,6 +111,20 @@ class WorkerPool(Worker):
         with self._cond:
             return [worker.report() for worker in self.workers]
 
+    def warmup_status(self) -> dict | None:
+        """Every worker's shapes as one (labels name the worker); None until a worker has said."""
+        with self._cond:
+            statuses = [(worker.index, worker.warmup) for worker in self.workers if worker.warmup is not None]
+        if not statuses:
+            return None
+        merged = {"done": all(status["done"] for _, status in statuses), "warmed": [], "failed": [], "warming": None, "pending": []}
+        for index, status in statuses:
+            for key in ("warmed", "failed", "pending"):
+                merged[key] += [f"worker {index}: {label}" for label in status[key]]
+            if status["warming"]:
+                merged["warming"] = f"worker {index}: {status['warming']}"
+        return merged
+
     def engine_status(self) -> dict:
         """Each worker's latest status, as one: memory by worker, every worker's variants, the adapters
         of the first ready worker (every worker loads the same ones)."""
@@ -307,6 +321,10 @@ class WorkerPool(Worker):
                 resolve((message[2], message[3]))
         elif kind in ("done", "failed"):
             self._finished(worker, message)
+        elif kind == "warmed":  # a shape warmed while that worker was idle (service/startup.py: BackgroundWarmups)
+            with self._cond:
+                worker.warmup = message[1]
+                worker.startup = {**worker.startup, **message[2]}
 
     def _on_ready(self, worker: WorkerProcess, description, startup: dict, status: dict) -> None:
         with self._cond:

@@ -1,13 +1,15 @@
 """The worker side of `serve --gpus`: one spawned process per GPU, with its own engine.
 
     front -> worker  ("job", id, call) | ("cancel", id) | ("halt", id) | ("ask", id, call) | ("stop",)
-    worker -> front  ("ready", description, startup, status) | ("load_failed", message) | ("started", id)
+    worker -> front  ("ready", description, startup, status) | ("load_failed", message) | ("warmed", warmup status, report)
+                     | ("started", id)
                      | ("building", id) | ("progress", id, message, fraction) | ("skipped", id)
                      | ("answer", id, ok, value) | ("done", id, result, status) | ("failed", id, outcome, error, status)
 
 The process pins its GPU (CUDA_VISIBLE_DEVICES) before anything can initialise CUDA, starts its
 engine as the in-process worker does (service/startup.py), says "ready", then runs the calls it is
-sent one at a time with the same `execute` (service/jobs.py). It acks "started" before running a
+sent one at a time with the same `execute` (service/jobs.py), and warms the shapes left one at a time
+whenever none is buffered ("warmed" after each). It acks "started" before running a
 job, so that the front knows which jobs may be given to another worker if this one dies (those it
 never started) and which may not (the one it was running). A reader thread takes messages as they
 arrive: a cancel for a buffered job is seen before that job starts, a halt reaches a running
@@ -50,23 +52,23 @@ def worker_main(index: int, gpu: str | None, loader: Callable[[str], Any], setti
     if gpu is None and cpu_threads:
         torch.set_num_threads(cpu_threads)  # CPU workers share the cores instead of each taking all
     try:
-        engine, startup = start_engine(lambda: loader("cuda:0" if gpu is not None else "cpu"), settings)
+        engine, startup, warmups = start_engine(lambda: loader("cuda:0" if gpu is not None else "cpu"), settings)
         description = DescribeEngine().run(engine, Unattended())
         outbox.send(("ready", description, startup, EngineStatus().run(engine, Unattended())))
     except BaseException as error:  # noqa: BLE001 - reported to the front, which does not restart a worker that cannot load
         log.error("worker %d could not load or warm up its engine", index, exc_info=error)
         outbox.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
-    _Server(engine, inbox, outbox, settings).serve()
+    _Server(engine, inbox, outbox, settings, warmups).serve()
 
 
 class _Server:
     """The engine's side of the pipes: a reader thread that files messages, and the main thread that runs jobs."""
 
-    def __init__(self, engine, inbox, outbox, settings):
+    def __init__(self, engine, inbox, outbox, settings, warmups):
         from .builds import BuildLane
 
-        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self.engine, self.inbox, self.outbox, self.warmups = engine, inbox, outbox, warmups
         self.lane = BuildLane(engine, settings, self._rejoin)
         self.jobs: deque = deque()  # (id, call), in the order the front sent them
         self.cond = threading.Condition()
@@ -81,14 +83,29 @@ class _Server:
 
     def serve(self) -> None:
         threading.Thread(target=self._read, name="worker-inbox", daemon=True).start()
+        self._report_warmups()
         while True:
             with self.cond:
-                while not self.jobs and not self.stopping:
+                while not self.jobs and not self.stopping and not self.warmups.pending:
                     self.cond.wait()
                 if self.stopping and not self.jobs:
                     return
-                job_id, call = self.jobs.popleft()
-            self.run(job_id, call)
+                job = self.jobs.popleft() if self.jobs else None
+            if job is None:  # nothing buffered: one shape, on this thread (its CUDA graphs are this thread's)
+                self._warm_one()
+            else:
+                self.run(*job)
+
+    def _warm_one(self) -> None:
+        try:
+            self.warmups.warm_one()
+        except Exception:  # noqa: BLE001 - Warmup reports a failing shape itself; this is anything else
+            log.exception("background warm-up failed; the shapes left compile on first use")
+            self.warmups.warmups.clear()
+        self._report_warmups()
+
+    def _report_warmups(self) -> None:
+        self.send(("warmed", self.warmups.status(), self.warmups.report()))
 
     def _read(self) -> None:
         """Take messages as they come, so that the front never blocks sending while a job runs."""

@@ -24,7 +24,6 @@ import torch
 
 from .attention_kernels import AttentionKernel
 from .base import Availability, Stage, StageReport
-from .flux_attention_processor import KontextAttnProcessor, flux_attention_modules
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,8 @@ def ulysses(kernel: AttentionKernel, group=None) -> UlyssesKernel:
 def check_processors(transformer: torch.nn.Module) -> None:
     """Every attention must be parallel-aware: diffusers' own processor (its dispatcher runs the
     all-to-alls) or ours with a Ulysses kernel. Anything else would be silently wrong."""
+    from .flux_attention_processor import KontextAttnProcessor, flux_attention_modules  # imports diffusers' models
+
     for module in flux_attention_modules(transformer):
         processor = module.processor
         if isinstance(processor, KontextAttnProcessor):
@@ -98,6 +99,8 @@ class ContextParallel(Stage):
         from diffusers import ContextParallelConfig
 
         from patches.diffusers_context_parallel_cpu import cpu_device_count
+
+        from .flux_attention_processor import KontextAttnProcessor, flux_attention_modules  # diffusers: only when applied
 
         degree = config.context_parallel
         heads = transformer.config.num_attention_heads

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from .attention_kernels import FA3_MODULE, KERNELS
 from .base import Availability, Requirements, Stage, StageReport
-from .flux_attention_processor import flux_attention_modules, set_attention_kernel
 
 HOPPER = (9, 0)
 
@@ -56,6 +55,9 @@ class FlashAttention(Stage):
         return config, StageReport(self.name, True, True, detail="cuDNN SDPA")
 
     def apply_execution(self, transformer, config, build):
+        # imported here: it imports diffusers' models, which the registry's importers (the HTTP side) do not need
+        from .flux_attention_processor import flux_attention_modules, set_attention_kernel
+
         if config.attention == "cudnn":
             for module in flux_attention_modules(transformer):
                 module.set_attention_backend("_native_cudnn")  # per module: no global backend switch

@@ -8,10 +8,7 @@ solver `use_dpm_solver` means, and the step counts, follow benchmarks/solver_fid
 
 from __future__ import annotations
 
-from diffusers import FlowMatchEulerDiscreteScheduler
-
 from .base import Stage
-from .flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepScheduler
 
 # Default denoising steps per scheduler, from benchmarks/solver_fidelity.py: DPM-Solver++ 2M Karras
 # at 14 steps lands closer to the ODE solution than Euler at 28 on both test problems and at both
@@ -34,6 +31,11 @@ def build_scheduler(name: str, base_config, **overrides):
     """
     if overrides and name != "dpmpp_2m_karras":
         raise ValueError(f"only dpmpp_2m_karras takes overrides, not {name!r}")
+    # diffusers is imported here, not with the registry: the HTTP side imports the registry, not diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .flow_solvers import FlowDPMSolverMultistepScheduler, FlowUniPCMultistepScheduler
+
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(base_config)
     if name == "dpmpp_2m_karras":

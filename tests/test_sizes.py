@@ -38,3 +38,9 @@ def test_at_kontexts_own_budget_every_preferred_resolution_is_kept():
     for width, height in KONTEXT_RESOLUTIONS:
         assert output_size(None, None, (width * 3, height * 3), 1024 * 1024) == (width, height)
         assert output_size(None, None, (width, height), 256 * 256)[0] * output_size(None, None, (width, height), 256 * 256)[1] <= 256 * 256
+
+
+def test_the_preferred_resolutions_are_diffusers_own():
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    assert KONTEXT_RESOLUTIONS == tuple(PREFERRED_KONTEXT_RESOLUTIONS)

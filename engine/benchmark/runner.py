@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ from stages.environment import package_version
 from stages.registry import preset_title
 from stages.rules import row_wise_fp8_weights
 
-from ..engine import KontextEngine
 from ..requests import EditRequest, EditResult
 from .report import BenchmarkReport, CacheResult, OptionResult, StageResult, deviation
+
+if TYPE_CHECKING:  # the service imports BenchmarkSettings from here without the engine's diffusers
+    from ..engine import KontextEngine
 
 ROW_KINDS = ("main", "cache", "options")
 
