@@ -95,3 +95,20 @@ def warm_up(engine: KontextEngine, config: OptimizationConfig | None = None, sha
         report.phases["other_shapes_s"] = round(report.total_s - report.phases["first_shape_s"], 2)
     log.info("warm-up: %d shapes in %.1f s", len(shapes), report.total_s)
     return report
+
+
+def record_aot_functions(engine: KontextEngine, config: OptimizationConfig | None = None):
+    """After a warm-up: the compiled modules of `config`'s variant saved as ahead-of-time functions
+    (stages/precompiled.py), recorded during one edit with an input image and one without at the
+    first warm shape: together they call every compiled module with every input layout it sees.
+    Sequence lengths are dynamic, so the other resolutions need no recording of their own."""
+    from stages.compile import compiled_modules
+    from stages.precompiled import record
+
+    config = (config or engine.default_config).with_changes(cache_threshold=0.0)
+    effective = engine.resolve(config).effective
+    pipe, variant, _ = engine.variants.pipeline_for(effective)
+    first = shapes_for(engine)[0]
+    with record(compiled_modules(pipe, effective, engine.env)) as recording:
+        warm_up(engine, config, [Shape(first.width, first.height, True), Shape(first.width, first.height, False)])
+    return recording

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, describe, load_bundle
+from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, describe, load_bundle, load_precompiled
 from engine.compile_cache import active_cache_dir
 from engine.warmup import warm_up
 
@@ -34,7 +34,7 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
         )
     if settings.warmup or wanted:
         on_phase("warming")
-        startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts)
+        startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts, settings.aot_functions)
     if settings.warmup:
         startup["warmup"] = warm_up(engine).as_dict()
     for overrides in wanted:  # built and warmed at every shape, as the default one
@@ -46,9 +46,10 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
     return engine, startup
 
 
-def load_compile_artifacts(engine, path: str | None) -> dict:
+def load_compile_artifacts(engine, path: str | None, aot_functions: bool = True) -> dict:
     """Before the first compile: the bundle at `path`, else the one `precompile` left in the compile
-    cache directory for exactly this setup, if any."""
+    cache directory for exactly this setup, if any; with `aot_functions`, its ahead-of-time
+    functions too, which the default variant's build then runs instead of compiling."""
     key = bundle_key(engine.env, engine.resolve().effective)
     asked = path is not None
     if path is None and active_cache_dir() is not None:
@@ -58,4 +59,8 @@ def load_compile_artifacts(engine, path: str | None) -> dict:
     # worth a line only when a bundle was asked for or found there.
     found = path is not None and Path(path).is_file()
     log.log(logging.INFO if asked or found else logging.DEBUG, describe(outcome))
-    return outcome.as_dict()
+    report = outcome.as_dict()
+    if outcome.loaded and outcome.aot_units and aot_functions:
+        engine.variants.precompiled, report["aot_functions"] = load_precompiled(outcome, key)
+        log.info("compile artifacts: %s", report["aot_functions"])
+    return report
