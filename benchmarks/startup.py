@@ -164,6 +164,7 @@ def markdown(report: dict) -> str:
         ("first shape (build + compile), s", ("warmup", "phases", "first_shape_s")),
         ("other shapes (CUDA-graph recording), s", ("warmup", "phases", "other_shapes_s")),
         ("compile artifacts", ("compile_artifacts", "reason")),
+        ("ahead-of-time functions", ("compile_artifacts", "aot_functions")),
         ("compile cache counters", ("compile_counters",)),
     )
     lines.append(f"| launch to /ready, s | {cold['launch_to_ready_s']} | {warm.get('launch_to_ready_s', '-')} |")
@@ -207,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-artifacts", action="store_true", help="cold start only")
     parser.add_argument("--cold-via-precompile", action="store_true", help="measure the cold start with precompile on empty caches")
     parser.add_argument("--flags", default="", help="extra flags for serve and precompile, e.g. '--compile' for a CPU try-out")
+    parser.add_argument(
+        "--aot-compile", action="store_true", help="precompile --aot-compile: the bundle's blocks and VAE skip Dynamo (experimental)"
+    )
     args = parser.parse_args(argv)
-    flags = args.flags.split()
+    flags, aot = args.flags.split(), ["--aot-compile"] if args.aot_compile else []
     # SIGTERM ends this script through its `finally` blocks, which stop the servers it started
     # (a server left behind holds its GPU memory, and drains for minutes on its own SIGTERM).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     cold_cache, fresh_cache, bundle = args.cache_root / "cold", args.cache_root / "fresh", args.cache_root / "bundle.zip"
     report = {"model": args.model, "meta": _meta()}
     if args.cold_via_precompile:
-        report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
+        report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags + aot)
         report["cold"] = {"launch_to_ready_s": report["precompile"]["seconds"], "startup": report["precompile"], "first_requests": []}
         report["cold_measured_by"] = "precompile on empty caches (serve's load and warm-up, launch to exit)"
     else:
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     _write(report, args.out)
     if not args.skip_artifacts:
         if "precompile" not in report:
-            report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
+            report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags + aot)
         _write(report, args.out)
         with_bundle = [*flags, "--compile-artifacts", str(bundle)]
         report["artifacts"] = run_server("artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout)

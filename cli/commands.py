@@ -140,7 +140,9 @@ def cmd_precompile(args) -> int:
         from engine.warmup import record_aot_functions
 
         recording = record_aot_functions(engine)
-    path = save_bundle(args.out or default_bundle_path(active_cache_dir(), key), key, report.shapes, {"warmup": report.as_dict()}, recording)
+    path = save_bundle(
+        args.out or default_bundle_path(active_cache_dir(), key), key, report.shapes, {"warmup": report.as_dict()}, recording
+    )
     summary = {
         "bundle": str(path),
         "megabytes": round(path.stat().st_size / 2**20, 1),

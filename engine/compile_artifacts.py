@@ -130,7 +130,9 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
                 return LoadOutcome(str(path), False, f"skipped: built for another setup ({_difference(manifest.get('key'), expected_key)})")
             blob = bundle.read("artifacts.bin")
             aot_manifest = manifest.get("aot", {}).get("units", {})
-            aot_blobs = {unit: [bundle.read(f"aot/{unit}/{n}.bin") for n in range(entry["functions"])] for unit, entry in aot_manifest.items()}
+            aot_blobs = {
+                unit: [bundle.read(f"aot/{unit}/{n}.bin") for n in range(entry["functions"])] for unit, entry in aot_manifest.items()
+            }
         if hashlib.sha256(blob).hexdigest() != manifest.get("artifacts_sha256"):
             return LoadOutcome(str(path), False, "skipped: the artifacts do not match their checksum (corrupt bundle)")
         import torch

@@ -41,7 +41,10 @@ def portable_guards(entries) -> list[bool]:
     """The guards a saved function can carry: tensor metadata of its inputs (the weights too), the
     dynamic-shape constraints, and grad and autocast state. Object identities (ID_MATCH) cannot be
     serialized; torch refuses to save a function that has them."""
-    return [entry.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (entry.guard_type == "TENSOR_MATCH" and not entry.is_global) for entry in entries]
+    return [
+        entry.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (entry.guard_type == "TENSOR_MATCH" and not entry.is_global)
+        for entry in entries
+    ]
 
 
 def unit_name(module: torch.nn.Module) -> str:
@@ -97,12 +100,18 @@ class Recorder:
 
     def __call__(self, *args, **kwargs):
         functions = self.recording.functions[self.unit]
-        if self.unit not in self.recording.failures and not any(function.guard_check(self.module, *args, **kwargs) for function in functions):
+        if self.unit not in self.recording.failures and not any(
+            function.guard_check(self.module, *args, **kwargs) for function in functions
+        ):
             try:
                 functions.append(aot_compile(self.module, args, kwargs, self.options))
             except Exception as error:  # noqa: BLE001 - a unit torch cannot save stays on the JIT path
                 self.recording.failures[self.unit] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-                log.warning("precompiled %s: not saved ahead of time, it compiles at start-up as before (%s)", self.unit, self.recording.failures[self.unit])
+                log.warning(
+                    "precompiled %s: not saved ahead of time, it compiles at start-up as before (%s)",
+                    self.unit,
+                    self.recording.failures[self.unit],
+                )
         return self.inner(*args, **kwargs)
 
 
@@ -130,7 +139,9 @@ class Recording:
 
     def manifest(self, units) -> dict:
         """What a bundle says about its functions (JSON): per unit, how many, from which forward, with which options."""
-        return {unit: {"functions": len(self.functions[unit]), "forward": self.forwards[unit], "options": self.options[unit]} for unit in units}
+        return {
+            unit: {"functions": len(self.functions[unit]), "forward": self.forwards[unit], "options": self.options[unit]} for unit in units
+        }
 
 
 class record:
