@@ -183,6 +183,7 @@ PHASES = (  # (row label, path in /health's startup)
     ("first shape (build + compile + record), s", ("warmup", "phases", "first_shape_s")),
     ("other shapes, s in all (CUDA-graph recording, after /ready)", ("warmup", "phases", "other_shapes_s")),
     ("compile artifacts", ("compile_artifacts", "reason")),
+    ("ahead-of-time functions", ("compile_artifacts", "aot_functions")),
     ("compile cache counters", ("compile_counters",)),
 )
 
@@ -255,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-artifacts", action="store_true", help="cold start only")
     parser.add_argument("--cold-via-precompile", action="store_true", help="measure the cold start with precompile on empty caches")
     parser.add_argument("--flags", default="", help="extra flags for serve and precompile, e.g. '--compile' for a CPU try-out")
+    parser.add_argument(
+        "--aot-compile", action="store_true", help="precompile --aot-compile: the bundle's blocks and VAE skip Dynamo (experimental)"
+    )
     parser.add_argument("--serve-flags", default="", help="extra flags for serve only, e.g. '--warm-all-before-ready'")
     args = parser.parse_args(argv)
     flags, serve_flags = args.flags.split(), args.serve_flags.split()
+    aot = ["--aot-compile"] if args.aot_compile else []
     # SIGTERM ends this script through its `finally` blocks, which stop the servers it started
     # (a server left behind holds its GPU memory, and drains for minutes on its own SIGTERM).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     cold_cache, fresh_cache, bundle = args.cache_root / "cold", args.cache_root / "fresh", args.cache_root / "bundle.zip"
     report = {"model": args.model, "meta": _meta()}
     if args.cold_via_precompile:
-        report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
+        report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags + aot)
         seconds = report["precompile"]["seconds"]  # precompile warms every shape before it exits
         report["cold"] = {
             "launch_to_ready_s": seconds,
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     _write(report, args.out)
     if not args.skip_artifacts:
         if "precompile" not in report:
-            report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags)
+            report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags + aot)
         _write(report, args.out)
         with_bundle = [*flags, *serve_flags, "--compile-artifacts", str(bundle)]
         report["artifacts"] = run_server("artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout)

@@ -121,7 +121,7 @@ def cmd_benchmark(args) -> int:
 def cmd_precompile(args) -> int:
     import time
 
-    from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, save_bundle
+    from engine.compile_artifacts import bundle_key, compile_counters, default_bundle_path, read_manifest, save_bundle
     from engine.compile_cache import active_cache_dir
     from engine.warmup import warm_up
 
@@ -133,14 +133,24 @@ def cmd_precompile(args) -> int:
         return 0
     started = time.perf_counter()
     report = warm_up(engine)
+    warmup_s = round(time.perf_counter() - started, 1)
     key = bundle_key(engine.env, engine.resolve().effective)
-    path = save_bundle(args.out or default_bundle_path(active_cache_dir(), key), key, report.shapes, {"warmup": report.as_dict()})
+    recording, recorded = None, time.perf_counter()
+    if args.aot_compile:
+        from engine.warmup import record_aot_functions
+
+        recording = record_aot_functions(engine)
+    path = save_bundle(
+        args.out or default_bundle_path(active_cache_dir(), key), key, report.shapes, {"warmup": report.as_dict()}, recording
+    )
     summary = {
         "bundle": str(path),
         "megabytes": round(path.stat().st_size / 2**20, 1),
         "load_s": load_s,
-        "warmup_s": round(time.perf_counter() - started, 1),
+        "warmup_s": warmup_s,
     }
+    if recording is not None:
+        summary["aot"] = {**read_manifest(path).get("aot", {}), "record_s": round(time.perf_counter() - recorded, 1)}
     print(json.dumps({**summary, "warmup": report.as_dict(), "compile_counters": compile_counters()}, indent=2))
     return 0
 

@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     precompile.add_argument(
         "--out", type=Path, default=None, help="bundle file (default: in the compile cache directory, where serve finds it)"
     )
+    precompile.add_argument(
+        "--aot-compile",
+        action="store_true",
+        help="experimental: also save the compiled blocks and VAE as ahead-of-time functions (torch's aot_compile), which "
+        "serve runs without Dynamo tracing; units torch cannot save (FP8 weights) compile at start-up as before",
+    )
 
     commands.add_parser(
         "doctor",

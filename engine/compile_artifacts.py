@@ -4,7 +4,12 @@ A bundle is one zip file: `manifest.json` (what it was built for and from what) 
 (torch's mega-cache: `torch.compiler.save_cache_artifacts()`, i.e. the FX-graph and AOTAutograd
 cache entries with their Triton kernels and the autotuning results). Loading it fills the local
 compile caches, so the next compile of the same graphs is a cache hit; Dynamo still traces the few
-graphs and CUDA graphs are still recorded (neither can be persisted).
+graphs and CUDA graphs are still recorded.
+
+With `precompile --aot-compile` (experimental) a bundle also carries `aot/<unit>/<n>.bin`: the
+compiled modules as ahead-of-time functions (stages/precompiled.py), which `serve` runs without
+tracing them (its --no-aot-functions leaves them unused). A unit torch cannot save (FP8 tensor-subclass weights,
+benchmarks/results/aot-functions.md) is named in the manifest and compiles at start-up as before.
 
 A bundle is only valid for the same GPU model and the same torch / triton / diffusers / torchao
 versions and build-relevant config: the key says so, and a bundle whose key does not match is
@@ -61,15 +66,21 @@ class LoadOutcome:
     reason: str  # what happened, in one line
     megabytes: float = 0.0
     seconds: float = 0.0
+    aot_units: list[str] = dataclasses.field(default_factory=list)  # units with ahead-of-time functions in the bundle
+    aot_manifest: dict = dataclasses.field(default_factory=dict, repr=False)
+    aot_blobs: dict[str, list[bytes]] = dataclasses.field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: value for name, value in dataclasses.asdict(self).items() if name not in ("aot_manifest", "aot_blobs")}
 
 
-def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | None = None) -> Path:
+def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | None = None, recording=None) -> Path:
     """Write what this process compiled (call after the warm-up edits: autotuning results are
-    recorded when kernels first run) as a bundle at `path`."""
+    recorded when kernels first run) as a bundle at `path`, with the ahead-of-time functions of
+    `recording` (stages.precompiled.Recording) when given."""
     import torch
+
+    blobs = recording.serialized() if recording is not None else {}
 
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
@@ -84,12 +95,17 @@ def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | No
         "warm_shapes": warm_shapes,
         **(notes or {}),
     }
+    if recording is not None:
+        manifest["aot"] = {"units": recording.manifest(blobs), "not_saved": dict(recording.failures)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as bundle:
         bundle.writestr("manifest.json", json.dumps(manifest, indent=2))
         bundle.writestr("artifacts.bin", blob)
+        for unit, unit_blobs in blobs.items():
+            for number, function in enumerate(unit_blobs):
+                bundle.writestr(f"aot/{unit}/{number}.bin", function)
     partial.replace(path)  # never leave a half-written bundle under the real name
     return path
 
@@ -113,6 +129,10 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
             if manifest.get("key") != expected_key:
                 return LoadOutcome(str(path), False, f"skipped: built for another setup ({_difference(manifest.get('key'), expected_key)})")
             blob = bundle.read("artifacts.bin")
+            aot_manifest = manifest.get("aot", {}).get("units", {})
+            aot_blobs = {
+                unit: [bundle.read(f"aot/{unit}/{n}.bin") for n in range(entry["functions"])] for unit, entry in aot_manifest.items()
+            }
         if hashlib.sha256(blob).hexdigest() != manifest.get("artifacts_sha256"):
             return LoadOutcome(str(path), False, "skipped: the artifacts do not match their checksum (corrupt bundle)")
         import torch
@@ -120,7 +140,25 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
         torch.compiler.load_cache_artifacts(blob)
     except Exception as error:  # noqa: BLE001 - a broken bundle only costs the compile it would have saved
         return LoadOutcome(str(path), False, f"skipped: unreadable bundle ({type(error).__name__}: {str(error)[:200]})")
-    return LoadOutcome(str(path), True, "loaded", round(len(blob) / 2**20, 1), round(time.perf_counter() - started, 2))
+    megabytes = round((len(blob) + sum(len(b) for blobs in aot_blobs.values() for b in blobs)) / 2**20, 1)
+    seconds = round(time.perf_counter() - started, 2)
+    return LoadOutcome(str(path), True, "loaded", megabytes, seconds, sorted(aot_blobs), aot_manifest, aot_blobs)
+
+
+def load_precompiled(outcome: LoadOutcome, key: dict):
+    """The bundle's ahead-of-time functions, loaded (stages.precompiled.PrecompiledFunctions), or
+    None with the reason when it has none or torch cannot load them. Never raises."""
+    if not outcome.loaded or not outcome.aot_blobs:
+        return None, "the bundle has no ahead-of-time functions (made without precompile --aot-compile)"
+    from stages.precompiled import PrecompiledFunctions
+
+    started = time.perf_counter()
+    try:
+        functions = PrecompiledFunctions.load(key["config"], outcome.aot_manifest, outcome.aot_blobs)
+    except Exception as error:  # noqa: BLE001 - unusable functions only cost the compile they would have saved
+        return None, f"ahead-of-time functions skipped: torch cannot load them ({type(error).__name__}: {str(error)[:200]})"
+    units = ", ".join(f"{unit} ({len(fns)})" for unit, fns in functions.functions.items())
+    return functions, f"ahead-of-time functions loaded in {time.perf_counter() - started:.2f} s: {units}"
 
 
 def _difference(found: dict | None, expected: dict) -> str:

@@ -112,6 +112,9 @@ class VariantCache:
         # LoRA merge mode's adapters live in the weights the variants share: builds, evictions and
         # residency moves happen only on base values, under its lock (stages/lora_merge.py)
         self.merged = MergedLoras()
+        # A bundle's ahead-of-time compiled functions (stages/precompiled.py): the compile stage runs
+        # them in the variants built for the config they were made for
+        self.precompiled = None
 
     # -- public -----------------------------------------------------------------------------------
     def pipeline_for(self, config: OptimizationConfig, pin: bool = False) -> tuple[FluxKontextPipeline, Variant, float]:
@@ -220,7 +223,8 @@ class VariantCache:
             return Variant(key, source, 0, 0.0, [])
         start = time.perf_counter()
         allocated_before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        build = BuildContext(self.env, self.device, self.dtype)
+        precompiled = self.precompiled if self.precompiled is not None and self.precompiled.matches(config) else None
+        build = BuildContext(self.env, self.device, self.dtype, precompiled=precompiled)
         module = copy.deepcopy(source) if own_tensors else clone_sharing_tensors(source)
         apply(phase, module, config, build)
         extra = added_bytes(module, source)

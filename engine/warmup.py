@@ -173,6 +173,23 @@ class Warmup:
             return self.report.as_dict()
 
 
+def record_aot_functions(engine: KontextEngine, config: OptimizationConfig | None = None):
+    """After a warm-up: the compiled modules of `config`'s variant saved as ahead-of-time functions
+    (stages/precompiled.py), recorded during one edit with an input image and one without at the
+    first warm shape: together they call every compiled module with every input layout it sees.
+    Sequence lengths are dynamic, so the other resolutions need no recording of their own."""
+    from stages.compile import compiled_modules
+    from stages.precompiled import record
+
+    config = (config or engine.default_config).with_changes(cache_threshold=0.0)
+    effective = engine.resolve(config).effective
+    pipe, variant, _ = engine.variants.pipeline_for(effective)
+    first = shapes_for(engine)[0]
+    with record(compiled_modules(pipe, effective, engine.env)) as recording:
+        warm_up(engine, config, [Shape(first.width, first.height, True), Shape(first.width, first.height, False)])
+    return recording
+
+
 def _request(shape: Shape) -> EditRequest:
     image = Image.new("RGB", (shape.width, shape.height), (120, 140, 160)) if shape.edit else None
     loras = (LoraChoice(shape.lora, 1.0),) if shape.lora else ()

@@ -87,6 +87,12 @@ class ServiceSettings:
         "(default: the bundle precompile left in the compile cache directory, if any)",
         LOAD,
     )
+    aot_functions: bool = setting(
+        True,
+        "run the ahead-of-time compiled functions a bundle from `precompile --aot-compile` carries (experimental): the blocks "
+        "and the VAE skip Dynamo and Inductor at start-up; off: they compile from the bundle's caches as before",
+        LOAD,
+    )
     per_request_variants: bool = setting(
         True,
         "let requests ask for build-time stages (compile, quantization, attention kernel, ...) other than the server's; "

@@ -49,7 +49,7 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
     if warmups:
         on_phase("warming")
         started = time.perf_counter()
-        startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts)
+        startup["compile_artifacts"] = load_compile_artifacts(engine, settings.compile_artifacts, settings.aot_functions)
         startup["compile_artifacts_s"] = round(time.perf_counter() - started, 2)
     for _overrides, warmup in warmups:  # the first shape builds and compiles each variant
         warmup.warm_next()
@@ -117,10 +117,11 @@ class BackgroundWarmups:
         return f"{len(status['warmed'])} warm, {len(status['failed'])} failed, {len(status['pending'])} pending"
 
 
-def load_compile_artifacts(engine, path: str | None) -> dict:
+def load_compile_artifacts(engine, path: str | None, aot_functions: bool = True) -> dict:
     """Before the first compile: the bundle at `path`, else the one `precompile` left in the compile
-    cache directory for exactly this setup, if any."""
-    from engine.compile_artifacts import bundle_key, default_bundle_path, describe, load_bundle
+    cache directory for exactly this setup, if any; with `aot_functions`, its ahead-of-time
+    functions too, which the default variant's build then runs instead of compiling."""
+    from engine.compile_artifacts import bundle_key, default_bundle_path, describe, load_bundle, load_precompiled
     from engine.compile_cache import active_cache_dir
 
     key = bundle_key(engine.env, engine.resolve().effective)
@@ -132,7 +133,11 @@ def load_compile_artifacts(engine, path: str | None) -> dict:
     # worth a line only when a bundle was asked for or found there.
     found = path is not None and Path(path).is_file()
     log.log(logging.INFO if asked or found else logging.DEBUG, describe(outcome))
-    return outcome.as_dict()
+    report = outcome.as_dict()
+    if outcome.loaded and outcome.aot_units and aot_functions:
+        engine.variants.precompiled, report["aot_functions"] = load_precompiled(outcome, key)
+        log.info("compile artifacts: %s", report["aot_functions"])
+    return report
 
 
 def process_started_at() -> float | None:

@@ -31,6 +31,7 @@ from .environment import Environment
 if TYPE_CHECKING:
     from .lora_merge import MergedLoras
     from .lora_weights import ScaledLora
+    from .precompiled import PrecompiledFunctions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class BuildContext:
     device: torch.device
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    # Ahead-of-time compiled functions from a bundle made for this variant's config (stages/precompiled.py)
+    precompiled: "PrecompiledFunctions | None" = None
 
     def note(self, text: str) -> None:
         self.notes.append(text)

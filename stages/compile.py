@@ -83,9 +83,35 @@ class Compile(Stage):
         options = transformer_compile_options(config, build.env)
         transformer.compile_repeated_blocks(fullgraph=fullgraph, options=options or None)
         build.note(f"transformer: regional compile (fullgraph={fullgraph}, inductor options {options}; compiles on first call)")
+        _install_precompiled(repeated_blocks(transformer), build)
 
     def apply_vae(self, vae, config, build):
         configure_dynamo()
         vae.encoder.compile(fullgraph=True)
         vae.decoder.compile(fullgraph=True)
         build.note("vae: encoder and decoder compiled (lazy)")
+        _install_precompiled([vae.encoder, vae.decoder], build)
+
+
+def repeated_blocks(transformer) -> list:
+    """The blocks regional compile compiles: one graph per class, shared by every block of it."""
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [module for module in transformer.modules() if type(module).__name__ in names]
+
+
+def compiled_modules(pipe, config, env) -> list[tuple]:
+    """(module, its Inductor options) for every module this stage compiled in `pipe`'s variant:
+    what `precompile --aot-compile` records (stages/precompiled.py)."""
+    options = transformer_compile_options(config, env) or None
+    modules = [(block, options) for block in repeated_blocks(pipe.transformer)]
+    modules += [(module, None) for module in (pipe.vae.encoder, pipe.vae.decoder)]
+    return [(module, options) for module, options in modules if getattr(module, "_compiled_call_impl", None) is not None]
+
+
+def _install_precompiled(modules, build) -> None:
+    """With a bundle's ahead-of-time functions for this config, the modules run them instead of
+    tracing and compiling on their first call (the JIT call stays as the fallback)."""
+    if build.precompiled is None:
+        return
+    installed = sum(build.precompiled.install(module) for module in modules)
+    build.note(f"precompiled functions: {installed} of {len(modules)} modules run ahead-of-time compiled code (no Dynamo)")
