@@ -272,23 +272,15 @@ def sweep() -> list[dict]:
             results.append(timed(name, label, moved, lambda *args: launch(*args, num_warps=warps, fast_tanh=fast_tanh), inputs))
         one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}  # one masked block instead of parts
         results.append(timed(name, "num_warps=8, one block", moved, lambda *args: launch(*args, num_warps=8, parts=one_block), inputs))
-    for rows_per_program, warps, by_partner in (
-        (1, 2, False),
-        (1, 4, False),
-        (1, 8, False),
-        (2, 4, False),
-        (1, 2, True),
-        (1, 4, True),
-        (1, 8, True),
-    ):
+    for rows_per_program, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)):
 
         def launch(text, image, outputs, v_amax):
             heads.launch_qk_norm_rope(
                 text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, descales, v_amax,
-                rows_per_program=rows_per_program, num_warps=warps, by_partner=by_partner,
+                rows_per_program=rows_per_program, num_warps=warps,
             )  # fmt: skip
 
-        label = f"rows={rows_per_program}, num_warps={warps}, {'partner load' if by_partner else 'split pairs'}"
+        label = f"rows={rows_per_program}, num_warps={warps}"
         results.append(timed("qk_norm_rope (FP8, without the V cast)", label, TOKENS * 8 * C, launch, attention))
     return results
 

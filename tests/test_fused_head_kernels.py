@@ -58,12 +58,11 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1)
 
 
-@pytest.mark.parametrize("by_partner", [False, True], ids=["split-pairs", "partner-load"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-qkv"])
-def test_bf16_attention_inputs(gen, fused, by_partner):
+def test_bf16_attention_inputs(gen, fused):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused)
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, by_partner=by_partner)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v)
     for got, want in zip((q, k, v), _reference(text, image, norms, cos, sin)):
         assert_written(got)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -81,15 +80,14 @@ def test_single_stream_inputs(gen):
     torch.testing.assert_close(v, tokens[2].float())
 
 
-@pytest.mark.parametrize("by_partner", [False, True], ids=["split-pairs", "partner-load"])
-def test_fp8_attention_inputs_and_scales(gen, by_partner):
+def test_fp8_attention_inputs_and_scales(gen):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused=True)
     q_bound = torch.stack([norms[0].float().abs().max(), norms[2].float().abs().max()]).max() * DIM**0.5
     k_bound = torch.stack([norms[1].float().abs().max(), norms[3].float().abs().max()]).max() * DIM**0.5
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
     v_amax, v_scale = torch.zeros(BATCH, HEADS), _poisoned(BATCH, HEADS)
     descales = (q_bound.reshape(1, 1) / 448, k_bound.reshape(1, 1) / 448)
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax, by_partner=by_partner)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax)
     heads_kernels.launch_v_fp8(text[2], image[2], BATCH, HEADS, v_amax, v, v_scale)
     want_q, want_k, want_v = _reference(text, image, norms, cos, sin)
     torch.testing.assert_close(v_amax, want_v.abs().amax(dim=(1, 3)))

@@ -30,12 +30,9 @@ from .rows_fp8 import _FP8_MAX, _MIN_AMAX, as_e4m3, e4m3_buffer
 # V cast keeps 4 rows and 8 warps.
 QK_ROWS, QK_WARPS = 1, 2
 V_ROWS, V_WARPS = 4, 8
-# How RoPE finds each value's pair member: False splits the (heads, D) tile into even and odd halves
-# and joins them back (reshape, split, join: layout shuffles the compiler may route through shared
-# memory); True loads the row a second time at index ^ 1 (an L1 hit) and stays elementwise.
-# Measured on an H200 (2026-12-05): the partner load took 276-472 us against 82-97 for the split,
-# so the split stays.
-QK_BY_PARTNER = False
+# RoPE pairs each even value with the odd one after it: the kernel splits the (heads, D) tile into
+# even and odd halves and joins them back. Loading the row a second time at index ^ 1 instead (an L1
+# hit, no reshape) was measured on an H200 on 2026-12-05 at 276-472 us against 82-97 and removed.
 
 
 @triton.jit
@@ -65,17 +62,6 @@ def _norm_rope(ptr, offs, mask, w_even, w_odd, cos, sin, EPS: tl.constexpr, HB: 
 
 
 @triton.jit
-def _norm_rope_by_partner(ptr, offs, mask, w, w_partner, cos, signed_sin, EPS: tl.constexpr, D: tl.constexpr):
-    """The same as _norm_rope without reshaping: out[j] = n[j] cos - n[j + 1] sin for even j and
-    n[j] cos + n[j - 1] sin for odd j (n the normalised row), the partner n[j ^ 1] read by a second
-    load of the same cache lines; signed_sin carries the sign per lane."""
-    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    partner = tl.load(ptr + (offs ^ 1), mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + EPS)
-    return (x * (w * cos)[None, :] + partner * (w_partner * signed_sin)[None, :]) * rstd
-
-
-@triton.jit
 def _weight_pairs(ptr, D: tl.constexpr):
     w = tl.load(ptr + tl.arange(0, D)).to(tl.float32)
     return tl.split(tl.reshape(w, (D // 2, 2)))
@@ -87,25 +73,17 @@ def _qk_norm_rope_kernel(
     wq_head, wk_head, wq_tail, wk_tail, cos_ptr, sin_ptr, q_scale_ptr, k_scale_ptr,
     q_out, k_out, v_out, v_amax_ptr, heads,
     EPS: tl.constexpr, ROWS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr, FP8_OUT: tl.constexpr,
-    BY_PARTNER: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1).to(tl.int64) * ROWS
     h = tl.arange(0, HB)
-    d = tl.arange(0, D)
-    offs = h[:, None] * D + d[None, :]
+    offs = h[:, None] * D + tl.arange(0, D)[None, :]
     mask = (h < heads)[:, None]
     half = tl.arange(0, D // 2)
-    if BY_PARTNER:
-        wq_head_all, wk_head_all = tl.load(wq_head + d).to(tl.float32), tl.load(wk_head + d).to(tl.float32)
-        wq_tail_all, wk_tail_all = tl.load(wq_tail + d).to(tl.float32), tl.load(wk_tail + d).to(tl.float32)
-        wq_head_partner, wk_head_partner = tl.load(wq_head + (d ^ 1)).to(tl.float32), tl.load(wk_head + (d ^ 1)).to(tl.float32)
-        wq_tail_partner, wk_tail_partner = tl.load(wq_tail + (d ^ 1)).to(tl.float32), tl.load(wk_tail + (d ^ 1)).to(tl.float32)
-    else:
-        wq_head_even, wq_head_odd = _weight_pairs(wq_head, D)
-        wk_head_even, wk_head_odd = _weight_pairs(wk_head, D)
-        wq_tail_even, wq_tail_odd = _weight_pairs(wq_tail, D)
-        wk_tail_even, wk_tail_odd = _weight_pairs(wk_tail, D)
+    wq_head_even, wq_head_odd = _weight_pairs(wq_head, D)
+    wk_head_even, wk_head_odd = _weight_pairs(wk_head, D)
+    wq_tail_even, wq_tail_odd = _weight_pairs(wq_tail, D)
+    wk_tail_even, wk_tail_odd = _weight_pairs(wk_tail, D)
     if FP8_OUT:  # one descale for every head (the bound of the norms' weights)
         q_mul = 1.0 / tl.load(q_scale_ptr).to(tl.float32)
         k_mul = 1.0 / tl.load(k_scale_ptr).to(tl.float32)
@@ -114,31 +92,17 @@ def _qk_norm_rope_kernel(
         s = first + r
         if s < seq:
             text = s < split
+            cos = tl.load(cos_ptr + s * D + 2 * half)  # each angle is stored twice, once per pair member
+            sin = tl.load(sin_ptr + s * D + 2 * half)
             out_row = (b * seq + s) * heads * D
-            q_row = _source(s, b, seq, split, q_head, head_stride, q_tail, tail_stride)
-            k_row = _source(s, b, seq, split, k_head, head_stride, k_tail, tail_stride)
-            if BY_PARTNER:
-                cos = tl.load(cos_ptr + s * D + d)  # each angle is stored twice, once per pair member
-                signed_sin = tl.where(d % 2 == 0, -1.0, 1.0) * tl.load(sin_ptr + s * D + d)
-                q = _norm_rope_by_partner(
-                    q_row, offs, mask, tl.where(text, wq_head_all, wq_tail_all), tl.where(text, wq_head_partner, wq_tail_partner),
-                    cos, signed_sin, EPS, D,
-                )  # fmt: skip
-                k = _norm_rope_by_partner(
-                    k_row, offs, mask, tl.where(text, wk_head_all, wk_tail_all), tl.where(text, wk_head_partner, wk_tail_partner),
-                    cos, signed_sin, EPS, D,
-                )  # fmt: skip
-            else:
-                cos = tl.load(cos_ptr + s * D + 2 * half)
-                sin = tl.load(sin_ptr + s * D + 2 * half)
-                q = _norm_rope(
-                    q_row, offs, mask,
-                    tl.where(text, wq_head_even, wq_tail_even), tl.where(text, wq_head_odd, wq_tail_odd), cos, sin, EPS, HB, D,
-                )  # fmt: skip
-                k = _norm_rope(
-                    k_row, offs, mask,
-                    tl.where(text, wk_head_even, wk_tail_even), tl.where(text, wk_head_odd, wk_tail_odd), cos, sin, EPS, HB, D,
-                )  # fmt: skip
+            q = _norm_rope(
+                _source(s, b, seq, split, q_head, head_stride, q_tail, tail_stride), offs, mask,
+                tl.where(text, wq_head_even, wq_tail_even), tl.where(text, wq_head_odd, wq_tail_odd), cos, sin, EPS, HB, D,
+            )  # fmt: skip
+            k = _norm_rope(
+                _source(s, b, seq, split, k_head, head_stride, k_tail, tail_stride), offs, mask,
+                tl.where(text, wk_head_even, wk_tail_even), tl.where(text, wk_head_odd, wk_tail_odd), cos, sin, EPS, HB, D,
+            )  # fmt: skip
             v = tl.load(_source(s, b, seq, split, v_head, head_stride, v_tail, tail_stride) + offs, mask=mask, other=0.0)
             if FP8_OUT:
                 q = tl.clamp(q * q_mul, -_FP8_MAX, _FP8_MAX)
@@ -177,7 +141,6 @@ def _v_fp8_kernel(
 def launch_qk_norm_rope(
     head: tuple | None, tail: tuple, batch: int, heads: int, norms: tuple, cos, sin, eps, q_out, k_out, v_out,
     descales: tuple | None = None, v_amax=None, rows_per_program: int = QK_ROWS, num_warps: int = QK_WARPS,
-    by_partner: bool = QK_BY_PARTNER,
 ) -> None:  # fmt: skip
     """Normalise, rotate and gather the rows of `head` (text tokens first, or None) and `tail`.
 
@@ -197,8 +160,7 @@ def launch_qk_norm_rope(
     wrap_triton(_qk_norm_rope_kernel)[grid](
         *head, head[0].stride(0), *tail, tail[0].stride(0), seq, split, *norms, cos, sin, q_scale, k_scale,
         q_out, k_out, v_out, v_amax, heads,
-        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8, BY_PARTNER=by_partner,
-        num_warps=num_warps,
+        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8, num_warps=num_warps,
     )  # fmt: skip
 
 
