@@ -47,6 +47,12 @@ def portable_guards(entries) -> list[bool]:
     ]
 
 
+def _reason(error: Exception) -> str:
+    """One line for a log or a manifest: the error's type and the first line of its message."""
+    first_line = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{type(error).__name__}: {first_line}"
+
+
 def unit_name(module: torch.nn.Module) -> str:
     return type(module).__qualname__
 
@@ -106,7 +112,7 @@ class Recorder:
             try:
                 functions.append(aot_compile(self.module, args, kwargs, self.options))
             except Exception as error:  # noqa: BLE001 - a unit torch cannot save stays on the JIT path
-                self.recording.failures[self.unit] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                self.recording.failures[self.unit] = _reason(error)
                 log.warning(
                     "precompiled %s: not saved ahead of time, it compiles at start-up as before (%s)",
                     self.unit,
@@ -134,7 +140,7 @@ class Recording:
             try:
                 blobs[unit] = [serialize(function) for function in self.functions[unit]]
             except Exception as error:  # noqa: BLE001 - the unit stays on the JIT path
-                self.failures[unit] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                self.failures[unit] = _reason(error)
         return blobs
 
     def manifest(self, units) -> dict:
