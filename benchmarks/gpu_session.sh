@@ -13,7 +13,7 @@
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
-# tiers, small-tiers (the 22 and 24 GiB tiers' full stack under a memory cap), small-tier-stall
+# tiers, fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22 and 24 GiB tiers' full stack under a memory cap), small-tier-stall
 # (issue 23: the small tier's knobs with compile on, each under a time limit, with every thread's
 # Python stack dumped every 30 s). Everything uses synthetic-full (random
 # weights) at 1024x1024.
@@ -47,7 +47,7 @@ for name in "$@"; do
       python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep
       done_ kernels $? ;;
     stages)
-      python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows main,options --profile \
+      python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows "${STAGE_ROWS:-main,options}" --profile \
         --option-rows "${OPTION_ROWS:-without fused_kernels,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out}" \
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
@@ -70,7 +70,8 @@ for name in "$@"; do
       timeout 330 python3 -m benchmarks.step_lab inductor --stages 3 --candidates default,gemm_templates --out "$RESULTS/gemm-templates"
       done_ gemm-templates $? ;;
     tiers)
-      python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers"
+      # TIER_ARGS, e.g. "--rows large,medium,small --no-loads": the rows issue 23 asks for, on a short lease
+      python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers" ${TIER_ARGS:-}
       done_ tiers $? ;;
     small-tier-stall)
       # The three knob groups run side by side (each with its own compile cache, all cold), so the
@@ -102,6 +103,15 @@ for name in "$@"; do
         echo "tier $gib GiB: rc $?"
       done
       done_ small-tiers $? ;;
+    fair-service)
+      # imagecodecs (26 MB) does not fit the lease's carry beside .whl: a later call brings it in
+      # .whl-codecs while the machine is still warm and the other wheels are installed
+      if [ -d .whl-codecs ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-codecs/*.whl
+      fi
+      FLUX_KONTEXT_COMPILE_CACHE="$CACHE" python3 -m benchmarks.fair_service --model synthetic-full --out "$RESULTS/fair-service" \
+        --sizes "${FAIR_SIZES:-1024x1024,1392x752,832x1248,1184x880}" --repeats 2
+      done_ fair-service $? ;;
     *) echo "unknown part $name" ;;
   esac
 done

@@ -24,7 +24,8 @@ defaults would; stages that cannot run (the tiny tier's compile with offloaded F
 needing a GPU on a CPU) are listed with their reasons. A row named ROW-eager (e.g. small-eager) runs
 with compile off, and --no-compile makes every row eager (the tier results before issue 23). The
 first warm-up edit is the cold start: it builds the variant and compiles (`cold_compile_s` is its
-time beyond a warm edit). Writes memory_tiers.json, memory_tiers.md and memory_tiers.png (memory
+time beyond a warm edit; each row compiles into an empty cache of its own unless
+--shared-compile-cache). Writes memory_tiers.json, memory_tiers.md and memory_tiers.png (memory
 against time per tier) into --out; the checkpoints (about 45 GB for synthetic-full) stay in
 --work-dir until the end.
 """
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the checkpoints")
     parser.add_argument("--preset", type=int, default=5, help="cumulative stage preset every row starts from (default 5: the full stack)")
     parser.add_argument("--no-compile", action="store_true", help=f"compile off in every row (one row: name it ROW{EAGER_SUFFIX})")
+    parser.add_argument("--no-loads", action="store_true", help="skip the three load jobs (the transformer read three ways)")
+    parser.add_argument(
+        "--shared-compile-cache", action="store_true",
+        help="one compile cache for every row (later rows reuse what earlier ones compiled); default: each row its own empty one",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     budgets = {name: float(value) for name, value in (item.split("=") for item in args.budgets.split(",") if item)}
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"model": args.model, "device": args.device, "work": str(work)}
     results = {"prepare": _run("prepare", {**common, "job": "prepare"}, work)}
     loads = {}
-    if "error" not in results["prepare"]:
+    if "error" not in results["prepare"] and not args.no_loads:
         for name in LOAD_ROWS:
             loads[name] = _run(f"load-{LOAD_ROWS.index(name)}", {**common, "job": "load", "how": name}, work)
     tiers = {}
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {**overrides, "compile": False}
         source = args.model if tier == "large" else str(work / "prequantized")
         job = {**common, "job": "tier", "row": row, "tier": tier, "source": source, "overrides": overrides, "budget": budgets.get(tier)}
+        # an empty cache per row, so that each row's first edit is its own cold compile
+        job["compile_cache"] = str(work / "compile-cache" / ("shared" if args.shared_compile_cache else row))
         repeats = min(args.repeats, ROW_REPEATS.get(row.removesuffix(EAGER_SUFFIX), args.repeats))
         job.update(size=size, steps=args.steps, repeats=repeats, warmup=args.warmup, preset=args.preset)
         tiers[row] = _run(f"tier-{row}", job, work) if "error" not in results["prepare"] else {"error": "prepare failed"}
@@ -226,6 +234,9 @@ def tier(job: dict) -> dict:
     from stages.config import cumulative_config
     from stages.environment import current_environment
 
+    from engine.compile_cache import configure_compile_cache
+
+    configure_compile_cache(job["compile_cache"])
     env = current_environment(job["device"])
     budget = job["budget"]
     if env.has_cuda and budget is not None:
