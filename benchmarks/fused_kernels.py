@@ -276,6 +276,10 @@ def sweep() -> list[dict]:
             results.append(timed(name, label, moved, lambda *args: launch(*args, num_warps=warps, fast_tanh=fast_tanh), inputs))
         one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}  # one masked block instead of parts
         results.append(timed(name, "num_warps=8, one block", moved, lambda *args: launch(*args, num_warps=8, parts=one_block), inputs))
+    a_block = {"CHUNK": __import__("triton").next_power_of_2(C), "PARTS": 1}  # the attention part as one 4096 block
+    label = "num_warps=8, tanh.approx, attention part one block"
+    launch_a_block = lambda *args: rows_fp8.launch_concat_gelu(*args, a_parts=a_block)  # noqa: E731
+    results.append(timed("concat_gelu", label, TOKENS * 3 * (C + M), launch_a_block, concat))
     qk_plans = [(heads_, rows_, warps) for heads_ in (None, 8) for rows_, warps in ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4))]
     for heads_per_program, rows_per_program, warps in qk_plans:
 

@@ -228,13 +228,12 @@ def tier(job: dict) -> dict:
     import torch
 
     from engine.benchmark.runner import benchmark_input_image
+    from engine.compile_cache import configure_compile_cache
     from engine.engine import KontextEngine
     from engine.memory_plan import choose_memory_plan
     from engine.requests import EditRequest
     from stages.config import cumulative_config
     from stages.environment import current_environment
-
-    from engine.compile_cache import configure_compile_cache
 
     configure_compile_cache(job["compile_cache"])
     env = current_environment(job["device"])

@@ -112,11 +112,13 @@ def test_gelu(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(gelu_tanh(m)))
 
 
-def test_concat_gelu_has_one_scale_per_row_over_both_parts(gen):
+# the attention part in three parts of 16 (the default for 48), or as one 64-wide block, a quarter masked
+@pytest.mark.parametrize("a_parts", [None, {"CHUNK": 64, "PARTS": 1}], ids=["parts", "one-block"])
+def test_concat_gelu_has_one_scale_per_row_over_both_parts(gen, a_parts):
     attention = bf16_with_outliers(2, 19, 48, generator=gen) * 4  # the larger part decides some rows' scale
     mlp = bf16_with_outliers(2 * 19, 192, generator=gen)
     out, out_scale = _outputs(2 * 19, 240)
-    rows_fp8.launch_concat_gelu(attention, mlp, out, out_scale)
+    rows_fp8.launch_concat_gelu(attention, mlp, out, out_scale, a_parts=a_parts)
     assert_written(out)
     reference = torch.cat([attention.float().reshape(-1, 48), gelu_tanh(mlp)], dim=-1)
     check_fp8_rows(out, out_scale, rowwise_reference(reference))

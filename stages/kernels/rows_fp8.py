@@ -347,18 +347,27 @@ def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, CHUNK: tl.c
 @triton.jit
 def _concat_gelu_fp8_kernel(
     a_ptr, a_sb, a_ss, seq, m_ptr, m_stride, out_ptr, out_scale_ptr, a_width, m_width,
-    A_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr,
+    A_CHUNK: tl.constexpr, A_PARTS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
     s = row % seq
-    a_offs = tl.arange(0, A_BLOCK)
-    a_mask = a_offs < a_width
-    a = tl.load(a_ptr + b * a_sb + s * a_ss + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+    # the attention part as a one-row tile in parts (3072 = 3 x 1024, as the LayerNorm kernels)
+    a_row = a_ptr + b * a_sb + s * a_ss + tl.zeros([1], dtype=tl.int64)
+    a0, a1, a2, cols0, cols1, cols2, mask0, mask1, mask2 = _load_parts(a_row, tl.full([1], 1, tl.int1), a_width, A_CHUNK, A_PARTS)
+    peak = tl.where(mask0, tl.abs(a0), 0.0)
+    if A_PARTS > 1:
+        peak = tl.maximum(peak, tl.where(mask1, tl.abs(a1), 0.0))
+    if A_PARTS > 2:
+        peak = tl.maximum(peak, tl.where(mask2, tl.abs(a2), 0.0))
     out_row = out_ptr + row * (a_width + m_width)
     # the GELU part first (it finds the amax of both parts), then the attention part with it
-    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, _row_amax(a, a_mask), CHUNK, PARTS, FAST_TANH)
-    _store_fp8(a, amax, out_row, a_offs, a_mask)
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, tl.maximum(tl.max(peak), _MIN_AMAX), CHUNK, PARTS, FAST_TANH)
+    _store_fp8(a0, amax, out_row, cols0[None, :], mask0)
+    if A_PARTS > 1:
+        _store_fp8(a1, amax, out_row, cols1[None, :], mask1)
+    if A_PARTS > 2:
+        _store_fp8(a2, amax, out_row, cols2[None, :], mask2)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
 
@@ -427,15 +436,18 @@ def launch_gelu(m, out, out_scale, num_warps: int = 8, parts: dict | None = None
     )
 
 
-def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH) -> None:
+def launch_concat_gelu(
+    a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH, a_parts: dict | None = None
+) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
-    C), m is (batch * tokens, M)."""
+    C), m is (batch * tokens, M). parts and a_parts: how m's and a's rows are split (row_parts)."""
     _check_rows(a)
     batch, seq, a_width = a.shape
     m_width = m.shape[-1]
+    a_parts = a_parts or row_parts(a_width)
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), **(parts or row_parts(m_width)),
+        A_CHUNK=a_parts["CHUNK"], A_PARTS=a_parts["PARTS"], **(parts or row_parts(m_width)),
         FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps,
     )  # fmt: skip
 
