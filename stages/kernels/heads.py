@@ -31,8 +31,8 @@ from .rows_fp8 import _FP8_MAX, _MIN_AMAX, as_e4m3, e4m3_buffer
 QK_ROWS, QK_WARPS = 1, 2
 # Heads per program of the q/k kernel (a power of two; None: all heads in one program, 24 heads as a
 # 32-row tile, a quarter of it masked). 8 splits FLUX's 24 heads into three programs per token row
-# with no masked lane.
-QK_HEADS = None
+# with no masked lane: chosen before it was measured; the sweep's rows "heads per program" check it.
+QK_HEADS = 8
 V_ROWS, V_WARPS = 4, 8
 # RoPE pairs each even value with the odd one after it: the kernel splits the (heads, D) tile into
 # even and odd halves and joins them back. Loading the row a second time at index ^ 1 instead (an L1
