@@ -44,7 +44,7 @@ for name in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py tests/test_gpu_stages.py -k "fused or fa3_kernels" \
         > "$RESULTS/fused_gpu_tests.txt" 2>&1
       echo "tests rc $?"; tail -n 3 "$RESULTS/fused_gpu_tests.txt"
-      python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep
+      python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep ${KERNEL_ARGS:-}
       done_ kernels $? ;;
     stages)
       python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows "${STAGE_ROWS:-main,options}" --profile \
