@@ -258,38 +258,29 @@ def sweep() -> list[dict]:
         ("modulated_norm", IMAGE * 3 * C, rows_fp8.launch_modulated_norm, norm),
         ("residual_modulated_norm", IMAGE * 7 * C, rows_fp8.launch_residual_modulated_norm, residual),
     ]
-    one_block = {"CHUNK": __import__("triton").next_power_of_2(C), "PARTS": 1}  # a 4096 block, a quarter masked
-    layouts = (("one block", one_block, False), ("parts", {}, False), ("parts, one pass", {}, True))
     for name, moved, launch, inputs in norm_plans:
-        for layout, blocks, one_pass in layouts:
-            for rows, warps in ((1, 2), (1, 4), (2, 4), (2, 8), (4, 8)):
-                options = {**rows_fp8.norm_options(C, rows, one_pass), **blocks, "num_warps": warps}
-                label = f"rows={rows}, num_warps={warps}, {layout}"
-                results.append(timed(name, label, moved, lambda *args: launch(*args, options=options), inputs))
+        for rows, warps in ((1, 2), (1, 4), (2, 4), (2, 8), (4, 8), (4, 16), (8, 16)):
+            options = {**rows_fp8.norm_options(C, rows), "num_warps": warps}
+            results.append(timed(name, f"rows={rows}, num_warps={warps}", moved, lambda *args: launch(*args, options=options), inputs))
     gelu_plans = [
         ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu),
         ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat),
     ]
     for name, moved, launch, inputs in gelu_plans:
-        for warps, fast_tanh in ((8, False), (4, True), (8, True), (16, True)):
+        for warps, fast_tanh in ((4, False), (8, False), (16, False), (4, True), (8, True), (16, True)):
             label = f"num_warps={warps}, {'tanh.approx' if fast_tanh else 'exp + division'}"
             results.append(timed(name, label, moved, lambda *args: launch(*args, num_warps=warps, fast_tanh=fast_tanh), inputs))
         one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}  # one masked block instead of parts
         results.append(timed(name, "num_warps=8, one block", moved, lambda *args: launch(*args, num_warps=8, parts=one_block), inputs))
-    a_block = {"CHUNK": __import__("triton").next_power_of_2(C), "PARTS": 1}  # the attention part as one 4096 block
-    label = "num_warps=8, tanh.approx, attention part one block"
-    launch_a_block = lambda *args: rows_fp8.launch_concat_gelu(*args, a_parts=a_block)  # noqa: E731
-    results.append(timed("concat_gelu", label, TOKENS * 3 * (C + M), launch_a_block, concat))
-    qk_plans = [(heads_, rows_, warps) for heads_ in (None, 8) for rows_, warps in ((1, 1), (1, 2), (1, 4), (2, 2), (2, 4))]
-    for heads_per_program, rows_per_program, warps in qk_plans:
+    for rows_per_program, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)):
 
         def launch(text, image, outputs, v_amax):
             heads.launch_qk_norm_rope(
                 text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, descales, v_amax,
-                rows_per_program=rows_per_program, num_warps=warps, heads_per_program=heads_per_program,
+                rows_per_program=rows_per_program, num_warps=warps,
             )  # fmt: skip
 
-        label = f"rows={rows_per_program}, num_warps={warps}, heads per program={heads_per_program or 'all'}"
+        label = f"rows={rows_per_program}, num_warps={warps}"
         results.append(timed("qk_norm_rope (FP8, without the V cast)", label, TOKENS * 8 * C, launch, attention))
     return results
 

@@ -58,17 +58,11 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1)
 
 
-# None: every head in one program (3 heads in a 4-row tile); 2: two programs per token row, the
-# second with one head and one masked row
-HEAD_GROUPS = pytest.mark.parametrize("heads_per_program", [None, 2], ids=["all-heads", "2-heads"])
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-qkv"])
-@HEAD_GROUPS
-def test_bf16_attention_inputs(gen, fused, heads_per_program):
+def test_bf16_attention_inputs(gen, fused):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused)
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, heads_per_program=heads_per_program)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v)
     for got, want in zip((q, k, v), _reference(text, image, norms, cos, sin)):
         assert_written(got)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -86,17 +80,14 @@ def test_single_stream_inputs(gen):
     torch.testing.assert_close(v, tokens[2].float())
 
 
-@HEAD_GROUPS
-def test_fp8_attention_inputs_and_scales(gen, heads_per_program):
+def test_fp8_attention_inputs_and_scales(gen):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused=True)
     q_bound = torch.stack([norms[0].float().abs().max(), norms[2].float().abs().max()]).max() * DIM**0.5
     k_bound = torch.stack([norms[1].float().abs().max(), norms[3].float().abs().max()]).max() * DIM**0.5
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
     v_amax, v_scale = torch.zeros(BATCH, HEADS), _poisoned(BATCH, HEADS)
     descales = (q_bound.reshape(1, 1) / 448, k_bound.reshape(1, 1) / 448)
-    heads_kernels.launch_qk_norm_rope(
-        text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax, heads_per_program=heads_per_program
-    )
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax)
     heads_kernels.launch_v_fp8(text[2], image[2], BATCH, HEADS, v_amax, v, v_scale)
     want_q, want_k, want_v = _reference(text, image, norms, cos, sin)
     torch.testing.assert_close(v_amax, want_v.abs().amax(dim=(1, 3)))

@@ -62,9 +62,6 @@ def test_row_kernels_write_e4m3_rows_and_scales(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(torch.cat([text, image], 1), shift, scale)))
     again = ops.modulated_norm_fp8(text, image, shift, scale, 1e-6)
     assert torch.equal(again[0].view(torch.uint8), out.view(torch.uint8)) and torch.equal(again[1], out_scale)
-    for one_pass in (False, True):  # each way of taking the statistics, in real e4m3
-        rows_fp8.launch_modulated_norm(text, image, shift, scale, 1e-6, out, out_scale, rows_fp8.norm_options(C, 2, one_pass))
-        check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(torch.cat([text, image], 1), shift, scale)))
 
     a = bf16_with_outliers(BATCH, IMAGE, C, generator=gen).cuda()
     h, y8, y_scale = ops.residual_modulated_norm_fp8(image, a, gate, shift, scale, 1e-6)

@@ -44,15 +44,12 @@ def test_modulated_norm_of_one_tensor(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(x, shift, scale)))
 
 
-# 1 row per program, and 4, which puts the text/image boundary and the end of each batch inside a
-# program's tile; the statistics from two reductions (mean, then squared deviations) or from one
+# 1 is the default; 4 puts the text/image boundary and the end of each batch inside a program's tile
 NORM_ROWS = pytest.mark.parametrize("rows", [1, 4], ids=["row", "4rows"])
-NORM_PASSES = pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
 
 
 @NORM_ROWS
-@NORM_PASSES
-def test_modulated_norm_reads_two_halves_without_concatenating(gen, rows, one_pass):
+def test_modulated_norm_reads_two_halves_without_concatenating(gen, rows):
     # the single blocks' input: text rows from one tensor, image rows from another, both strided views
     text_store = bf16_with_outliers(2, 7, 128, generator=gen)
     image_store = bf16_with_outliers(2, 31, 160, generator=gen)
@@ -60,48 +57,24 @@ def test_modulated_norm_reads_two_halves_without_concatenating(gen, rows, one_pa
     emb = bf16_with_outliers(2, 6 * 96, generator=gen)
     shift, scale = emb[:, :96], emb[:, 96:192]  # chunks of one modulation vector, as diffusers makes them
     out, out_scale = _outputs(2 * 36, 96)
-    rows_fp8.launch_modulated_norm(text, image, shift, scale, 1e-6, out, out_scale, rows_fp8.norm_options(96, rows, one_pass))
+    rows_fp8.launch_modulated_norm(text, image, shift, scale, 1e-6, out, out_scale, rows_fp8.norm_options(96, rows))
     assert_written(out)
     reference = modulated_norm(torch.cat([text, image], dim=1), shift, scale)
     check_fp8_rows(out, out_scale, rowwise_reference(reference))
 
 
 @NORM_ROWS
-@NORM_PASSES
-def test_residual_modulated_norm_writes_the_stream_and_the_fp8_input(gen, rows, one_pass):
+def test_residual_modulated_norm_writes_the_stream_and_the_fp8_input(gen, rows):
     x = bf16_with_outliers(2, 23, 96, generator=gen)
     a = bf16_with_outliers(2, 23, 96, generator=gen)
     gate, shift, scale = (bf16_with_outliers(2, 96, generator=gen) for _ in range(3))
     h = torch.full((2, 23, 96), float("nan"), dtype=torch.bfloat16)
     out, out_scale = _outputs(2 * 23, 96)
-    rows_fp8.launch_residual_modulated_norm(x, a, gate, shift, scale, 1e-6, h, out, out_scale, rows_fp8.norm_options(96, rows, one_pass))
+    rows_fp8.launch_residual_modulated_norm(x, a, gate, shift, scale, 1e-6, h, out, out_scale, rows_fp8.norm_options(96, rows))
     expected_h = (x.float() + gate.float()[:, None] * a.float()).to(torch.bfloat16)
     assert_written(h)
     torch.testing.assert_close(h, expected_h, rtol=8e-3, atol=1e-5)  # one bf16 rounding apart at most
     check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(h, shift, scale)))
-
-
-@pytest.mark.parametrize("width", [96, 128, 160], ids=["3-parts", "2-parts", "3-parts-masked"])
-def test_modulated_norm_rows_split_in_parts(gen, width):
-    # 96 = 3 x 32 (no masked lane), 128 = 2 x 64, 160 = 3 x 64 with half of the last part masked
-    x = bf16_with_outliers(1, 9, width, generator=gen)
-    shift, scale = (bf16_with_outliers(1, width, generator=gen) * 0.5 for _ in range(2))
-    assert rows_fp8.norm_options(width)["PARTS"] == (2 if width == 128 else 3)
-    out, out_scale = _outputs(9, width)
-    rows_fp8.launch_modulated_norm(x, None, shift, scale, 1e-6, out, out_scale)
-    assert_written(out)
-    check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(x, shift, scale)))
-
-
-def test_one_pass_variance_falls_back_where_the_mean_dwarfs_the_spread(gen):
-    # rows of 3000 + noise of 8: E[x^2] - mean^2 (about 9e6 - 9e6) cancels in float32, whose step
-    # at 9e6 is 1, against a variance of about 64; the kernel must notice and use the two-pass one
-    x = (3000 + 8 * torch.randn(1, 6, 96, generator=gen)).to(torch.bfloat16)
-    x[0, 3] = bf16_with_outliers(96, generator=gen)  # one ordinary row among them
-    shift, scale = torch.zeros(1, 96, dtype=torch.bfloat16), torch.zeros(1, 96, dtype=torch.bfloat16)
-    out, out_scale = _outputs(6, 96)
-    rows_fp8.launch_modulated_norm(x, None, shift, scale, 1e-6, out, out_scale, rows_fp8.norm_options(96, 2, one_pass=True))
-    check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(x, shift, scale)))
 
 
 def test_gelu(gen):
@@ -112,13 +85,11 @@ def test_gelu(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(gelu_tanh(m)))
 
 
-# the attention part in three parts of 16 (the default for 48), or as one 64-wide block, a quarter masked
-@pytest.mark.parametrize("a_parts", [None, {"CHUNK": 64, "PARTS": 1}], ids=["parts", "one-block"])
-def test_concat_gelu_has_one_scale_per_row_over_both_parts(gen, a_parts):
+def test_concat_gelu_has_one_scale_per_row_over_both_parts(gen):
     attention = bf16_with_outliers(2, 19, 48, generator=gen) * 4  # the larger part decides some rows' scale
     mlp = bf16_with_outliers(2 * 19, 192, generator=gen)
     out, out_scale = _outputs(2 * 19, 240)
-    rows_fp8.launch_concat_gelu(attention, mlp, out, out_scale, a_parts=a_parts)
+    rows_fp8.launch_concat_gelu(attention, mlp, out, out_scale)
     assert_written(out)
     reference = torch.cat([attention.float().reshape(-1, 48), gelu_tanh(mlp)], dim=-1)
     check_fp8_rows(out, out_scale, rowwise_reference(reference))

@@ -63,28 +63,17 @@ def launch_options(width: int) -> dict:
 
 # Token rows per program of the LayerNorm kernels. One row per program reloads the modulation
 # vectors (shift, scale, gate: 2-3 rows' worth of bytes, from L2) for every row it normalises, and
-# each row's reductions stall its program; ROWS rows of one batch share one load of the modulation
-# and reduce together. Measured on an H200 (2026-12-05, --sweep): two rows with 4 warps 39.2 us
-# against 44.1 for one row (LayerNorm + modulation, 8192 x 3072), 61.3 against 63.5 for the residual
-# variant; four rows or 16 warps were slower (60-85 us).
+# each row's three reductions stall its program; ROWS rows of one batch share one load of the
+# modulation and reduce together. Measured on an H200 (2026-12-05, --sweep): two rows with 4 warps
+# 39.2 us against 44.1 for one row (LayerNorm + modulation, 8192 x 3072), 61.3 against 63.5 for the
+# residual variant; four rows or 16 warps were slower (60-85 us).
 NORM_ROWS = 2
-# The LayerNorm's mean and variance from one reduction of (sum x, sum x^2) instead of a mean and
-# then a sum of squared deviations: one dependent cross-warp reduction fewer per row. The one-pass
-# variance loses precision when the row's mean is large against its spread (E[x^2] - mean^2
-# cancels); a program that has such a row recomputes its rows' variance the two-pass way.
-NORM_ONE_PASS = False
-# E[x^2] - mean^2 in float32 is trusted while the variance is at least this share of E[x^2]: its
-# relative error is then below about 2^-24 * log2(width) / 2^-10, around 1e-3 (an e4m3 step is 6e-2).
-_ONE_PASS_MIN_SHARE = tl.constexpr(2.0**-10)
 
 
-def norm_options(width: int, rows: int = NORM_ROWS, one_pass: bool = NORM_ONE_PASS) -> dict:
-    """Launch options of the LayerNorm kernels: ROWS token rows per program, each in up to three
-    power-of-two parts of CHUNK values (3072 = 3 x 1024: no masked lane, where one 4096 block would
-    leave a quarter of them idle in every reduction and every multiply)."""
-    parts = row_parts(width)
-    block = parts["CHUNK"] * parts["PARTS"]
-    return {**parts, "ROWS": rows, "ONE_PASS": one_pass, "num_warps": min(16, max(4, rows * block // 2048))}
+def norm_options(width: int, rows: int = NORM_ROWS) -> dict:
+    """Launch options of the LayerNorm kernels: ROWS token rows of BLOCK values per program."""
+    block = triton.next_power_of_2(width)
+    return {"BLOCK": block, "ROWS": rows, "num_warps": min(16, max(4, rows * block // 2048))}
 
 
 # GELU's tanh as the GPU's tanh.approx instruction (see _gelu_tanh) instead of exp and a division.
@@ -99,10 +88,10 @@ def _tanh_instruction(requested: bool) -> bool:
     return requested and not triton.knobs.runtime.interpret
 
 
-def row_parts(width: int) -> dict:
-    """A row in (at most three) power-of-two parts: 12288 = 3 x 4096 and 3072 = 3 x 1024 waste no
-    lane, where one 16384 (4096) block would leave a quarter of them masked, in the loads and in
-    every multiply and reduction after them."""
+def gelu_parts(width: int) -> dict:
+    """The GELU rows in (at most three) power-of-two parts: 12288 = 3 x 4096 wastes no lane, where
+    one 16384 block would leave a quarter of them masked, and the GELU's arithmetic is a large
+    share of these kernels' time."""
     chunk = triton.next_power_of_2(triton.cdiv(width, 3))
     return {"CHUNK": chunk, "PARTS": triton.cdiv(width, chunk)}
 
@@ -165,6 +154,15 @@ def _gelu_row_fp8(m_row, out_row, width, amax, CHUNK: tl.constexpr, PARTS: tl.co
 
 
 @triton.jit
+def _modulated_layer_norm(x, mask, shift, scale, width, EPS: tl.constexpr):
+    """Rows of x (ROWS, BLOCK) normalised along the last axis, then modulated."""
+    mean = tl.sum(x, axis=1, keep_dims=True) / width
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1, keep_dims=True) / width + EPS)
+    return centered * rstd * (1.0 + scale) + shift
+
+
+@triton.jit
 def _row_amax(y, mask):
     return tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=-1), _MIN_AMAX)
 
@@ -180,134 +178,25 @@ def _store_fp8(y, amax, out_ptr, offs, mask):
 
 
 @triton.jit
-def _add_pairs(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
-def _part_columns(row_mask, part, width, CHUNK: tl.constexpr):
-    cols = part * CHUNK + tl.arange(0, CHUNK)
-    return cols, row_mask[:, None] & (cols < width)[None, :]
-
-
-@triton.jit
-def _load_parts(rows, row_mask, width, CHUNK: tl.constexpr, PARTS: tl.constexpr):
-    """The rows starting at `rows` (ROWS,) as up to three float32 parts (ROWS, CHUNK), masked lanes
-    zero, with their columns and masks (parts past PARTS repeat part 0 and are never used)."""
-    cols0, mask0 = _part_columns(row_mask, 0, width, CHUNK)
-    x0 = tl.load(rows[:, None] + cols0[None, :], mask=mask0, other=0.0).to(tl.float32)
-    cols1, mask1, x1 = cols0, mask0, x0
-    cols2, mask2, x2 = cols0, mask0, x0
-    if PARTS > 1:
-        cols1, mask1 = _part_columns(row_mask, 1, width, CHUNK)
-        x1 = tl.load(rows[:, None] + cols1[None, :], mask=mask1, other=0.0).to(tl.float32)
-    if PARTS > 2:
-        cols2, mask2 = _part_columns(row_mask, 2, width, CHUNK)
-        x2 = tl.load(rows[:, None] + cols2[None, :], mask=mask2, other=0.0).to(tl.float32)
-    return x0, x1, x2, cols0, cols1, cols2, mask0, mask1, mask2
-
-
-@triton.jit
-def _centered_variance(x0, x1, x2, mask0, mask1, mask2, mean, width, PARTS: tl.constexpr):
-    c = tl.where(mask0, x0 - mean[:, None], 0.0)
-    squares = c * c
-    if PARTS > 1:
-        c = tl.where(mask1, x1 - mean[:, None], 0.0)
-        squares += c * c
-    if PARTS > 2:
-        c = tl.where(mask2, x2 - mean[:, None], 0.0)
-        squares += c * c
-    return tl.sum(squares, axis=1) / width
-
-
-@triton.jit
-def _norm_stats(x0, x1, x2, mask0, mask1, mask2, width, EPS: tl.constexpr, PARTS: tl.constexpr, ONE_PASS: tl.constexpr):
-    """Each row's mean and 1 / sqrt(variance + eps), (ROWS,) each. The parts are added lane by lane
-    first, so each statistic costs one cross-thread reduction of CHUNK lanes."""
-    total = x0
-    if PARTS > 1:
-        total += x1
-    if PARTS > 2:
-        total += x2
-    if ONE_PASS:
-        squares = x0 * x0
-        if PARTS > 1:
-            squares += x1 * x1
-        if PARTS > 2:
-            squares += x2 * x2
-        sums, sums_of_squares = tl.reduce((total, squares), 1, _add_pairs)
-        mean = sums / width
-        mean_square = sums_of_squares / width
-        variance = mean_square - mean * mean
-        if tl.max((variance < _ONE_PASS_MIN_SHARE * mean_square).to(tl.int32), axis=0) > 0:
-            variance = _centered_variance(x0, x1, x2, mask0, mask1, mask2, mean, width, PARTS)
-    else:
-        mean = tl.sum(total, axis=1) / width
-        variance = _centered_variance(x0, x1, x2, mask0, mask1, mask2, mean, width, PARTS)
-    return mean, tl.rsqrt(variance + EPS)
-
-
-@triton.jit
-def _modulate(x, mean, rstd, shift_row, scale_row, cols, width):
-    """(x - mean) / std * (1 + scale) + shift for one part (ROWS, CHUNK)."""
-    shift = tl.load(shift_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-    scale = tl.load(scale_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-    return (x - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
-
-
-@triton.jit
-def _modulated_norm_rows_fp8(
-    x0, x1, x2, cols0, cols1, cols2, mask0, mask1, mask2, row_mask, shift_row, scale_row, out_rows,
-    out_ptr, out_scale_ptr, width, EPS: tl.constexpr, PARTS: tl.constexpr, ONE_PASS: tl.constexpr,
-):  # fmt: skip
-    """LN(x) * (1 + scale) + shift of the rows in parts, written as e4m3 rows `out_rows` with scales."""
-    mean, rstd = _norm_stats(x0, x1, x2, mask0, mask1, mask2, width, EPS, PARTS, ONE_PASS)
-    y0 = _modulate(x0, mean, rstd, shift_row, scale_row, cols0, width)
-    peak = tl.where(mask0, tl.abs(y0), 0.0)
-    y1, y2 = y0, y0
-    if PARTS > 1:
-        y1 = _modulate(x1, mean, rstd, shift_row, scale_row, cols1, width)
-        peak = tl.maximum(peak, tl.where(mask1, tl.abs(y1), 0.0))
-    if PARTS > 2:
-        y2 = _modulate(x2, mean, rstd, shift_row, scale_row, cols2, width)
-        peak = tl.maximum(peak, tl.where(mask2, tl.abs(y2), 0.0))
-    amax = tl.maximum(tl.max(peak, axis=1), _MIN_AMAX)
-    out = out_ptr + out_rows[:, None] * width
-    _store_fp8(y0, amax[:, None], out, cols0[None, :], mask0)
-    if PARTS > 1:
-        _store_fp8(y1, amax[:, None], out, cols1[None, :], mask1)
-    if PARTS > 2:
-        _store_fp8(y2, amax[:, None], out, cols2[None, :], mask2)
-    tl.store(out_scale_ptr + out_rows, amax / _FP8_MAX, mask=row_mask)
-
-
-@triton.jit
 def _modulated_norm_fp8_kernel(
     head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss, seq, split,
     shift_ptr, shift_sb, scale_ptr, scale_sb,
     out_ptr, out_scale_ptr, width,
-    EPS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
+    EPS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # this program's tokens
-    row_mask = s < seq
+    cols = tl.arange(0, BLOCK)
+    mask = (s < seq)[:, None] & (cols < width)[None, :]
     rows = _tile_rows(s, b, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
-    x0, x1, x2, cols0, cols1, cols2, mask0, mask1, mask2 = _load_parts(rows, row_mask, width, CHUNK, PARTS)
-    _modulated_norm_rows_fp8(
-        x0, x1, x2, cols0, cols1, cols2, mask0, mask1, mask2, row_mask, shift_ptr + b * shift_sb, scale_ptr + b * scale_sb,
-        b * seq + s, out_ptr, out_scale_ptr, width, EPS, PARTS, ONE_PASS,
-    )  # fmt: skip
-
-
-@triton.jit
-def _residual_part(x, a_rows, gate_row, h_rows, cols, mask, width):
-    """h = x + gate * a for one part, rounded to the stream's dtype as it is stored, returned as the
-    float32 of the rounded value (what the next reader of the stream sees is what is normalised)."""
-    a = tl.load(a_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_row + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
-    h = (x + gate * a).to(h_rows.dtype.element_ty)
-    tl.store(h_rows[:, None] + cols[None, :], h, mask=mask)
-    return tl.where(mask, h.to(tl.float32), 0.0)
+    x = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=cols < width, other=0.0).to(tl.float32)[None, :]
+    y = _modulated_layer_norm(x, mask, shift, scale, width, EPS)
+    amax = _row_amax(y, mask)
+    out_rows = b * seq + s
+    _store_fp8(y, amax[:, None], out_ptr + out_rows[:, None] * width, cols[None, :], mask)
+    tl.store(out_scale_ptr + out_rows, amax / _FP8_MAX, mask=s < seq)
 
 
 @triton.jit
@@ -315,26 +204,27 @@ def _residual_modulated_norm_fp8_kernel(
     x_ptr, x_sb, x_ss, a_ptr, a_sb, a_ss, seq,
     gate_ptr, gate_sb, shift_ptr, shift_sb, scale_ptr, scale_sb,
     h_ptr, out_ptr, out_scale_ptr, width,
-    EPS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
+    EPS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = s < seq
-    x0, x1, x2, cols0, cols1, cols2, mask0, mask1, mask2 = _load_parts(x_ptr + b * x_sb + s * x_ss, row_mask, width, CHUNK, PARTS)
-    a_rows = a_ptr + b * a_sb + s * a_ss
-    gate_row = gate_ptr + b * gate_sb
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < width
+    mask = (s < seq)[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + b * x_sb + s[:, None] * x_ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + b * a_sb + s[:, None] * a_ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * gate_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # The residual stream is bf16 between blocks: round it as it is stored and normalise the
+    # rounded value, which is what the next reader of the stream sees.
+    h = (x + gate * a).to(h_ptr.dtype.element_ty)
     out_rows = b * seq + s
-    h_rows = h_ptr + out_rows * width
-    h0 = _residual_part(x0, a_rows, gate_row, h_rows, cols0, mask0, width)
-    h1, h2 = h0, h0
-    if PARTS > 1:
-        h1 = _residual_part(x1, a_rows, gate_row, h_rows, cols1, mask1, width)
-    if PARTS > 2:
-        h2 = _residual_part(x2, a_rows, gate_row, h_rows, cols2, mask2, width)
-    _modulated_norm_rows_fp8(
-        h0, h1, h2, cols0, cols1, cols2, mask0, mask1, mask2, row_mask, shift_ptr + b * shift_sb, scale_ptr + b * scale_sb,
-        out_rows, out_ptr, out_scale_ptr, width, EPS, PARTS, ONE_PASS,
-    )  # fmt: skip
+    tl.store(h_ptr + out_rows[:, None] * width + cols[None, :], h, mask=mask)
+    shift = tl.load(shift_ptr + b * shift_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + b * scale_sb + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y = _modulated_layer_norm(h.to(tl.float32), mask, shift, scale, width, EPS)
+    amax = _row_amax(y, mask)
+    _store_fp8(y, amax[:, None], out_ptr + out_rows[:, None] * width, cols[None, :], mask)
+    tl.store(out_scale_ptr + out_rows, amax / _FP8_MAX, mask=s < seq)
 
 
 @triton.jit
@@ -347,27 +237,18 @@ def _gelu_fp8_kernel(m_ptr, m_stride, out_ptr, out_scale_ptr, width, CHUNK: tl.c
 @triton.jit
 def _concat_gelu_fp8_kernel(
     a_ptr, a_sb, a_ss, seq, m_ptr, m_stride, out_ptr, out_scale_ptr, a_width, m_width,
-    A_CHUNK: tl.constexpr, A_PARTS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr,
+    A_BLOCK: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, FAST_TANH: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // seq
     s = row % seq
-    # the attention part as a one-row tile in parts (3072 = 3 x 1024, as the LayerNorm kernels)
-    a_row = a_ptr + b * a_sb + s * a_ss + tl.zeros([1], dtype=tl.int64)
-    a0, a1, a2, cols0, cols1, cols2, mask0, mask1, mask2 = _load_parts(a_row, tl.full([1], 1, tl.int1), a_width, A_CHUNK, A_PARTS)
-    peak = tl.where(mask0, tl.abs(a0), 0.0)
-    if A_PARTS > 1:
-        peak = tl.maximum(peak, tl.where(mask1, tl.abs(a1), 0.0))
-    if A_PARTS > 2:
-        peak = tl.maximum(peak, tl.where(mask2, tl.abs(a2), 0.0))
+    a_offs = tl.arange(0, A_BLOCK)
+    a_mask = a_offs < a_width
+    a = tl.load(a_ptr + b * a_sb + s * a_ss + a_offs, mask=a_mask, other=0.0).to(tl.float32)
     out_row = out_ptr + row * (a_width + m_width)
     # the GELU part first (it finds the amax of both parts), then the attention part with it
-    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, tl.maximum(tl.max(peak), _MIN_AMAX), CHUNK, PARTS, FAST_TANH)
-    _store_fp8(a0, amax, out_row, cols0[None, :], mask0)
-    if A_PARTS > 1:
-        _store_fp8(a1, amax, out_row, cols1[None, :], mask1)
-    if A_PARTS > 2:
-        _store_fp8(a2, amax, out_row, cols2[None, :], mask2)
+    amax = _gelu_row_fp8(m_ptr + row * m_stride, out_row + a_width, m_width, _row_amax(a, a_mask), CHUNK, PARTS, FAST_TANH)
+    _store_fp8(a, amax, out_row, a_offs, a_mask)
     tl.store(out_scale_ptr + row, amax / _FP8_MAX)
 
 
@@ -430,24 +311,21 @@ def launch_residual_modulated_norm(x, a, gate, shift, scale, eps, h, out, out_sc
 def launch_gelu(m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH) -> None:
     """out = e4m3(gelu_tanh(m)) for a (rows, width) m with contiguous rows."""
     rows, width = m.shape
-    parts = parts or row_parts(width)
+    parts = parts or gelu_parts(width)
     wrap_triton(_gelu_fp8_kernel)[(rows,)](
         m, m.stride(0), out, out_scale, width, **parts, FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps
     )
 
 
-def launch_concat_gelu(
-    a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH, a_parts: dict | None = None
-) -> None:
+def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | None = None, fast_tanh: bool = FAST_TANH) -> None:
     """out = e4m3([a, gelu_tanh(m)]) with one scale per row over both parts; a is (batch, tokens,
-    C), m is (batch * tokens, M). parts and a_parts: how m's and a's rows are split (row_parts)."""
+    C), m is (batch * tokens, M)."""
     _check_rows(a)
     batch, seq, a_width = a.shape
     m_width = m.shape[-1]
-    a_parts = a_parts or row_parts(a_width)
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_CHUNK=a_parts["CHUNK"], A_PARTS=a_parts["PARTS"], **(parts or row_parts(m_width)),
+        A_BLOCK=triton.next_power_of_2(a_width), **(parts or gelu_parts(m_width)),
         FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps,
     )  # fmt: skip
 
