@@ -40,6 +40,28 @@ INDUCTOR_SETTINGS = {
 }
 
 
+# Inductor's process-wide settings that tune kernels one by one at their first call, multiplying a
+# first compile's time. The VAE compiles with the global values (the blocks too, where their options
+# do not say otherwise), so a library that switches one on stalls the first edit for minutes (torchao's
+# set_inductor_config did, issue 23). The compile stage says so at build time, so a stall is named in
+# the log before it happens.
+SLOW_COMPILE_SETTINGS = ("coordinate_descent_tuning", "max_autotune", "max_autotune_pointwise", "max_autotune_gemm")
+
+
+def slow_compile_settings() -> list[str]:
+    """The SLOW_COMPILE_SETTINGS that are on in this process."""
+    import torch._inductor.config as inductor_config
+
+    return [name for name in SLOW_COMPILE_SETTINGS if getattr(inductor_config, name, False)]
+
+
+def _warn_slow_compile_settings(build) -> None:
+    slow = slow_compile_settings()
+    if slow:
+        build.note(f"Inductor's process-wide {', '.join(slow)} is on: the first compile tunes kernels one by one (minutes)")
+        log.warning("Inductor's process-wide %s is on (set outside the compile stage): first compiles will be slow", ", ".join(slow))
+
+
 def configure_dynamo() -> None:
     import torch._dynamo.config as dynamo_config
     import torch.compiler
@@ -87,6 +109,7 @@ class Compile(Stage):
 
     def apply_vae(self, vae, config, build):
         configure_dynamo()
+        _warn_slow_compile_settings(build)
         vae.encoder.compile(fullgraph=True)
         vae.decoder.compile(fullgraph=True)
         build.note("vae: encoder and decoder compiled (lazy)")

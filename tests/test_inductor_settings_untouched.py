@@ -39,3 +39,25 @@ def test_quantizing_a_text_encoder_leaves_coordinate_descent_tuning_off():
     assert saved > 0  # it did quantize
     assert (inductor_config.coordinate_descent_tuning, inductor_config.coordinate_descent_check_all_directions) == before
     assert before == (False, False)
+
+
+def test_the_compile_stage_names_a_process_wide_tuning_setting_before_it_slows_a_compile(monkeypatch, caplog):
+    import torch._inductor.config as inductor_config
+
+    from stages.base import BuildContext
+    from stages.compile import Compile, slow_compile_settings
+    from stages.config import OptimizationConfig
+    from stages.environment import current_environment
+
+    vae = torch.nn.Module()
+    vae.encoder, vae.decoder = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    build = BuildContext(env=current_environment("cpu"), device=torch.device("cpu"), dtype=torch.float32)
+    Compile().apply_vae(vae, OptimizationConfig(), build)
+    assert slow_compile_settings() == [] and not any("process-wide" in note for note in build.notes)
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)  # what torchao's default did
+    build = BuildContext(env=current_environment("cpu"), device=torch.device("cpu"), dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="stages.compile"):
+        Compile().apply_vae(vae, OptimizationConfig(), build)
+    assert any("coordinate_descent_tuning" in note for note in build.notes)
+    assert "coordinate_descent_tuning" in caplog.text
