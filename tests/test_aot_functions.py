@@ -112,3 +112,38 @@ def test_functions_made_for_another_config_are_not_handed_to_its_builds(aot_bund
     _, precompiled = loaded_blocks(path, key)
     assert precompiled.matches(OptimizationConfig(compile=True))
     assert not precompiled.matches(OptimizationConfig(compile=True, fuse_qkv=True))
+
+
+class BlockWithAnUnusedFp8Weight(torch.nn.Module):
+    """What the fused blocks (stages/fused_blocks.py) look like to aot_compile: the Linear keeps its
+    torchao FP8 weight, but the forward multiplies by plain buffers (Fp8Gemm's e4m3 rows and scales)."""
+
+    def __init__(self, forward_uses_fp8_weight: bool):
+        super().__init__()
+        self.forward_uses_fp8_weight = forward_uses_fp8_weight
+        self.projection = torch.nn.Linear(32, 32, bias=False).to(torch.bfloat16)
+        self.register_buffer("plain_weight", torch.randn(32, 32).to(torch.bfloat16), persistent=False)
+
+    def forward(self, hidden_states):
+        if self.forward_uses_fp8_weight:
+            return self.projection(hidden_states)
+        return hidden_states @ self.plain_weight.t()
+
+
+@pytest.mark.parametrize("forward_uses_fp8_weight", [False, True], ids=["plain-buffers", "fp8-weight"])
+def test_fp8_weights_stop_a_save_only_where_the_forward_touches_them(forward_uses_fp8_weight):
+    # torchao's Float8Tensor cannot be saved with a function's guards (benchmarks/results/aot-functions.md);
+    # a module that merely holds one saves, which is why the fused blocks may be saved on Hopper
+    torchao = pytest.importorskip("torchao.quantization")
+    from stages.precompiled import aot_compile, deserialize, serialize
+
+    block = BlockWithAnUnusedFp8Weight(forward_uses_fp8_weight)
+    torchao.quantize_(block, torchao.Float8WeightOnlyConfig(set_inductor_config=False))
+    assert type(block.projection.weight).__name__ == "Float8Tensor"
+    hidden_states = torch.randn(4, 32).to(torch.bfloat16)
+    if forward_uses_fp8_weight:
+        with pytest.raises(Exception, match="Float8Tensor"):
+            serialize(aot_compile(block, (hidden_states,), {}, None))
+        return
+    loaded = deserialize(serialize(aot_compile(block, (hidden_states,), {}, None)), None)
+    assert torch.equal(loaded(block, hidden_states), block(hidden_states))
