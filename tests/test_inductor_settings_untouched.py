@@ -41,7 +41,7 @@ def test_quantizing_a_text_encoder_leaves_coordinate_descent_tuning_off():
     assert before == (False, False)
 
 
-def test_the_compile_stage_names_a_process_wide_tuning_setting_before_it_slows_a_compile(monkeypatch, caplog):
+def test_the_compile_stage_names_a_process_wide_tuning_setting_before_it_slows_a_compile(caplog):
     import torch._inductor.config as inductor_config
 
     from stages.base import BuildContext
@@ -55,9 +55,10 @@ def test_the_compile_stage_names_a_process_wide_tuning_setting_before_it_slows_a
     Compile().apply_vae(vae, OptimizationConfig(), build)
     assert slow_compile_settings() == [] and not any("process-wide" in note for note in build.notes)
 
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)  # what torchao's default did
     build = BuildContext(env=current_environment("cpu"), device=torch.device("cpu"), dtype=torch.float32)
-    with caplog.at_level("WARNING", logger="stages.compile"):
+    # what torchao's default did; patch() restores the setting (monkeypatch.setattr broke Inductor's config)
+    with inductor_config.patch(coordinate_descent_tuning=True), caplog.at_level("WARNING", logger="stages.compile"):
         Compile().apply_vae(vae, OptimizationConfig(), build)
     assert any("coordinate_descent_tuning" in note for note in build.notes)
     assert "coordinate_descent_tuning" in caplog.text
+    assert slow_compile_settings() == []  # restored for the tests after this one
