@@ -14,9 +14,9 @@
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
 # tiers, fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
-# and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's knobs with compile on, each under a time limit, with every thread's
-# Python stack dumped every 30 s). Everything uses synthetic-full (random
-# weights) at 1024x1024.
+# and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's
+# knobs with compile on, each under a time limit, with every thread's Python stack dumped every
+# 30 s). Everything uses synthetic-full (random weights) at 1024x1024.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=/tmp/gs/results
