@@ -35,7 +35,8 @@ for name in "$@"; do
   part "$name"
   case "$name" in
     startup)
-      python3 -m benchmarks.startup --model synthetic-full --out "$RESULTS/startup" --cold-via-precompile --cache-root /tmp/kontext-startup
+      # STARTUP_ARGS, e.g. "--aot-compile": the bundle's blocks and VAE as ahead-of-time functions (issue 24)
+      python3 -m benchmarks.startup --model synthetic-full --out "$RESULTS/startup" --cold-via-precompile --cache-root /tmp/kontext-startup ${STARTUP_ARGS:-}
       done_ startup $? ;;
     fidelity)
       python3 -m benchmarks.fp8_fidelity --model synthetic-full --out "$RESULTS/fidelity"
@@ -71,7 +72,8 @@ for name in "$@"; do
       done_ gemm-templates $? ;;
     tiers)
       # TIER_ARGS, e.g. "--rows large,medium,small --no-loads": the rows issue 23 asks for, on a short lease
-      python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers" ${TIER_ARGS:-}
+      # each job's stacks every 60 s: a row that stalls is stopped at its limit and shows where it was
+      python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers" --stack-dumps-every 60 ${TIER_ARGS:-}
       done_ tiers $? ;;
     small-tier-stall)
       # The three knob groups run side by side (each with its own compile cache, all cold), so the

@@ -78,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         "--shared-compile-cache", action="store_true",
         help="one compile cache for every row (later rows reuse what earlier ones compiled); default: each row its own empty one",
     )  # fmt: skip
+    parser.add_argument(
+        "--row-limit-s", type=float, default=1200.0,
+        help="a job still running after this many seconds is stopped and becomes a row with that error: one stall does not hold the rest",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stack-dumps-every", type=float, default=0.0,
+        help="seconds between dumps of each job's Python stacks into OUT/stacks/JOB.txt (0: none): where a stalled job spent its time",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     budgets = {name: float(value) for name, value in (item.split("=") for item in args.budgets.split(",") if item)}
@@ -90,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     (work / "results").mkdir(parents=True)
     started = time.perf_counter()
-    common = {"model": args.model, "device": args.device, "work": str(work)}
+    common = {"model": args.model, "device": args.device, "work": str(work), "limit_s": args.row_limit_s}
+    if args.stack_dumps_every > 0:
+        common["stack_dumps"] = {"every_s": args.stack_dumps_every, "dir": str(args.out / "stacks")}
     results = {"prepare": _run("prepare", {**common, "job": "prepare"}, work)}
     loads = {}
     if "error" not in results["prepare"] and not args.no_loads:
@@ -133,8 +143,12 @@ def _run(name: str, job: dict, work: Path) -> dict:
     started = time.perf_counter()
     process = context.Process(target=run_job, args=(job, str(result_path)), name=name)
     process.start()
-    process.join()
-    if result_path.exists():
+    process.join(job["limit_s"])
+    if process.is_alive():
+        process.kill()
+        process.join()
+        result = {"error": f"the {name} process was still running after {job['limit_s']:.0f} s and was stopped"}
+    elif result_path.exists():
         result = json.loads(result_path.read_text())
     else:
         result = {"error": f"the {name} process exited with code {process.exitcode} and left no result"}
@@ -148,6 +162,11 @@ def run_job(job: dict, result_path: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    if "stack_dumps" in job:
+        from .with_stack_dumps import start_stack_dumps
+
+        dumps = job["stack_dumps"]
+        start_stack_dumps(dumps["every_s"], Path(dumps["dir"]) / f"{Path(result_path).stem}.txt")
     try:
         result = JOBS[job["job"]](job)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row that says what happened

@@ -34,6 +34,14 @@ def _dump_stacks_every(seconds: float, path: Path) -> None:
             stacks.writelines(lines)
 
 
+def start_stack_dumps(seconds: float, path: Path) -> threading.Thread:
+    """Append every other thread's stack to `path` every `seconds`, from a daemon thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dumper = threading.Thread(target=_dump_stacks_every, args=(seconds, path), name="stack-dumps", daemon=True)
+    dumper.start()
+    return dumper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every", type=float, default=30.0, help="seconds between dumps")
@@ -41,7 +49,7 @@ def main() -> None:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the arguments of flux_kontext_optimized.py")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    threading.Thread(target=_dump_stacks_every, args=(args.every, args.to), name="stack-dumps", daemon=True).start()
+    start_stack_dumps(args.every, args.to)
     entry = Path(__file__).resolve().parent.parent / "flux_kontext_optimized.py"
     sys.argv = [str(entry), *command]
     runpy.run_path(str(entry), run_name="__main__")
