@@ -112,3 +112,25 @@ def test_a_zero_row_gets_zeros_and_a_finite_scale(gen):
     assert torch.isfinite(out_scale).all() and out_scale[2] > 0
     assert (out[2] == 0).all()
     check_fp8_rows(out, out_scale, rowwise_reference(gelu_tanh(m)))
+
+
+def test_launch_options_of_a_symbolic_width_are_plain_ints():
+    """Under torch.compile the hidden width of `hidden_states` can still be a SymInt when a kernel is
+    traced; options computed from it symbolically cost sympy about a minute per traced call (see
+    rows_fp8.concrete). The options must come out as the plain ints of the concrete width."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    widths = {
+        name: env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+        for name, hint in (("hidden", 3072), ("mlp", 12288))
+    }
+    cases = [
+        (rows_fp8.norm_options(widths["hidden"]), rows_fp8.norm_options(3072)),
+        (rows_fp8.launch_options(widths["hidden"]), rows_fp8.launch_options(3072)),
+        (rows_fp8.gelu_parts(widths["mlp"]), rows_fp8.gelu_parts(12288)),
+    ]
+    for symbolic, plain in cases:
+        assert all(type(value) is int for value in symbolic.values()), symbolic
+        assert symbolic == plain

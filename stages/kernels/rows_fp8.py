@@ -53,11 +53,22 @@ _MIN_AMAX = tl.constexpr(1e-12)  # a zero row gets this amax: finite scale, zero
 _GELU_Z = tl.constexpr(math.sqrt(2.0 / math.pi))  # gelu_tanh(x) = 0.5 x (1 + tanh z) = x sigmoid(2 z)
 
 
+def concrete(size) -> int:
+    """A row width as a plain int. Under torch.compile the hidden width of `hidden_states` is still
+    symbolic when these kernels are traced (the input is marked dynamic for its sequence, and the
+    width becomes a constant only when it meets a GEMM's weight, later in the block), and
+    next_power_of_2 of a symbol is a nest of bitwise sympy terms: simplifying `rows * block // 2048`
+    took sympy 55-58 s per traced call on a CPU (measured 2026-12-06), and the H100's stack dumps of
+    a cold compile sat there. The widths are the model's constants, so specialise them here: the
+    guard that adds is the one the GEMM adds anyway."""
+    return int(size)
+
+
 def launch_options(width: int) -> dict:
     """Block and warps from the row length: a whole row per program. Measured on an H200
     (benchmarks/results/nvidia-h200-2026-12-04-fused/, `benchmarks/fused_kernels.py --sweep`): 4 warps
     for rows of 3072 (45 -> 39 us for 8192 rows), 8 for the 12288- and 15360-wide ones."""
-    block = triton.next_power_of_2(width)
+    block = triton.next_power_of_2(concrete(width))
     return {"BLOCK": block, "num_warps": 4 if block <= 4096 else 8}
 
 
@@ -72,7 +83,7 @@ NORM_ROWS = 2
 
 def norm_options(width: int, rows: int = NORM_ROWS) -> dict:
     """Launch options of the LayerNorm kernels: ROWS token rows of BLOCK values per program."""
-    block = triton.next_power_of_2(width)
+    block = triton.next_power_of_2(concrete(width))
     return {"BLOCK": block, "ROWS": rows, "num_warps": min(16, max(4, rows * block // 2048))}
 
 
@@ -92,6 +103,7 @@ def gelu_parts(width: int) -> dict:
     """The GELU rows in (at most three) power-of-two parts: 12288 = 3 x 4096 wastes no lane, where
     one 16384 block would leave a quarter of them masked, and the GELU's arithmetic is a large
     share of these kernels' time."""
+    width = concrete(width)
     chunk = triton.next_power_of_2(triton.cdiv(width, 3))
     return {"CHUNK": chunk, "PARTS": triton.cdiv(width, chunk)}
 
@@ -325,7 +337,7 @@ def launch_concat_gelu(a, m, out, out_scale, num_warps: int = 8, parts: dict | N
     m_width = m.shape[-1]
     wrap_triton(_concat_gelu_fp8_kernel)[(batch * seq,)](
         a, a.stride(0), a.stride(1), seq, m, m.stride(0), out, out_scale, a_width, m_width,
-        A_BLOCK=triton.next_power_of_2(a_width), **(parts or gelu_parts(m_width)),
+        A_BLOCK=triton.next_power_of_2(concrete(a_width)), **(parts or gelu_parts(m_width)),
         FAST_TANH=_tanh_instruction(fast_tanh), num_warps=num_warps,
     )  # fmt: skip
 
