@@ -13,10 +13,11 @@
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
-# tiers, fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
+# tiers, tier-gpu-tests (the small tier's knob combinations compiled on the GPU, a pytest on a small
+# model), fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
 # and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's
 # knobs with compile on, each under a time limit, with every thread's Python stack dumped every
-# 30 s). Everything uses synthetic-full (random weights) at 1024x1024.
+# 30 s). Everything else uses synthetic-full (random weights) at 1024x1024.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=/tmp/gs/results
@@ -75,6 +76,11 @@ for name in "$@"; do
       # each job's stacks every 60 s: a row that stalls is stopped at its limit and shows where it was
       python3 -m benchmarks.memory_tiers --model synthetic-full --out "$RESULTS/tiers" --stack-dumps-every 60 ${TIER_ARGS:-}
       done_ tiers $? ;;
+    tier-gpu-tests)
+      # the small tier's knob combinations compiled with the full stack on the GPU (issue 23), and the tiers' mechanisms
+      python3 -m pytest -q -p no:cacheprovider tests/test_small_tier_compile_gpu.py tests/test_memory_gpu.py > "$RESULTS/tier_gpu_tests.txt" 2>&1
+      rc=$?; tail -n 5 "$RESULTS/tier_gpu_tests.txt"
+      done_ tier-gpu-tests $rc ;;
     small-tier-stall)
       # The three knob groups run side by side (each with its own compile cache, all cold), so the
       # bisect costs one limit, not three; a stall shows as the same stack in every dump.
