@@ -27,6 +27,7 @@ import argparse
 import base64
 import io
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -118,6 +119,7 @@ def served_over_engine(client: httpx.Client, sizes: list[tuple[int, int]], steps
                     "server_s": round(statistics.median(reply["timings"]["server_total_s"] for reply in replies), 4),
                     "client_s": round(statistics.median(reply["wall_s"] for reply in replies), 4),
                     "encode_s": round(statistics.median(reply["timings"]["output_encode_s"] for reply in replies), 4),
+                    "queue_s": round(statistics.median(reply["timings"]["queue_s"] for reply in replies), 4),
                     "served_over_engine": round(statistics.median(ratio), 4),
                     "encode_share": round(statistics.median(encode), 4),
                 }
@@ -153,13 +155,15 @@ def markdown(report: dict) -> str:
         "",
         "## Served / engine (PNG, one request at a time, medians)",
         "",
-        "| kind | size | engine s | server s | client s | encode s | served / engine | encode / engine |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Shapes at the start of this part: {report.get('warmup_at_served_start', '-')}.",
+        "",
+        "| kind | size | engine s | queue s | server s | client s | encode s | served / engine | encode / engine |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["served"]:
         lines.append(
-            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row['server_s']} | {row['client_s']} | {row['encode_s']} | "
-            f"{row['served_over_engine']} | {row['encode_share']} |"
+            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row.get('queue_s', '-')} | {row['server_s']} | {row['client_s']} | "
+            f"{row['encode_s']} | {row['served_over_engine']} | {row['encode_share']} |"
         )
     worst = max(row["served_over_engine"] for row in report["served"])
     lines += ["", f"Worst served / engine: **{worst}** (target: at most 1.03)."]
@@ -201,15 +205,19 @@ def main(argv: list[str] | None = None) -> int:
             report["stack"] = health["default_optimizations"]
             size = _sizes(args.hol_size, args.model)[0]
             report["head_of_line"] = head_of_line(client, size, args.steps, json.loads(args.override), args.delay)
+            # shapes still to warm (after --warm-after-idle-s of quiet): the client's back-to-back requests must not wait for them
+            warmup = client.get("/health").json()["warmup"]
+            report["warmup_at_served_start"] = {key: len(value) for key, value in warmup.items() if isinstance(value, list)}
             report["served"] = served_over_engine(client, _sizes(args.sizes, args.model), args.steps, args.repeats)
             report["queue_metrics"] = [line for line in client.get("/metrics").text.splitlines() if "queue_wait" in line]
     finally:
         server.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(server.log_path, args.out / "server.log")  # why a build or a request failed, when one did
     (args.out / "fair_service.json").write_text(json.dumps(report, indent=2))
     (args.out / "fair_service.md").write_text(markdown(report))
     print(markdown(report))
-    print(f"server log: {server.log_path}")
+    print(f"server log: {args.out / 'server.log'}")
     return 0
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import APIError, invalid
+
+log = logging.getLogger(__name__)
 
 # Process-wide: a server never wants to decode a decompression bomb, whichever code path opens it.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
@@ -184,10 +188,26 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 PNG_LEVEL = 1
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    import imagecodecs
+@functools.cache
+def fast_png_codec():
+    """imagecodecs, or None where it cannot be imported (a pinned requirement, but a machine set up
+    by hand may lack it: the H100 run of 2026-12-06 did): then Pillow encodes, slower, and a
+    response is never lost to it."""
+    try:
+        import imagecodecs
+    except ImportError as error:
+        log.warning("PNG output: imagecodecs is not importable (%s); Pillow encodes PNGs instead, 2.6-6x slower", error)
+        return None
+    return imagecodecs
 
-    return imagecodecs.png_encode(pixels, level=PNG_LEVEL, strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.UP)
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    codecs = fast_png_codec()
+    if codecs is None:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_LEVEL)
+        return buffer.getvalue()
+    return codecs.png_encode(pixels, level=PNG_LEVEL, strategy=codecs.PNG.STRATEGY.RLE, filter=codecs.PNG.FILTER.UP)
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int = 90) -> bytes:

@@ -1,6 +1,7 @@
 """The in-process GPU worker: one thread loads the engine, warms its first shape, then runs every call
 in arrival order, from the bounded queue of service/worker.py, and warms the other shapes one at a
-time whenever nothing waits (so a request waits behind one shape's warm-up at most).
+time once nothing has been asked for a moment (--warm-after-idle-s; so a request waits behind one
+shape's warm-up at most, and a client's back-to-back requests behind none).
 
     worker = GpuWorker(capacity=16, loader=lambda: KontextEngine.load("tiny"), settings=settings); worker.start()
     result, job = await worker.run(EditCall(request, config, deadline), deadline, is_disconnected)
@@ -47,6 +48,7 @@ class GpuWorker(Worker):
         self.lane: BuildLane | None = None  # variant builds beside this thread, once the engine is up
         self._holding = None  # the affinity of the last job run: what the engine holds (merge mode: an adapter set)
         self.warmups = None  # shapes left to warm after /ready (service/startup.py: BackgroundWarmups)
+        self._last_job_end = float("-inf")  # time.monotonic(): shapes are warmed only after settings.warm_after_idle_s of quiet
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,11 +109,18 @@ class GpuWorker(Worker):
     def warmup_report(self) -> dict:
         return self.warmups.report() if self.warmups is not None else {}
 
+    def _quiet_for(self) -> float | None:
+        """Seconds until a shape may be warmed (0: now), or None when no shape is left to warm."""
+        if not self.warmups.pending:
+            return None
+        idle_s = self.settings.warm_after_idle_s if self.settings is not None else 0.0
+        return max(0.0, self._last_job_end + idle_s - time.monotonic())
+
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping and not self.warmups.pending:
-                    self._cond.wait()
+                while not self._jobs and not self._stopping and self._quiet_for() != 0.0:
+                    self._cond.wait(self._quiet_for())  # a new job notifies; otherwise the quiet time ends
                 if self._stopping and not self._jobs:
                     return
                 warm = not self._jobs
@@ -187,7 +196,7 @@ class GpuWorker(Worker):
     def _finish(self, job: Job, outcome: Outcome, outer: Job | None) -> None:
         with self._cond:
             job.result, job.error = outcome.result, outcome.error
-            job.finished_at = time.monotonic()
+            job.finished_at = self._last_job_end = time.monotonic()
             job.state = "done" if job.error is None else "failed"
             self._running = outer
             self.completed += 1

@@ -76,7 +76,11 @@ def has_hooks(module: torch.nn.Module) -> bool:
 
 def aot_compile(module: torch.nn.Module, args: tuple, kwargs: dict, options: dict | None) -> Any:
     """One ahead-of-time compiled function of `module`'s forward for inputs like these."""
-    compiled = torch.compile(forward_function(module), fullgraph=True, options={**(options or {}), "guard_filter_fn": portable_guards})
+    # torch.compile gives its function an `aot_compile` only under this switch: off by default in
+    # torch 2.11 (the GPU machine's version; the H100 run of 2026-12-06 saved nothing without it),
+    # on in 2.13
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = torch.compile(forward_function(module), fullgraph=True, options={**(options or {}), "guard_filter_fn": portable_guards})
     return compiled.aot_compile(((module, *args), kwargs))
 
 

@@ -125,6 +125,40 @@ def test_ready_after_the_first_shape_the_rest_while_idle(tiny_engine, monkeypatc
     assert 'kontext_warmup_shapes{state="warmed"} 4.0' in metrics and 'kontext_warmup_shapes{state="pending"} 0.0' in metrics
 
 
+def test_no_shape_is_warmed_until_the_server_has_been_quiet(tiny_engine, monkeypatch):
+    """A client's back-to-back requests never wait behind a warm-up (--warm-after-idle-s): after a
+    request, the shapes left stay pending for the quiet time (here an hour)."""
+    engine = _engine(tiny_engine)
+    monkeypatch.setattr(warmup_module, "shapes_for", lambda engine: list(SHAPES[:3]))
+    gate = Gate(engine, held=SHAPES[1])
+    app = create_app(engine, ServiceSettings(warmup=True, warm_after_idle_s=3600.0))
+
+    async def scenario():
+        async with await ready_client(app, timeout=WAIT_S) as client:
+            # the first warm-up after /ready starts at once: no request has come yet
+            assert await asyncio.to_thread(gate.reached.wait, WAIT_S), "the background warm-up never started"
+            body = {"prompt": "edit", "image": _png(64, 64), "width": 64, "height": 64, "steps": 2, "seed": 1}
+            answer = asyncio.create_task(client.post("/inference", json=body))
+
+            async def queued():
+                return (await client.get("/health")).json()["queue"]["waiting"] == 1
+
+            await _until(queued, "the request to wait in the queue")
+            gate.opened.set()
+            response = await answer
+            await asyncio.sleep(1.0)  # without the quiet time, the next shape would be warming or warm by now
+            return response, (await client.get("/health")).json()["warmup"]
+
+    try:
+        response, warmup = asyncio.run(scenario())
+    finally:
+        gate.opened.set()
+        app.state.service.stop()
+    assert response.status_code == 200
+    assert warmup["warmed"] == ["64x64 edit", "64x64 text-to-image"] and warmup["warming"] is None
+    assert warmup["pending"] == ["96x64 edit"] and gate.warmed == SHAPES[:2]
+
+
 def test_warm_all_before_ready_restores_warming_every_shape_first(tiny_engine, monkeypatch):
     engine = _engine(tiny_engine)
     monkeypatch.setattr(warmup_module, "shapes_for", lambda engine: list(SHAPES[:2]))

@@ -122,3 +122,25 @@ def test_png_output_is_lossless_rgb(mode):
     decoded = Image.open(io.BytesIO(encode_image(picture, "png")))
     assert decoded.format == "PNG" and decoded.size == (80, 48)
     assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(picture.convert("RGB")))
+
+
+def test_png_output_without_imagecodecs_falls_back_to_pillow_and_says_so(monkeypatch, caplog):
+    import io
+    import logging
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from service import images
+
+    pixels = np.random.default_rng(4).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # `import imagecodecs` raises ImportError
+    images.fast_png_codec.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="service.images"):
+            encoded = images.encode_image(Image.fromarray(pixels), "png")
+        assert images.fast_png_codec() is None and "Pillow encodes PNGs" in caplog.text
+    finally:
+        images.fast_png_codec.cache_clear()  # the next test gets imagecodecs again
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), pixels)
