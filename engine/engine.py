@@ -55,6 +55,10 @@ LOAD_TIME = "chosen when the model loads; requests cannot change it"
 # A warm-up edit (engine/warmup.py, build_variant) runs two transformer calls per shape: cudagraph
 # trees run a new shape once before they record it.
 WARMUP_STEPS = 2
+# A build beside the serving thread (build_variant) compiles with one step: CUDA graph trees are per
+# thread, so graphs that a second step would record there would never be replayed; the serving
+# thread records its own at its first edit on the variant.
+BUILD_STEPS = 1
 
 
 @dataclass
@@ -211,12 +215,12 @@ class KontextEngine:
         return self.variants.execution_key(effective), self.variants.is_ready(effective)
 
     def build_variant(self, request: EditRequest, config: OptimizationConfig | None = None) -> float:
-        """Build the variant `request` runs on and run a two-step edit of its shape on it, where a
+        """Build the variant `request` runs on and run a one-step edit of its shape on it, where a
         compiled variant compiles; the seconds it took. Beside `edit`, on another thread: builds take
         turns among themselves, never with edits."""
         started = time.perf_counter()
         merging = self.loras.settings.merges  # merged weights are the serving thread's: the warm-up runs without adapters
-        warm = dataclasses.replace(request, steps=WARMUP_STEPS, seed=0, loras=() if merging else request.loras)
+        warm = dataclasses.replace(request, steps=BUILD_STEPS, seed=0, loras=() if merging else request.loras)
         with self._build_lock:
             self._edit(warm, config, background=True)
         return time.perf_counter() - started

@@ -1,5 +1,5 @@
 """The build lane: a request whose variant is not ready waits here while its variant is built, and
-compiled by a two-step edit of its shape, on a thread of its own (engine.build_variant); the
+compiled by a one-step edit of its shape, on a thread of its own (engine.build_variant); the
 worker's thread meanwhile serves the requests whose variants are ready. When the build is done the
 request rejoins the front of the queue. So a request on a resident variant waits at most for the
 edit that is running, never for another request's build or first compile.
@@ -10,7 +10,9 @@ it would wait for all of it: 26.8 s for a plain request behind a `quantization: 
 H200 (issue 26). On a GPU the two threads share the device: the warm-up edit's kernels interleave
 with the served edits' kernels (compile itself is CPU work, in this process and Inductor's compile
 workers); its CUDA graphs are recorded on the serving thread, at the first served edit, as each
-thread records its own. Engines whose weights move during an edit (group offload) do not build
+thread records its own. The build thread gets CUDA graph trees of its own first
+(patches/cudagraph_trees_thread_state.py: torch 2.11 gives them only to the thread that imported
+Inductor's, and every build here failed on an H100 without it). Engines whose weights move during an edit (group offload) do not build
 beside edits (engine.builds_beside_edits), nor does a server started with --no-background-builds:
 their builds run in turn with edits, as before.
 
@@ -101,6 +103,10 @@ class BuildLane:
             return len(self._waiting)
 
     def _loop(self) -> None:
+        if self.engine.loaded.device.type == "cuda":
+            from patches.cudagraph_trees_thread_state import prepare_thread
+
+            log.info("build thread: %s", prepare_thread())
         while True:
             with self._cond:
                 while not self._order:
@@ -112,7 +118,7 @@ class BuildLane:
                 log.info("variant built and compiled beside the serving thread in %.1f s: %s", seconds, dict(key))
             except BaseException as error:  # noqa: BLE001 - the waiting calls run anyway and fail the way the build fails
                 why = f"{type(error).__name__}: {error}"
-                log.warning("a variant build beside the serving thread failed (%s); its requests build it in turn", why)
+                log.warning("a variant build beside the serving thread failed (%s); its requests build it in turn", why, exc_info=True)
             with self._cond:
                 waiting = self._waiting.pop(key, [])
             for token, waited in waiting:

@@ -81,7 +81,16 @@ def aot_compile(module: torch.nn.Module, args: tuple, kwargs: dict, options: dic
     # on in 2.13
     with torch._dynamo.config.patch(enable_aot_compile=True):
         compiled = torch.compile(forward_function(module), fullgraph=True, options={**(options or {}), "guard_filter_fn": portable_guards})
-    return compiled.aot_compile(((module, *args), kwargs))
+    # The saved state holds the module; torch pickles a bound method in its __dict__ by looking its
+    # function's name up on the instance, which fails for a forward a stage put there under another
+    # name (stages/fused_blocks.py: the fused blocks were not saved on an H100 for it). The function
+    # traced is the forward itself, so the instance's copy is not needed while it is compiled.
+    replaced = module.__dict__.pop("forward", None)
+    try:
+        return compiled.aot_compile(((module, *args), kwargs))
+    finally:
+        if replaced is not None:
+            module.__dict__["forward"] = replaced
 
 
 def serialize(function: Any) -> bytes:
