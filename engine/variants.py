@@ -11,7 +11,11 @@ Clones share every tensor they did not change, so a compiled or FA3 variant of t
 no weight memory, and two execution variants on FP8 share one set of FP8 weights. Base weights that
 no resident variant references (the bf16 Linear weights behind an FP8 variant, the unfused Q/K/V
 behind a fused one) are moved to host memory and brought back only when a variant needs them, so
-bf16 and FP8 copies of a layer are never both resident unless both are in use.
+bf16 and FP8 copies of a layer are never both resident unless both are in use. That move is slow
+(16 GB of bf16 weights behind synthetic-full's FP8 variant took 11.7 s on an H100, 2026-12-06, at
+the server's first shape, before /ready): with `defer_residency` and room on the GPU for an edit
+beside them, a build leaves them in place and `settle_some` moves them a slice at a time, which the
+serving thread does when it is idle (service/startup.py, BackgroundWarmups).
 
 A variant may be built on one thread while another runs an edit on a resident one (the service's
 build thread): builds take turns under one lock, and a variant in use by an edit is pinned, so it is
@@ -39,6 +43,12 @@ from stages.registry import apply, stages_in
 from stages.tensors import leaf_tensors
 
 log = logging.getLogger(__name__)
+
+# Deferring the move to host memory keeps the replaced weights on the GPU through the first edits:
+# only with this much free beside them (an edit's working memory with CUDA graphs is 8-10 GiB at
+# 1024x1024 on an H100: the large tier's warm-up peak against its load), else they move at once.
+DEFER_HEADROOM_GIB = 16.0
+SETTLE_SLICE_BYTES = 1 << 30  # one slice of the deferred move: about 0.7 s at the 1.4 GB/s measured
 
 
 def phase_key(config: OptimizationConfig, phase: Phase) -> tuple:
@@ -107,6 +117,8 @@ class VariantCache:
         self._vaes: OrderedDict[tuple, Variant] = OrderedDict()
         self._executions: OrderedDict[tuple, Variant] = OrderedDict()
         self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
+        self.defer_residency = False  # the server sets it before its first shape: see the module docstring
+        self.residency_pending = False  # unused base weights left on the GPU for settle_some
         self._report_lock = threading.Lock()  # the dictionaries: /health reads while edits and builds change them
         self._build_lock = threading.RLock()  # one build at a time, whichever thread asks
         # LoRA merge mode's adapters live in the weights the variants share: builds, evictions and
@@ -258,9 +270,41 @@ class VariantCache:
             del self._weights[weights_key]
 
     def _settle_base_residency(self) -> None:
-        """Move base-transformer tensors that no resident variant uses to host memory."""
+        """Move base-transformer tensors that no resident variant uses to host memory, now, or later
+        in slices (`settle_some`) when deferring and the GPU has room for them beside an edit."""
         if self.device.type != "cuda":
             return
+        if self.defer_residency and torch.cuda.mem_get_info(self.device)[0] / 2**30 >= DEFER_HEADROOM_GIB:
+            self.residency_pending = True
+            return
+        started = time.perf_counter()
+        moved, _ = self._move_unused_base(None)
+        self.residency_pending = False
+        if moved:
+            seconds = time.perf_counter() - started
+            log.info("moved %.1f GB of base weights that no variant uses to host memory in %.1f s", moved / 2**30, seconds)
+
+    def settle_some(self) -> bool:
+        """Move one slice of the base weights that no variant uses to host memory (deferred by a build);
+        True while some are left. Builds and edits may run between two slices: each slice looks again
+        at what the resident variants use."""
+        if not self.residency_pending:
+            return False
+        with self._build_lock, self.merged.lock:  # the lock builds hold: no build sees base weights half moved
+            started = time.perf_counter()
+            moved, left = self._move_unused_base(SETTLE_SLICE_BYTES)
+            self.residency_pending = left
+        log.info(
+            "moved %.2f GB of base weights that no variant uses to host memory in %.2f s%s",
+            moved / 2**30,
+            time.perf_counter() - started,
+            "; more to move when idle" if left else "; done",
+        )
+        return left
+
+    def _move_unused_base(self, limit_bytes: int | None) -> tuple[int, bool]:
+        """(bytes moved, whether unused tensors are left on the GPU) after moving at most `limit_bytes`
+        (None: all). A slice ends after the tensor that reaches the limit."""
         in_use = set()
         with self._report_lock:
             variants = list(itertools.chain(self._weights.values(), self._executions.values()))
@@ -269,16 +313,18 @@ class VariantCache:
         moved = 0
         for name, owner, attr, tensor in _named_tensor_slots(self.base.transformer):
             if tensor.device.type == "cuda" and id(tensor) not in in_use:
+                if limit_bytes is not None and moved >= limit_bytes:
+                    return moved, True
                 _replace_tensor(owner, attr, tensor.to("cpu"))
                 self._offloaded.add(name)
                 moved += tensor.numel() * tensor.element_size()
         if moved:
             torch.cuda.empty_cache()
-            log.info("moved %.1f GB of base weights that no variant uses to host memory", moved / 2**30)
+        return moved, False
 
     def _restore_base(self) -> None:
         if not self._offloaded:
-            return
+            return  # nothing moved yet (a deferred move may still be pending: what is on the GPU stays)
         for name, owner, attr, tensor in _named_tensor_slots(self.base.transformer):
             if name in self._offloaded:
                 _replace_tensor(owner, attr, tensor.to(self.device))

@@ -48,7 +48,7 @@ class GpuWorker(Worker):
         self.lane: BuildLane | None = None  # variant builds beside this thread, once the engine is up
         self._holding = None  # the affinity of the last job run: what the engine holds (merge mode: an adapter set)
         self.warmups = None  # shapes left to warm after /ready (service/startup.py: BackgroundWarmups)
-        self._last_job_end = float("-inf")  # time.monotonic(): shapes are warmed only after settings.warm_after_idle_s of quiet
+        self._last_job_end = float("-inf")  # time.monotonic(): idle work starts only after settings.warm_after_idle_s of quiet
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,22 +109,19 @@ class GpuWorker(Worker):
     def warmup_report(self) -> dict:
         return self.warmups.report() if self.warmups is not None else {}
 
-    def _quiet_for(self) -> float | None:
-        """Seconds until a shape may be warmed (0: now), or None when no shape is left to warm."""
-        if not self.warmups.pending:
-            return None
-        idle_s = self.settings.warm_after_idle_s if self.settings is not None else 0.0
-        return max(0.0, self._last_job_end + idle_s - time.monotonic())
+    def _idle_wait_s(self) -> float | None:
+        quiet_s = self.settings.warm_after_idle_s if self.settings is not None else 0.0
+        return self.warmups.wait_s(self._last_job_end, quiet_s)
 
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping and self._quiet_for() != 0.0:
-                    self._cond.wait(self._quiet_for())  # a new job notifies; otherwise the quiet time ends
+                while not self._jobs and not self._stopping and self._idle_wait_s() != 0.0:
+                    self._cond.wait(self._idle_wait_s())  # a new job notifies; otherwise the quiet time ends
                 if self._stopping and not self._jobs:
                     return
                 warm = not self._jobs
-            if warm:  # nothing waits: one shape, on this thread (its CUDA graphs are this thread's)
+            if warm:  # nothing waits: one piece of idle work, on this thread (a shape's CUDA graphs are this thread's)
                 self._warm_one()
                 continue
             job = self._take(lambda waiting: self._pick(list(waiting), self._holding))
@@ -133,7 +130,7 @@ class GpuWorker(Worker):
 
     def _warm_one(self) -> None:
         try:
-            self.warmups.warm_one()
+            self.warmups.do_one()
         except Exception:  # noqa: BLE001 - Warmup reports a failing shape itself; this is anything else
             log.exception("background warm-up failed; the shapes left compile on first use")
             self.warmups.warmups.clear()

@@ -45,7 +45,8 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
         )
     warmups = [(None, Warmup(engine))] if settings.warmup else []
     warmups += [(overrides, Warmup(engine, engine.default_config.with_changes(**overrides))) for overrides in wanted]
-    background = BackgroundWarmups(warmups)
+    engine.variants.defer_residency = True  # replaced weights go to host memory after /ready, when idle (engine/variants.py)
+    background = BackgroundWarmups(warmups, residency=engine.variants)
     if warmups:
         on_phase("warming")
         started = time.perf_counter()
@@ -65,17 +66,53 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
 
 
 class BackgroundWarmups:
-    """The warm-ups' shapes left after /ready, for the serving thread to warm one at a time while no
-    request waits (service/queue.py, service/worker_process.py). `report` and `status` may be read
-    from any thread."""
+    """The work left after /ready, for the serving thread to do one piece at a time once no request
+    has come for a moment (service/queue.py, service/worker_process.py): the warm-ups' shapes, one
+    each, then the replaced base weights' move to host memory, a slice at a time (`residency`: the
+    engine's VariantCache, whose builds defer that move). `report` and `status` may be read from any
+    thread."""
 
-    def __init__(self, warmups: list):
+    def __init__(self, warmups: list, residency=None):
         self.warmups = warmups  # (the --warm-variants overrides or None for the default variant, Warmup)
+        self.residency = residency  # .residency_pending, and .settle_some() moves one slice
+        self._settle_failed = False
         self._logged = threading.Event()
 
     @property
     def pending(self) -> bool:
+        """Shapes left to warm."""
         return any(not warmup.done for _, warmup in self.warmups)
+
+    @property
+    def settling(self) -> bool:
+        """Replaced base weights left on the GPU by a build, to move when idle (any build may leave some)."""
+        return self.residency is not None and self.residency.residency_pending and not self._settle_failed
+
+    @property
+    def idle_work_pending(self) -> bool:
+        return self.pending or self.settling
+
+    def wait_s(self, last_job_end: float, quiet_s: float) -> float | None:
+        """Seconds before the next piece of idle work may start (0: now): `quiet_s` after the last job
+        ended (time.monotonic()), so that a client's back-to-back requests never wait for one; None
+        when nothing is left."""
+        if not self.idle_work_pending:
+            return None
+        return max(0.0, last_job_end + quiet_s - time.monotonic())
+
+    def do_one(self) -> None:
+        """One piece of idle work: a shape while any is left (requests gain from those), else a slice
+        of the move to host memory (which only frees memory the GPU had room for)."""
+        if self.pending:
+            self.warm_one()
+            return
+        if not self.settling:
+            return
+        try:
+            self.residency.settle_some()
+        except Exception:  # noqa: BLE001 - the weights stay on the GPU: memory, not correctness
+            log.exception("moving replaced base weights to host memory failed; they stay on the GPU")
+            self._settle_failed = True
 
     def warm_one(self) -> None:
         """Warm the next pending shape (one edit at most); logs once when every shape is warm."""

@@ -76,6 +76,8 @@ class _Server:
         self.halted: set[int] = set()
         self.stopping = False
         self.send_lock = threading.Lock()  # the reader thread answers asks while the main thread reports jobs
+        self.quiet_s = settings.warm_after_idle_s
+        self.last_job_end = float("-inf")  # time.monotonic(): idle work starts only after quiet_s without a job
 
     def send(self, message: tuple) -> None:
         with self.send_lock:
@@ -86,19 +88,20 @@ class _Server:
         self._report_warmups()
         while True:
             with self.cond:
-                while not self.jobs and not self.stopping and not self.warmups.pending:
-                    self.cond.wait()
+                while not self.jobs and not self.stopping and self.warmups.wait_s(self.last_job_end, self.quiet_s) != 0.0:
+                    self.cond.wait(self.warmups.wait_s(self.last_job_end, self.quiet_s))  # a job notifies; else the quiet time ends
                 if self.stopping and not self.jobs:
                     return
                 job = self.jobs.popleft() if self.jobs else None
-            if job is None:  # nothing buffered: one shape, on this thread (its CUDA graphs are this thread's)
+            if job is None:  # nothing buffered: one piece of idle work, on this thread (a shape's CUDA graphs are this thread's)
                 self._warm_one()
             else:
                 self.run(*job)
+                self.last_job_end = time.monotonic()
 
     def _warm_one(self) -> None:
         try:
-            self.warmups.warm_one()
+            self.warmups.do_one()
         except Exception:  # noqa: BLE001 - Warmup reports a failing shape itself; this is anything else
             log.exception("background warm-up failed; the shapes left compile on first use")
             self.warmups.warmups.clear()

@@ -9,6 +9,7 @@ import base64
 import io
 import threading
 import time
+import types
 
 import httpx
 import pytest
@@ -198,3 +199,69 @@ def test_a_real_server_reports_its_start_up_phase_by_phase(pytestconfig):
     assert startup["imports_s"] + startup["load_s"] <= startup["ready_after_process_start_s"]
     assert startup["warmup"]["phases"]["first_shape_s"] > 0 and startup["warmup"]["done_at"] >= startup["ready_at"] - 0.01
     assert "start-up: imports" in server.log(tail=200_000)
+
+
+class _Residency:
+    """A VariantCache's deferred move to host memory, as BackgroundWarmups sees it: `slices` to go."""
+
+    def __init__(self, slices: int, fail: bool = False):
+        self.slices, self.fail, self.calls = slices, fail, []
+
+    @property
+    def residency_pending(self) -> bool:
+        return self.slices > 0
+
+    def settle_some(self) -> bool:
+        self.calls.append("slice")
+        if self.fail:
+            raise RuntimeError("copy failed")
+        self.slices -= 1
+        return self.slices > 0
+
+
+class _Shapes:
+    """A Warmup with `left` shapes to warm; records each into `log`."""
+
+    def __init__(self, left: int, log: list):
+        self.left, self.log = left, log
+        self.report = types.SimpleNamespace(done_at=None)
+
+    def status(self) -> dict:
+        return {"warmed": ["shape"] * self.log.count("shape"), "failed": [], "warming": None, "pending": ["shape"] * self.left}
+
+    @property
+    def done(self) -> bool:
+        return self.left == 0
+
+    def warm_next(self) -> bool:
+        self.log.append("shape")
+        self.left -= 1
+        return not self.done
+
+
+def test_idle_work_warms_the_shapes_first_then_moves_the_replaced_weights_a_slice_at_a_time():
+    from service.startup import BackgroundWarmups
+
+    done: list = []
+    residency = _Residency(slices=3)
+    residency.calls = done
+    background = BackgroundWarmups([(None, _Shapes(2, done))], residency=residency)
+    assert background.wait_s(last_job_end=time.monotonic(), quiet_s=3600.0) > 3000  # a job just ended: wait
+    while background.idle_work_pending:
+        assert background.wait_s(last_job_end=float("-inf"), quiet_s=1.0) == 0.0
+        background.do_one()
+    assert done == ["shape", "shape", "slice", "slice", "slice"]
+    assert background.wait_s(float("-inf"), 1.0) is None  # nothing left: the worker sleeps until a job comes
+
+    residency.slices = 2  # a later build (a variant for an override) deferred another move
+    assert background.idle_work_pending
+
+
+def test_a_failed_move_leaves_the_weights_on_the_gpu_and_stops_trying(caplog):
+    from service.startup import BackgroundWarmups
+
+    residency = _Residency(slices=3, fail=True)
+    background = BackgroundWarmups([], residency=residency)
+    background.do_one()
+    assert not background.idle_work_pending and residency.calls == ["slice"]
+    assert "stay on the GPU" in caplog.text

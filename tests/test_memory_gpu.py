@@ -54,3 +54,23 @@ def test_prequantized_round_trip_on_the_gpu(tmp_path):
     loaded = KontextEngine.load(str(tmp_path), "cuda:0")
     assert loaded.loaded.prequantized == {"transformer", "text_encoder_2"}
     assert np.abs(_pixels(loaded) - _pixels(engine)).max() <= 1
+
+
+def test_a_deferred_move_to_host_memory_goes_in_slices_and_changes_no_pixel(photo, monkeypatch):
+    import engine.variants as variants_module
+    from stages.config import OptimizationConfig as Config
+
+    engine = _engine("large")
+    engine.variants.defer_residency = True  # as the server sets it before its first shape
+    fp8 = Config(quantization="fp8")
+    request = EditRequest(prompt="make the sky red", image=photo, width=256, height=256, steps=4, seed=5)
+    first = np.asarray(engine.edit(request, fp8).images[0]).astype(int)
+    proj = lambda: engine.loaded.pipe.transformer.single_transformer_blocks[0].proj_mlp.weight  # noqa: E731 - the base's, as it is now
+    assert engine.variants.residency_pending and proj().device.type == "cuda"  # an H100 has room for it beside an edit
+
+    monkeypatch.setattr(variants_module, "SETTLE_SLICE_BYTES", 1)  # one tensor a slice
+    slices = 1
+    while engine.variants.settle_some():
+        slices += 1
+    assert slices > 1 and not engine.variants.residency_pending and proj().device.type == "cpu"
+    assert np.abs(np.asarray(engine.edit(request, fp8).images[0]).astype(int) - first).max() == 0
