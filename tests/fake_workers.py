@@ -20,7 +20,7 @@ def load_fake_engine(device: str):
         stage_status=lambda: [],
         memory_report=lambda: {},
         memory=lambda: {"device": device},
-        variants=SimpleNamespace(report=lambda: [], max_variants=3),
+        variants=SimpleNamespace(report=lambda: [], max_variants=3, residency_pending=False, settle_some=lambda: False),
         builds_beside_edits=False,
         loras=SimpleNamespace(settings=None, loaded=lambda: [], report=lambda with_files=True: {}),
     )
