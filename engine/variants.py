@@ -119,6 +119,7 @@ class VariantCache:
         self._offloaded: set[str] = set()  # names of base-transformer tensors moved to host memory
         self.defer_residency = False  # the server sets it before its first shape: see the module docstring
         self.residency_pending = False  # unused base weights left on the GPU for settle_some
+        self._deferred_moved = (0, 0.0)  # bytes and seconds of the slices so far, for one log line at the end
         self._report_lock = threading.Lock()  # the dictionaries: /health reads while edits and builds change them
         self._build_lock = threading.RLock()  # one build at a time, whichever thread asks
         # LoRA merge mode's adapters live in the weights the variants share: builds, evictions and
@@ -294,12 +295,11 @@ class VariantCache:
             started = time.perf_counter()
             moved, left = self._move_unused_base(SETTLE_SLICE_BYTES)
             self.residency_pending = left
-        log.info(
-            "moved %.2f GB of base weights that no variant uses to host memory in %.2f s%s",
-            moved / 2**30,
-            time.perf_counter() - started,
-            "; more to move when idle" if left else "; done",
-        )
+        self._deferred_moved = (self._deferred_moved[0] + moved, self._deferred_moved[1] + time.perf_counter() - started)
+        if not left:
+            moved, seconds = self._deferred_moved
+            log.info("moved %.1f GB of base weights that no variant uses to host memory while idle (%.1f s)", moved / 2**30, seconds)
+            self._deferred_moved = (0, 0.0)
         return left
 
     def _move_unused_base(self, limit_bytes: int | None) -> tuple[int, bool]:

@@ -12,9 +12,9 @@ with the served edits' kernels (compile itself is CPU work, in this process and 
 workers); its CUDA graphs are recorded on the serving thread, at the first served edit, as each
 thread records its own. The build thread gets CUDA graph trees of its own first
 (patches/cudagraph_trees_thread_state.py: torch 2.11 gives them only to the thread that imported
-Inductor's, and every build here failed on an H100 without it). Engines whose weights move during an edit (group offload) do not build
-beside edits (engine.builds_beside_edits), nor does a server started with --no-background-builds:
-their builds run in turn with edits, as before.
+Inductor's, and every build here failed on an H100 without it). Engines whose weights move during
+an edit (group offload) do not build beside edits (engine.builds_beside_edits), nor does a server
+started with --no-background-builds: their builds run in turn with edits, as before.
 
 Builds are what a client can make the server do at will, so each client (by address) may cause at
 most --variant-builds-per-hour of them: a request beyond that gets 429 with Retry-After before
