@@ -8,6 +8,8 @@ that `precompile` made earlier.
 2. `precompile` into a bundle (reusing the cache the cold server filled: it only re-traces).
 3. artifacts: `serve --compile-artifacts BUNDLE` with empty caches again, until /ready; then the
    same first requests.
+4. with --aot-compile, the same again with `--no-aot-functions` (the bundle's caches, Dynamo and
+   Inductor as before): each first request's picture against the AOT path's, for the same seed.
 
 With --cold-via-precompile, step 1 is `precompile` on empty caches instead (the same load and
 warm-up code as serve, timed from launch to exit), which saves one full compile on a short GPU lease.
@@ -112,8 +114,10 @@ def _png(width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def first_requests(server: Server, resolutions) -> list[dict]:
-    rows = []
+def first_requests(server: Server, resolutions, pictures: dict | None = None) -> list[dict]:
+    """One edit and one text-to-image request (seed 0) at each resolution; `pictures` gets each
+    answer's image (base64), by request."""
+    rows, pictures = [], pictures if pictures is not None else {}
     with httpx.Client(base_url=server.url, timeout=600) as client:
         for width, height in resolutions:
             for kind, body in (("edit", {"image": _png(width, height)}), ("text-to-image", {"width": width, "height": height})):
@@ -125,6 +129,7 @@ def first_requests(server: Server, resolutions) -> list[dict]:
                 answer = response.json()
                 timings = answer["timings"]
                 steps = timings["step_s"]
+                pictures[f"{answer['width']}x{answer['height']} {kind}"] = answer["images"][0]
                 rows.append(
                     {
                         "request": f"{answer['width']}x{answer['height']} {kind}",
@@ -144,12 +149,14 @@ def first_requests(server: Server, resolutions) -> list[dict]:
     return rows
 
 
-def run_server(label: str, model: str, cache: Path, extra: list[str], resolutions, out: Path, timeout: float) -> dict:
+def run_server(
+    label: str, model: str, cache: Path, extra: list[str], resolutions, out: Path, timeout: float, pictures: dict | None = None
+) -> dict:
     server = Server(label, model, cache, extra, out)
     try:
         polled_ready_s = server.wait_ready(timeout)
         print(f"{label}: /ready after {polled_ready_s:.1f} s", flush=True)
-        requests = first_requests(server, resolutions)  # at once: the background warm-up is still going
+        requests = first_requests(server, resolutions, pictures)  # at once: the background warm-up is still going
         startup = server.wait_all_warm(timeout)["startup"]
     finally:
         server.stop()
@@ -160,6 +167,23 @@ def run_server(label: str, model: str, cache: Path, extra: list[str], resolution
         "startup": startup,
         "first_requests": requests,
     }
+
+
+def compare_pictures(aot: dict, jit: dict) -> list[dict]:
+    """Per request (seed 0 in both servers): whether the AOT path's picture is the JIT path's, bit for
+    bit, and the largest difference of a pixel value (0-255) where it is not."""
+    import numpy as np
+    from PIL import Image
+
+    def pixels(encoded: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")).astype(int)
+
+    rows = []
+    for request in sorted(set(aot) & set(jit)):
+        same = aot[request] == jit[request]
+        worst = 0 if same else int(np.abs(pixels(aot[request]) - pixels(jit[request])).max())
+        rows.append({"request": request, "identical": same, "max_pixel_difference": worst})
+    return rows
 
 
 def precompile(model: str, cache: Path, bundle: Path, out: Path, flags: list[str]) -> dict:
@@ -244,6 +268,12 @@ def markdown(report: dict) -> str:
                 row["client_wall_s"],
             )
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if report.get("aot_vs_jit"):
+        lines += ["", "AOT functions against the JIT path (the same bundle's caches, `--no-aot-functions`), seed 0", ""]
+        lines += ["| request | identical | max pixel difference |", "|---|---|---|"]
+        lines += [
+            f"| {row['request']} | {'yes' if row['identical'] else 'no'} | {row['max_pixel_difference']} |" for row in report["aot_vs_jit"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -290,8 +320,19 @@ def main(argv: list[str] | None = None) -> int:
             report["precompile"] = precompile(args.model, cold_cache, bundle, args.out, flags + aot)
         _write(report, args.out)
         with_bundle = [*flags, *serve_flags, "--compile-artifacts", str(bundle)]
-        report["artifacts"] = run_server("artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout)
+        aot_pictures: dict = {}
+        report["artifacts"] = run_server(
+            "artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout, aot_pictures
+        )
         _write(report, args.out)
+        if args.aot_compile:  # the same requests with the bundle's caches only (JIT): the same pictures?
+            jit_pictures: dict = {}
+            jit_cache = args.cache_root / "fresh-jit"
+            run_server(
+                "jit", args.model, jit_cache, [*with_bundle, "--no-aot-functions"], resolutions, args.out, args.timeout, jit_pictures
+            )
+            report["aot_vs_jit"] = compare_pictures(aot_pictures, jit_pictures)
+            _write(report, args.out)
     print(markdown(report))
     return 0
 
