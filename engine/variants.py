@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # 1024x1024 on an H100: the large tier's warm-up peak against its load), else they move at once.
 DEFER_HEADROOM_GIB = 16.0
 SETTLE_SLICE_BYTES = 1 << 30  # one slice of the deferred move: about 0.7 s at the 1.4 GB/s measured
+LOCK_WAIT_S = 0.05  # how long a slice waits for a build's locks before it gives its turn back
 
 
 def phase_key(config: OptimizationConfig, phase: Phase) -> tuple:
@@ -291,10 +292,22 @@ class VariantCache:
         at what the resident variants use."""
         if not self.residency_pending:
             return False
-        with self._build_lock, self.merged.lock:  # the lock builds hold: no build sees base weights half moved
-            started = time.perf_counter()
-            moved, left = self._move_unused_base(SETTLE_SLICE_BYTES)
-            self.residency_pending = left
+        # The locks a build holds (no build sees base weights half moved). The caller is the serving
+        # thread with nothing to do: while a build beside it holds them, it must not wait for the
+        # whole build, so it gives up after a moment and is asked again at its next idle moment.
+        if not self._build_lock.acquire(timeout=LOCK_WAIT_S):
+            return True
+        try:
+            if not self.merged.lock.acquire(timeout=LOCK_WAIT_S):
+                return True
+            try:
+                started = time.perf_counter()
+                moved, left = self._move_unused_base(SETTLE_SLICE_BYTES)
+                self.residency_pending = left
+            finally:
+                self.merged.lock.release()
+        finally:
+            self._build_lock.release()
         self._deferred_moved = (self._deferred_moved[0] + moved, self._deferred_moved[1] + time.perf_counter() - started)
         if not left:
             moved, seconds = self._deferred_moved

@@ -75,3 +75,30 @@ def test_base_weights_untouched_by_variants(tiny_engine):
     assert tiny_engine.loaded.pipe.transformer.transformer_blocks[0].attn.to_q is not None
     conv = tiny_engine.loaded.pipe.vae.encoder.conv_in.weight
     assert conv.is_contiguous()  # the base VAE stays NCHW
+
+
+def test_a_deferred_move_never_holds_the_idle_serving_thread_behind_a_build(tiny_engine):
+    """settle_some runs on the serving thread when it is idle; while a build beside it holds the
+    variant cache's lock, it gives its turn back instead of waiting for the whole build."""
+    import threading
+
+    variants = KontextEngine(tiny_engine.loaded, tiny_engine.env, max_variants=2).variants
+    variants.residency_pending = True  # as a GPU build that deferred its move leaves it
+    held, release, released = threading.Event(), threading.Event(), threading.Event()
+
+    def build():
+        with variants._build_lock:
+            held.set()
+            release.wait(60)
+        released.set()
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert held.wait(60)
+    try:
+        assert variants.settle_some() is True and not released.is_set()  # came back while the build held the lock
+        assert variants.residency_pending
+    finally:
+        release.set()
+        builder.join(60)
+    assert variants.settle_some() is False and not variants.residency_pending  # nothing on a GPU to move here
