@@ -155,14 +155,14 @@ def markdown(report: dict) -> str:
         "",
         "## Served / engine (PNG, one request at a time, medians)",
         "",
-        f"Shapes at the start of this part: {report.get('warmup_at_served_start', '-')}.",
+        f"Shapes at the start of this part: {report['warmup_at_served_start']}.",
         "",
         "| kind | size | engine s | queue s | server s | client s | encode s | served / engine | encode / engine |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["served"]:
         lines.append(
-            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row.get('queue_s', '-')} | {row['server_s']} | {row['client_s']} | "
+            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row['queue_s']} | {row['server_s']} | {row['client_s']} | "
             f"{row['encode_s']} | {row['served_over_engine']} | {row['encode_share']} |"
         )
     worst = max(row["served_over_engine"] for row in report["served"])

@@ -60,6 +60,18 @@ async def _until(check, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _send_while_held(client, gate: Gate, body: dict):
+    """Post `body` while the gate holds a warm-up, wait until it queues behind it, open the gate; the response."""
+    answer = asyncio.create_task(client.post("/inference", json=body))
+
+    async def queued():
+        return (await client.get("/health")).json()["queue"]["waiting"] == 1
+
+    await _until(queued, "the request to wait in the queue")
+    gate.opened.set()
+    return await answer
+
+
 def _png(width: int, height: int) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 80, 40)).save(buffer, format="PNG")
@@ -90,14 +102,7 @@ def test_ready_after_the_first_shape_the_rest_while_idle(tiny_engine, monkeypatc
             at_ready = (await client.get("/health")).json()
             # a request at a shape not warmed yet, sent while a shape is being warmed: it waits for that one only
             body = {"prompt": "edit", "image": _png(96, 64), "width": 96, "height": 64, "steps": 2, "seed": 1}
-            answer = asyncio.create_task(client.post("/inference", json=body))
-
-            async def queued():
-                return (await client.get("/health")).json()["queue"]["waiting"] == 1
-
-            await _until(queued, "the request to wait in the queue")
-            gate.opened.set()
-            response = await answer
+            response = await _send_while_held(client, gate, body)
 
             async def all_warm():
                 return (await client.get("/health")).json()["warmup"]["done"]
@@ -139,14 +144,7 @@ def test_no_shape_is_warmed_until_the_server_has_been_quiet(tiny_engine, monkeyp
             # the first warm-up after /ready starts at once: no request has come yet
             assert await asyncio.to_thread(gate.reached.wait, WAIT_S), "the background warm-up never started"
             body = {"prompt": "edit", "image": _png(64, 64), "width": 64, "height": 64, "steps": 2, "seed": 1}
-            answer = asyncio.create_task(client.post("/inference", json=body))
-
-            async def queued():
-                return (await client.get("/health")).json()["queue"]["waiting"] == 1
-
-            await _until(queued, "the request to wait in the queue")
-            gate.opened.set()
-            response = await answer
+            response = await _send_while_held(client, gate, body)
             await asyncio.sleep(1.0)  # without the quiet time, the next shape would be warming or warm by now
             return response, (await client.get("/health")).json()["warmup"]
 
