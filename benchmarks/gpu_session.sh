@@ -112,11 +112,15 @@ for name in "$@"; do
       done
       done_ small-tiers $? ;;
     fair-service)
-      # imagecodecs (26 MB) does not fit the lease's carry beside .whl: a later call brings it in
-      # .whl-codecs while the machine is still warm and the other wheels are installed
-      if [ -d .whl-codecs ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-codecs/*.whl
-      fi
+      # imagecodecs (26 MB) does not fit the lease's carry beside .whl: an earlier call on the same
+      # warm machine copies its .whl-codecs to /tmp/whl-codecs (or this tree carries it)
+      for codecs in .whl-codecs /tmp/whl-codecs; do
+        if ls "$codecs"/imagecodecs-*.whl > /dev/null 2>&1; then
+          python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$codecs"/*.whl
+          break
+        fi
+      done
+      python3 -c "import imagecodecs" 2> /dev/null || echo "fair-service: imagecodecs is not installed, PNGs go through Pillow"
       FLUX_KONTEXT_COMPILE_CACHE="$CACHE" python3 -m benchmarks.fair_service --model synthetic-full --out "$RESULTS/fair-service" \
         --sizes "${FAIR_SIZES:-1024x1024,1392x752,832x1248,1184x880}" --repeats 2
       done_ fair-service $? ;;

@@ -138,6 +138,8 @@ def first_requests(server: Server, resolutions, pictures: dict | None = None) ->
                         "median_step_s": round(statistics.median(steps), 4),
                         "slowest_step_s": round(max(steps), 4),
                         "slowest_over_median": round(max(steps) / statistics.median(steps), 2),
+                        # each step: at an unrecorded shape, which one warmed Inductor's CUDA graphs and which recorded them
+                        "step_s": [round(step, 4) for step in steps],
                         "engine_s": timings["engine_total_s"],
                         "served_s": timings["server_total_s"],
                         "served_over_engine": round(timings["server_total_s"] / timings["engine_total_s"], 3),
