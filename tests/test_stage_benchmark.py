@@ -104,3 +104,19 @@ def test_a_progress_callback_can_cancel_the_run(tiny_engine):
     with pytest.raises(Stop):
         run_benchmark(tiny_engine, BenchmarkSettings(stages=[0, 4], **SMALL), on_progress=on_progress)
     assert seen == ["stage 0 edit 1"]  # stopped after the first edit: nothing else ran
+
+
+def test_the_profiled_glue_kernels_are_listed_by_name_under_their_class_table():
+    """A GPU profile's largest glue kernels show in the markdown next to the class totals, so that a
+    class's time can be read kernel by kernel (the profiler itself runs only on a GPU)."""
+    from engine.benchmark.report import BenchmarkReport, StageResult
+
+    row = StageResult(5, "CUDA graphs", [], {}, 14, 1.0, 0.03, 0.05, 0.163, 2.3, 0.05, 2.46, None)
+    row.kernel_ms_per_step = {"gemm": 76.2, "other elementwise (eager)": 1.08, "gaps": 3.8}
+    eager = "other elementwise (eager)"
+    row.glue_kernels = [{"kernel": "void at::native::elementwise_kernel<128, 2>", "class": eager, "ms": 0.412, "calls": 6}]
+    markdown = BenchmarkReport(meta={}, rows=[row]).markdown()
+    assert "Stage 5: the largest glue kernels" in markdown
+    assert "| void at::native::elementwise_kernel<128, 2> | other elementwise (eager) | 0.412 | 6 |" in markdown
+    unprofiled = StageResult(0, "eager", [], {}, 28, 1.0, 0.03, 0.05, 0.36, 10.0, 0.09, 10.2, None)
+    assert "largest glue kernels" not in BenchmarkReport(meta={}, rows=[unprofiled]).markdown()

@@ -38,6 +38,10 @@ KERNEL_CLASSES = (
 )
 
 
+# Kernel classes that are neither GEMM nor attention: the glue between them.
+NOT_GLUE = ("gemm", "attention", "gaps")
+
+
 def kernel_class(name: str) -> str:
     lowered = name.lower()
     return next((label for label, marks in KERNEL_CLASSES if any(mark in lowered for mark in marks)), "other elementwise (eager)")
@@ -59,8 +63,15 @@ def capture_transformer_inputs(engine: KontextEngine, request: EditRequest) -> d
     return captured
 
 
-def step_breakdown(engine: KontextEngine, inputs: dict, config: OptimizationConfig, calls: int = 3) -> dict[str, float]:
-    """Milliseconds per transformer call by kernel class, plus "gaps" (wall time minus kernel time)."""
+@dataclasses.dataclass
+class StepProfile:
+    by_class: dict[str, float]  # ms per transformer call by kernel class, plus "gaps" (wall time minus kernel time)
+    # the largest glue kernels (neither GEMM nor attention) by name: what the classes' totals are made of
+    glue_kernels: list[dict]
+
+
+def step_breakdown(engine: KontextEngine, inputs: dict, config: OptimizationConfig, calls: int = 3, top: int = 15) -> StepProfile:
+    """Milliseconds per transformer call by kernel class, and the `top` largest glue kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     pipe, _, _ = engine.variants.pipeline_for(engine.resolve(config).effective)
@@ -84,18 +95,19 @@ def step_breakdown(engine: KontextEngine, inputs: dict, config: OptimizationConf
                 end.synchronize()
                 wall.append(start.elapsed_time(end))
     by_class: dict[str, float] = {}
+    glue: list[dict] = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", 0) or 0
         if device_us <= 0 or event.key.startswith("ProfilerStep"):
             continue
         label = kernel_class(event.key)
         by_class[label] = by_class.get(label, 0.0) + device_us / calls / 1000
+        if label not in NOT_GLUE:
+            ms = round(device_us / calls / 1000, 3)
+            glue.append({"kernel": event.key[:120], "class": label, "ms": ms, "calls": event.count // calls})
     by_class["gaps"] = max(0.0, statistics.median(wall) - sum(by_class.values()))
-    return {label: round(ms, 2) for label, ms in by_class.items()}
-
-
-# Kernel classes that are neither GEMM nor attention: the glue between them.
-NOT_GLUE = ("gemm", "attention", "gaps")
+    glue.sort(key=lambda kernel: -kernel["ms"])
+    return StepProfile({label: round(ms, 2) for label, ms in by_class.items()}, glue[:top])
 
 
 def glue_bytes(transformer_config, batch: int, text_tokens: int, image_tokens: int, fp8_attention: bool) -> dict[str, float]:

@@ -42,6 +42,7 @@ class StageResult:
     roofline_ratio: float | None = None  # measured step time / floor
     kernel_ms_per_step: dict[str, float] = field(default_factory=dict)  # profiler, by kernel class (GPU)
     kernel_gbps: dict[str, float] = field(default_factory=dict)  # bytes moved / kernel time, by class and for all glue (GPU)
+    glue_kernels: list[dict] = field(default_factory=list)  # the largest non-GEMM, non-attention kernels by name (GPU)
     error: str | None = None  # the stage could not run here; the message says why
     details: dict[str, str] = field(default_factory=dict)  # what each active stage ran
 
@@ -150,6 +151,11 @@ class BenchmarkReport:
                 "",
                 _table(["stage", *rate_classes], [[row.stage, *(row.kernel_gbps.get(name) for name in rate_classes)] for row in rated]),
             ]
+        for row in profiled:
+            if row.glue_kernels:
+                body = [[kernel["kernel"], kernel["class"], kernel["ms"], kernel["calls"]] for kernel in row.glue_kernels]
+                title = f"Stage {row.stage}: the largest glue kernels (ms per step, profiler names)"
+                lines += ["", title, "", _table(["kernel", "class", "ms", "calls"], body)]
         return lines
 
     def _cache_lines(self) -> list[str]:

@@ -227,7 +227,8 @@ def run_benchmark(
             from .kernels import glue_bandwidth, step_breakdown
 
             ran = timed[-1].config
-            row.kernel_ms_per_step = step_breakdown(engine, inputs, ran)
+            profiled = step_breakdown(engine, inputs, ran)
+            row.kernel_ms_per_step, row.glue_kernels = profiled.by_class, profiled.glue_kernels
             if row_wise_fp8_weights(ran):  # the bytes model counts FP8 activations; a bf16 step's glue moves other bytes
                 row.kernel_gbps = glue_bandwidth(row.kernel_ms_per_step, glue_bytes_of(engine, inputs, ran), ran.fused_kernels)
         report.images[f"stage {stage}"] = timed[-1].images[0]
