@@ -20,6 +20,7 @@ engine's start), the engine's imports (torch, diffusers), model load, bundle loa
 of /ready and of the last shape warm, from which launch to /ready and launch to all-warm are taken.
 The first requests are sent right after /ready, while the other shapes are still being warmed: each
 waits behind one shape's warm-up at most, or compiles and records its own shape if none has yet.
+Once every shape is warm, the same requests again give each first request's engine time once warm.
 
 Each first request is an edit (an input at the resolution, no size given: Kontext picks it) and a
 text-to-image request at that size, at resolutions other than the default square one; for each, the
@@ -160,8 +161,14 @@ def run_server(
         print(f"{label}: /ready after {polled_ready_s:.1f} s", flush=True)
         requests = first_requests(server, resolutions, pictures)  # at once: the background warm-up is still going
         startup = server.wait_all_warm(timeout)["startup"]
+        # The same requests once every shape is warm: the first requests' engine time against these
+        warm = {row["request"]: row for row in first_requests(server, resolutions)}
     finally:
         server.stop()
+    for row in requests:
+        if row["request"] in warm:
+            row["warm_engine_s"] = warm[row["request"]]["engine_s"]
+            row["engine_over_warm"] = round(row["engine_s"] / row["warm_engine_s"], 3)
     ready_at, done_at = startup.get("ready_at"), (startup.get("warmup") or {}).get("done_at")
     return {
         "launch_to_ready_s": round(ready_at - server.launched_at if ready_at else polled_ready_s, 1),
@@ -251,10 +258,10 @@ def markdown(report: dict) -> str:
             "",
             f"First requests right after /ready, while the other shapes are warmed ({label}; warm: the shape was warm when sent)",
             "",
-            "| request | warm | steps | median step s | slowest step s | slowest / median | engine s | served s | served / engine "
-            "| encode s | client s |",
+            "| request | warm | steps | median step s | slowest step s | slowest / median | engine s | engine once warm s "
+            "| engine / once warm | served s | served / engine | encode s | client s |",
         ]
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for row in run["first_requests"]:
             cells = (
                 row["request"],
@@ -264,6 +271,8 @@ def markdown(report: dict) -> str:
                 row["slowest_step_s"],
                 row["slowest_over_median"],
                 row["engine_s"],
+                row.get("warm_engine_s", "-"),
+                row.get("engine_over_warm", "-"),
                 row["served_s"],
                 row["served_over_engine"],
                 row["output_encode_s"],
