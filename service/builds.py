@@ -12,7 +12,10 @@ with the served edits' kernels (compile itself is CPU work, in this process and 
 workers); its CUDA graphs are recorded on the serving thread, at the first served edit, as each
 thread records its own. The build thread gets CUDA graph trees of its own first
 (patches/cudagraph_trees_thread_state.py: torch 2.11 gives them only to the thread that imported
-Inductor's, and every build here failed on an H100 without it). Engines whose weights move during
+Inductor's, and every build here failed on an H100 without it), and torch's FX tracing flag and
+CUDA graph step marks count per thread (patches/compile_beside_serving.py, installed at start: with
+them process-wide, the build's tracing failed the serving thread's compiled calls, and the serving
+thread's step marks freed the build's warm-up outputs, on an H100). Engines whose weights move during
 an edit (group offload) do not build beside edits (engine.builds_beside_edits), nor does a server
 started with --no-background-builds: their builds run in turn with edits, as before.
 

@@ -29,6 +29,10 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
     started_at = process_started_at()
     startup: dict = {"imports_s": round(began - started_at, 2) if started_at else None}  # everything before this call
     startup["engine_imports_s"] = _timed(_import_engine)  # torch, diffusers: 0 when something imported them before
+    if settings.background_builds:  # before anything is compiled: compiled functions bind the patched check when wrapped
+        from patches.compile_beside_serving import install
+
+        log.info("variant builds beside the serving thread: %s", install())
     from engine.compile_artifacts import compile_counters
     from engine.warmup import Warmup
 

@@ -9,9 +9,11 @@ that the previous step's outputs may be overwritten. Rules with compile and the 
 stages/rules.py.
 
 Inductor counts those step marks in one process-wide counter, while each thread records and replays
-its own graphs. An edit that runs beside the serving thread (a variant's warm-up on the build
-thread, `RequestContext.background`) therefore marks no steps: its marks would end the serving
-thread's graph generation in the middle of a step.
+its own graphs. A server that builds variants beside the serving thread makes the counter per
+thread (patches/compile_beside_serving.py), and then the build thread marks its own steps. Without
+that patch an edit beside the serving thread (`RequestContext.background`) marks no steps, since
+its marks would end the serving thread's generation in the middle of a step; the serving thread's
+marks still end the background edit's (the failure that patch exists for).
 """
 
 from __future__ import annotations
@@ -57,5 +59,7 @@ class CudaGraphs(Stage):
         build.note("cuda graphs: blocks captured on first call per shape")
 
     def apply_request(self, run, config):
-        if run.background:
+        from patches.compile_beside_serving import installed
+
+        if run.background and not installed():
             run.contexts.append(_unmarked())
