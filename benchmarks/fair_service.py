@@ -102,6 +102,11 @@ def _times(reply: dict) -> dict:
     return {**{key: round(t[key], 4) for key in keys}, "client_wall_s": round(reply["wall_s"], 4)}
 
 
+def _other_s(timings: dict) -> float:
+    accounted = ("queue_s", "input_decode_s", "engine_total_s", "output_encode_s")
+    return timings["server_total_s"] - sum(timings[key] for key in accounted)
+
+
 def served_over_engine(client: httpx.Client, sizes: list[tuple[int, int]], steps: int | None, repeats: int) -> list[dict]:
     rows = []
     for edit in (True, False):
@@ -120,6 +125,9 @@ def served_over_engine(client: httpx.Client, sizes: list[tuple[int, int]], steps
                     "client_s": round(statistics.median(reply["wall_s"] for reply in replies), 4),
                     "encode_s": round(statistics.median(reply["timings"]["output_encode_s"] for reply in replies), 4),
                     "queue_s": round(statistics.median(reply["timings"]["queue_s"] for reply in replies), 4),
+                    "decode_s": round(statistics.median(reply["timings"]["input_decode_s"] for reply in replies), 4),
+                    # the server's time that is none of queue, input decode, engine and encode: body, JSON, hand-offs
+                    "other_s": round(statistics.median(_other_s(reply["timings"]) for reply in replies), 4),
                     "served_over_engine": round(statistics.median(ratio), 4),
                     "encode_share": round(statistics.median(encode), 4),
                 }
@@ -157,13 +165,15 @@ def markdown(report: dict) -> str:
         "",
         f"Shapes at the start of this part: {report['warmup_at_served_start']}.",
         "",
-        "| kind | size | engine s | queue s | server s | client s | encode s | served / engine | encode / engine |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kind | size | engine s | queue s | input decode s | other s | server s | client s | encode s | served / engine "
+        "| encode / engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["served"]:
         lines.append(
-            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row['queue_s']} | {row['server_s']} | {row['client_s']} | "
-            f"{row['encode_s']} | {row['served_over_engine']} | {row['encode_share']} |"
+            f"| {row['kind']} | {row['size']} | {row['engine_s']} | {row['queue_s']} | {row.get('decode_s', '-')} | "
+            f"{row.get('other_s', '-')} | {row['server_s']} | {row['client_s']} | {row['encode_s']} | {row['served_over_engine']} | "
+            f"{row['encode_share']} |"
         )
     worst = max(row["served_over_engine"] for row in report["served"])
     lines += ["", f"Worst served / engine: **{worst}** (target: at most 1.03)."]

@@ -76,6 +76,27 @@ def test_base64_forms():
     assert bytes_from_text(base64.urlsafe_b64encode(data).decode().rstrip("=")) == data
     assert bytes_from_text("data:image/png;base64," + standard) == data
     assert bytes_from_text(standard[:8] + "\n" + standard[8:]) == data
+    assert bytes_from_text("\n".join(standard[i : i + 4] for i in range(0, len(standard), 4)) + "\n") == data  # MIME-wrapped
+    for bad, says in (("abc$", "not valid base64"), (" \n ", "is empty"), ("ab c$", "not valid base64")):
+        with pytest.raises(APIError, match=says):
+            bytes_from_text(bad)
+
+
+def test_png_stores_what_deflate_cannot_shrink_and_compresses_the_rest():
+    """Noise is stored (level 0: the same file level 1 makes, 7x faster); a picture whose rows repeat
+    compresses, though each row alone is noise (the probe filters as libpng's "up" filter does)."""
+    from service.images import encode_png, incompressible
+
+    rng = np.random.default_rng(5)
+    noise = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    stripes = np.repeat(noise[:1], 96, axis=0)
+    gradient = np.broadcast_to(np.linspace(0, 255, 128, dtype=np.uint8)[None, :, None], (96, 128, 3)).copy()
+    assert incompressible(noise) and not incompressible(stripes) and not incompressible(gradient)
+    assert not incompressible(noise[:1])  # one row: nothing to judge by, the usual level
+    for pixels in (noise, stripes, gradient):
+        encoded = encode_png(pixels)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), pixels)
+    assert len(encode_png(noise)) >= noise.nbytes and len(encode_png(stripes)) < noise.nbytes // 10
 
 
 def test_decoded_images_are_upright_rgb_with_notes():
