@@ -8,8 +8,13 @@ graphs and CUDA graphs are still recorded.
 
 With `precompile --aot-compile` (experimental) a bundle also carries `aot/<unit>/<n>.bin`: the
 compiled modules as ahead-of-time functions (stages/precompiled.py), which `serve` runs without
-tracing them (its --no-aot-functions leaves them unused). A unit torch cannot save (FP8 tensor-subclass weights,
-benchmarks/results/aot-functions.md) is named in the manifest and compiles at start-up as before.
+tracing them (its --no-aot-functions leaves them unused), and `kernels/`: the compiled kernels their
+code loads (Triton's cache on a GPU, Inductor's C++ kernels on a CPU). A function's code compiles
+every kernel it lacks when it is loaded: the mega-cache hands its kernels out only with a
+graph-cache hit, which a function skips. Without them an H100 spent 12.3 s of a 38.6 s start
+loading four functions; benchmarks/profile_aot_load.py on a CPU found 34.6 s, all of it compiling
+kernels. A unit torch cannot save (FP8 tensor-subclass weights, benchmarks/results/aot-functions.md)
+is named in the manifest and compiles at start-up as before.
 
 A bundle is only valid for the same GPU model and the same torch / triton / diffusers / torchao
 versions and build-relevant config: the key says so, and a bundle whose key does not match is
@@ -81,6 +86,7 @@ def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | No
     import torch
 
     blobs = recording.serialized() if recording is not None else {}
+    kernels = kernel_files() if recording is not None else {}
 
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
@@ -97,6 +103,7 @@ def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | No
     }
     if recording is not None:
         manifest["aot"] = {"units": recording.manifest(blobs), "not_saved": dict(recording.failures)}
+        manifest["kernels"] = {"files": len(kernels), "bytes": sum(file.stat().st_size for file in kernels.values())}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -106,6 +113,8 @@ def save_bundle(path: Path, key: dict, warm_shapes: list[dict], notes: dict | No
         for unit, unit_blobs in blobs.items():
             for number, function in enumerate(unit_blobs):
                 bundle.writestr(f"aot/{unit}/{number}.bin", function)
+        for name, file in kernels.items():
+            bundle.write(file, name)
     partial.replace(path)  # never leave a half-written bundle under the real name
     return path
 
@@ -138,11 +147,61 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
         import torch
 
         torch.compiler.load_cache_artifacts(blob)
+        with zipfile.ZipFile(path) as bundle:
+            install_kernels(bundle)
     except Exception as error:  # noqa: BLE001 - a broken bundle only costs the compile it would have saved
         return LoadOutcome(str(path), False, f"skipped: unreadable bundle ({type(error).__name__}: {str(error)[:200]})")
     megabytes = round((len(blob) + sum(len(b) for blobs in aot_blobs.values() for b in blobs)) / 2**20, 1)
     seconds = round(time.perf_counter() - started, 2)
     return LoadOutcome(str(path), True, "loaded", megabytes, seconds, sorted(aot_blobs), aot_manifest, aot_blobs)
+
+
+def kernel_roots() -> dict[str, Path]:
+    """Where this process's compiled kernels live, by the name their archive folder has: Triton's
+    cache of the current GPU (kernels and launchers), Inductor's cache (C++ kernels, `*.so`)."""
+    import torch
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.runtime.runtime_utils import triton_cache_dir
+
+    roots = {"inductor": Path(cache_dir())}
+    if torch.cuda.is_available():
+        roots["triton"] = Path(triton_cache_dir(torch.cuda.current_device()))
+    return roots
+
+
+def kernel_files() -> dict[str, Path]:
+    """Every compiled kernel file of this process's caches, by its name in a bundle."""
+    roots = kernel_roots()
+    triton = roots.get("triton")
+    files = {}
+    for name, root in roots.items():
+        for file in root.glob("**/*" if name == "triton" else "**/*.so"):
+            inside_triton = name == "inductor" and triton is not None and triton in file.parents
+            if file.is_file() and not inside_triton:
+                files[f"kernels/{name}/{file.relative_to(root).as_posix()}"] = file
+    return files
+
+
+def install_kernels(bundle: zipfile.ZipFile) -> int:
+    """Write the bundle's kernels where this process's caches look for them (a file already there is
+    kept); returns how many were written."""
+    roots = {name: root.resolve() for name, root in kernel_roots().items()}
+    written = 0
+    for member in bundle.infolist():
+        parts = member.filename.split("/", 2)
+        if len(parts) < 3 or parts[0] != "kernels" or parts[1] not in roots or member.is_dir():
+            continue
+        target = (roots[parts[1]] / parts[2]).resolve()
+        if roots[parts[1]] not in target.parents:  # a name that climbs out of the cache: not ours
+            raise ValueError(f"kernel file {member.filename!r} points outside the cache")
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(bundle.read(member))
+        partial.replace(target)  # a compile in another process never sees half a kernel
+        written += 1
+    return written
 
 
 def load_precompiled(outcome: LoadOutcome, key: dict):
