@@ -96,7 +96,9 @@ class KontextEngine:
         self.variants = VariantCache(loaded.pipe, loaded.device, loaded.dtype, env, max_variants=max_variants)
         self.clock = Clock(loaded.device)
         self._lock = threading.Lock()  # one edit at a time: variants and the GPU are shared state
-        self._build_lock = threading.Lock()  # one background build at a time (build_variant)
+        # one background build at a time (build_variant); the serving thread also holds it while an
+        # edit records CUDA graphs (records_cuda_graphs): a capture must not overlap a build
+        self._build_lock = threading.Lock()
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
         self._apply_load_stages()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
@@ -207,6 +209,21 @@ class KontextEngine:
         knobs = self._loaded_knobs
         return not knobs.get("transformer_offload") and knobs.get("text_encoders", "resident") != "offloaded"
 
+    @property
+    def building(self) -> bool:
+        """Whether a variant is being built beside the serving thread now."""
+        return self._build_lock.locked()
+
+    def records_cuda_graphs(self, prepared: PreparedEdit) -> bool:
+        """Whether this edit on the serving thread will record CUDA graphs: its variant captures them
+        and has not run this shape on that thread yet. Such an edit waits for a build beside it. A
+        build's GPU work synchronizes the device (Inductor's autotuning of a kernel's first call,
+        its warm-up runs), which invalidates any capture in progress: on an H100 (2026-12-06) that
+        broke the serving thread's recording of a shape, and two requests failed with it."""
+        if self.loaded.device.type != "cuda" or not prepared.resolved.effective.cuda_graphs:
+            return False
+        return self.shape_of(prepared.request, prepared.width, prepared.height) not in prepared.variant.shapes_run
+
     def variant_for(self, request: EditRequest, config: OptimizationConfig | None = None) -> tuple[tuple, bool]:
         """(the variant an edit of `request` with `config` runs on, whether it is ready: built, and
         compiled if compile is on). Reads only: nothing is loaded or built."""
@@ -229,11 +246,12 @@ class KontextEngine:
         self, request: EditRequest, config: OptimizationConfig | None, progress: bool = False, should_stop=None, background: bool = False
     ) -> EditResult:
         prepared = self.prepare(request, config, background)
+        records = not background and self.records_cuda_graphs(prepared)
         try:
             timer = EditTimer(self.clock)
             first_use = prepared.variant.first_call_s is None
             prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
-            with torch.no_grad():
+            with torch.no_grad(), self._build_lock if records else contextlib.nullcontext():
                 try:
                     latents = self.denoise(prepared, timer, should_stop)
                 except MergeRefused as refused:  # merge mode: a Linear this variant lacks, or a format the merge cannot write

@@ -21,6 +21,8 @@ from typing import Callable
 
 log = logging.getLogger("flux_kontext.service")
 
+PAUSED_POLL_S = 0.5  # how often idle work looks again whether a build beside the serving thread is done
+
 
 def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_phase: Callable[[str], None] = lambda phase: None):
     """(engine, startup report, BackgroundWarmups): `engine` as given, or loaded by `loader`, then
@@ -50,7 +52,7 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
     warmups = [(None, Warmup(engine))] if settings.warmup else []
     warmups += [(overrides, Warmup(engine, engine.default_config.with_changes(**overrides))) for overrides in wanted]
     engine.variants.defer_residency = True  # replaced weights go to host memory after /ready, when idle (engine/variants.py)
-    background = BackgroundWarmups(warmups, residency=engine.variants)
+    background = BackgroundWarmups(warmups, residency=engine.variants, recording_paused=lambda: engine.building)
     if warmups:
         on_phase("warming")
         started = time.perf_counter()
@@ -76,9 +78,12 @@ class BackgroundWarmups:
     engine's VariantCache, whose builds defer that move). `report` and `status` may be read from any
     thread."""
 
-    def __init__(self, warmups: list, residency=None):
+    def __init__(self, warmups: list, residency=None, recording_paused: Callable[[], bool] = lambda: False):
         self.warmups = warmups  # (the --warm-variants overrides or None for the default variant, Warmup)
         self.residency = residency  # .residency_pending, and .settle_some() moves one slice
+        # true while a variant is built beside the serving thread: a shape's warm-up records CUDA
+        # graphs, which must not overlap a build (engine.records_cuda_graphs), so it waits
+        self.recording_paused = recording_paused
         self._settle_failed = False
         self._logged = threading.Event()
 
@@ -102,12 +107,15 @@ class BackgroundWarmups:
         when nothing is left."""
         if not self.idle_work_pending:
             return None
-        return max(0.0, last_job_end + quiet_s - time.monotonic())
+        wait = max(0.0, last_job_end + quiet_s - time.monotonic())
+        if self.pending and not self.settling and self.recording_paused():
+            return max(wait, PAUSED_POLL_S)
+        return wait
 
     def do_one(self) -> None:
         """One piece of idle work: a shape while any is left (requests gain from those), else a slice
         of the move to host memory (which only frees memory the GPU had room for)."""
-        if self.pending:
+        if self.pending and not self.recording_paused():
             self.warm_one()
             return
         if not self.settling:

@@ -263,3 +263,25 @@ def test_a_failed_move_leaves_the_weights_on_the_gpu_and_stops_trying(caplog):
     background.do_one()
     assert not background.idle_work_pending and residency.calls == ["slice"]
     assert "stay on the GPU" in caplog.text
+
+
+def test_shape_warm_ups_wait_while_a_variant_is_built_beside_the_serving_thread():
+    """A shape's warm-up records CUDA graphs, which must not overlap a build's GPU work
+    (engine.records_cuda_graphs): while one runs, idle work moves weights or waits, never warms."""
+    from service.startup import PAUSED_POLL_S, BackgroundWarmups
+
+    done: list = []
+    building = [True]
+    residency = _Residency(slices=1)
+    residency.calls = done
+    background = BackgroundWarmups([(None, _Shapes(1, done))], residency=residency, recording_paused=lambda: building[0])
+    assert background.wait_s(float("-inf"), 1.0) == 0.0  # a slice of the move may go
+    background.do_one()
+    assert done == ["slice"]
+    assert background.wait_s(float("-inf"), 1.0) == PAUSED_POLL_S  # only the shape is left: look again later
+    background.do_one()
+    assert done == ["slice"]
+    building[0] = False
+    assert background.wait_s(float("-inf"), 1.0) == 0.0
+    background.do_one()
+    assert done == ["slice", "shape"] and not background.idle_work_pending

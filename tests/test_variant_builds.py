@@ -8,7 +8,10 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from engine.engine import KontextEngine
+from engine.requests import EditRequest
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.asgi_client import ready_client
@@ -129,3 +132,23 @@ def _b64(result) -> str:
     from service.images import encode_image
 
     return base64.b64encode(encode_image(result.images[0], "png")).decode("ascii")
+
+
+@pytest.mark.parametrize("records", [True, False], ids=["records-cuda-graphs", "replays-only"])
+def test_an_edit_that_records_cuda_graphs_waits_for_a_build_beside_it(tiny_engine, monkeypatch, records):
+    """A capture must not overlap a build's GPU work (on an H100 a build's synchronize broke the
+    serving thread's recording): such an edit waits for the build; every other edit runs beside it."""
+    engine = _engine(tiny_engine)
+    monkeypatch.setattr(engine, "records_cuda_graphs", lambda prepared: records)
+    request = EditRequest(prompt="a sky", width=64, height=64, steps=2, seed=1)
+    finished = threading.Event()
+    with engine._build_lock:  # a build is running beside the serving thread
+        assert engine.building
+        edit = threading.Thread(target=lambda: (engine.edit(request), finished.set()))
+        edit.start()
+        if records:
+            assert not finished.wait(2.0)  # it cannot finish while the build holds the lock
+        else:
+            assert finished.wait(300)
+    assert finished.wait(300) and not engine.building
+    edit.join(60)
