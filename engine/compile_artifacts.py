@@ -8,13 +8,14 @@ graphs and CUDA graphs are still recorded.
 
 With `precompile --aot-compile` (experimental) a bundle also carries `aot/<unit>/<n>.bin`: the
 compiled modules as ahead-of-time functions (stages/precompiled.py), which `serve` runs without
-tracing them (its --no-aot-functions leaves them unused), and `kernels/`: the compiled kernels their
-code loads (Triton's cache on a GPU, Inductor's C++ kernels on a CPU). A function's code compiles
-every kernel it lacks when it is loaded: the mega-cache hands its kernels out only with a
-graph-cache hit, which a function skips. Without them an H100 spent 12.3 s of a 38.6 s start
-loading four functions; benchmarks/profile_aot_load.py on a CPU found 34.6 s, all of it compiling
-kernels. A unit torch cannot save (FP8 tensor-subclass weights, benchmarks/results/aot-functions.md)
-is named in the manifest and compiles at start-up as before.
+tracing them (its --no-aot-functions leaves them unused), and `kernels/`: the C++ kernels their code
+loads on a CPU. A function's code compiles every kernel it lacks when it is loaded (the mega-cache
+hands its kernels out only with a graph-cache hit, which a function skips): the tiny model's four
+functions took 34.6 s to load on a CPU, all of it compiling, and 2.7 s with the kernels
+(benchmarks/profile_aot_load.py). On an H100 the four took 12.3 s, and as long with Triton's cache
+in the bundle: what they spend it on there is not known yet (kernel_files). A unit torch cannot save
+(FP8 tensor-subclass weights, benchmarks/results/aot-functions.md) is named in the manifest and
+compiles at start-up as before.
 
 A bundle is only valid for the same GPU model and the same torch / triton / diffusers / torchao
 versions and build-relevant config: the key says so, and a bundle whose key does not match is
@@ -157,27 +158,26 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
 
 
 def kernel_roots() -> dict[str, Path]:
-    """Where this process's compiled kernels live, by the name their archive folder has: Triton's
-    cache of the current GPU (kernels and launchers), Inductor's cache (C++ kernels, `*.so`)."""
-    import torch
+    """Where this process's compiled C++ kernels live (`*.so` in Inductor's cache), by the name
+    their archive folder has."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    from torch._inductor.runtime.runtime_utils import triton_cache_dir
 
-    roots = {"inductor": Path(cache_dir())}
-    if torch.cuda.is_available():
-        roots["triton"] = Path(triton_cache_dir(torch.cuda.current_device()))
-    return roots
+    return {"inductor": Path(cache_dir())}
 
 
 def kernel_files() -> dict[str, Path]:
-    """Every compiled kernel file of this process's caches, by its name in a bundle."""
-    roots = kernel_roots()
-    triton = roots.get("triton")
+    """Every compiled C++ kernel of this process's Inductor cache, by its name in a bundle. Triton's
+    cache (the GPU's kernels) is not shipped: in the H100 run of 2026-12-06 bundles carried it and
+    the functions still took 11.5 s to load (12.3 s without), so a GPU's load is spent elsewhere."""
+    import torch
+    from torch._inductor.runtime.runtime_utils import triton_cache_dir
+
+    triton = Path(triton_cache_dir(torch.cuda.current_device())).resolve() if torch.cuda.is_available() else None
     files = {}
-    for name, root in roots.items():
-        for file in root.glob("**/*" if name == "triton" else "**/*.so"):
-            inside_triton = name == "inductor" and triton is not None and triton in file.parents
-            if file.is_file() and not inside_triton:
+    for name, root in kernel_roots().items():
+        for file in root.glob("**/*.so"):
+            launcher = triton is not None and triton in file.resolve().parents  # Triton's launchers: its cache's, not ours
+            if file.is_file() and not launcher:
                 files[f"kernels/{name}/{file.relative_to(root).as_posix()}"] = file
     return files
 
