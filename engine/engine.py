@@ -43,7 +43,7 @@ from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
-from .requests import EditCancelled, EditRequest, EditResult
+from .requests import BuildInProgress, EditCancelled, EditRequest, EditResult
 from .sizes import edit_shape, output_size
 from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
@@ -194,11 +194,14 @@ class KontextEngine:
         config: OptimizationConfig | None = None,
         progress: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        wait_for_build: bool = True,
     ) -> EditResult:
         """Run one edit. `should_stop` is polled after every denoising step; when it returns True the
-        edit raises EditCancelled there, so an abandoned request stops using the GPU."""
+        edit raises EditCancelled there, so an abandoned request stops using the GPU. An edit that
+        would record CUDA graphs waits for a build beside it, or with `wait_for_build` False (idle
+        work) raises BuildInProgress at once."""
         with self._lock:  # one edit at a time; a variant build may run beside it (build_variant)
-            return self._edit(request, config, progress, should_stop)
+            return self._edit(request, config, progress, should_stop, wait_for_build=wait_for_build)
 
     # -- building beside the edits ----------------------------------------------------------------
     @property
@@ -243,15 +246,24 @@ class KontextEngine:
         return time.perf_counter() - started
 
     def _edit(
-        self, request: EditRequest, config: OptimizationConfig | None, progress: bool = False, should_stop=None, background: bool = False
+        self,
+        request: EditRequest,
+        config: OptimizationConfig | None,
+        progress: bool = False,
+        should_stop=None,
+        background: bool = False,
+        wait_for_build: bool = True,
     ) -> EditResult:
         prepared = self.prepare(request, config, background)
         records = not background and self.records_cuda_graphs(prepared)
+        if records and not self._build_lock.acquire(blocking=wait_for_build):
+            self.variants.release(prepared.variant)
+            raise BuildInProgress("a variant is being built beside the serving thread; this edit would record CUDA graphs")
         try:
             timer = EditTimer(self.clock)
             first_use = prepared.variant.first_call_s is None
             prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
-            with torch.no_grad(), self._build_lock if records else contextlib.nullcontext():
+            with torch.no_grad():
                 try:
                     latents = self.denoise(prepared, timer, should_stop)
                 except MergeRefused as refused:  # merge mode: a Linear this variant lacks, or a format the merge cannot write
@@ -263,6 +275,8 @@ class KontextEngine:
             if not background and _full_transformer_calls(prepared) >= WARMUP_STEPS:  # cudagraph trees are per thread
                 prepared.variant.shapes_run.add(self.shape_of(prepared.request, prepared.width, prepared.height))
         finally:
+            if records:
+                self._build_lock.release()
             self.variants.release(prepared.variant)
         if prepared.stage_state.extras.get("lora", {}).get("swap_s"):
             self.loras.record_swap(prepared.stage_state.extras["lora"]["swap_s"])

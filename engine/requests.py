@@ -14,6 +14,11 @@ from .timing import Timings
 DEFAULT_GUIDANCE = 2.5  # FLUX.1-Kontext-dev's recommended distilled guidance
 
 
+class BuildInProgress(Exception):
+    """An edit that would record CUDA graphs, asked not to wait for a build beside the serving thread
+    (engine.records_cuda_graphs), found one running: nothing was run."""
+
+
 class EditCancelled(Exception):
     """`should_stop` asked the edit to stop; raised at the next step boundary. (Here, not in engine.py,
     so that the service catches it without importing diffusers.)"""

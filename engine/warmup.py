@@ -26,7 +26,7 @@ from PIL import Image
 from stages.config import OptimizationConfig
 
 from .engine import WARMUP_STEPS, KontextEngine
-from .requests import EditRequest, LoraChoice
+from .requests import BuildInProgress, EditRequest, LoraChoice
 from .sizes import KONTEXT_RESOLUTIONS
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,10 @@ class Warmup:
 
     def warm_next(self) -> bool:
         """Warm the next shape no request has run yet, skipping (and reporting) those one has; False
-        when nothing was left to warm. A failing shape is reported, not raised (a request at it
-        compiles it as before), except the first: nothing has shown yet that the variant runs."""
+        when nothing was left to warm, or when a variant build beside the serving thread keeps the
+        shape from recording its CUDA graphs now (it stays pending: engine.records_cuda_graphs). A
+        failing shape is reported, not raised (a request at it compiles it as before), except the
+        first: nothing has shown yet that the variant runs."""
         while True:
             with self._lock:
                 if not self.pending:
@@ -119,7 +121,12 @@ class Warmup:
             try:
                 if first or not self.ran(request):
                     row["by"] = "warm-up"
-                    self.engine.edit(request, self.config)
+                    self.engine.edit(request, self.config, wait_for_build=first)  # idle work never waits for a build
+            except BuildInProgress:
+                with self._lock:
+                    self.pending.appendleft(shape)
+                    self.current = None
+                return False
             except Exception as error:
                 if first:
                     with self._lock:

@@ -152,3 +152,19 @@ def test_an_edit_that_records_cuda_graphs_waits_for_a_build_beside_it(tiny_engin
             assert finished.wait(300)
     assert finished.wait(300) and not engine.building
     edit.join(60)
+
+
+def test_a_shape_warm_up_never_waits_for_a_build_and_stays_pending(tiny_engine, monkeypatch):
+    """Idle work must not hold the serving thread for a whole build: a warm-up that would record CUDA
+    graphs while a build runs gives its turn back at once, and warms its shape once the build is done."""
+    from engine.warmup import Shape, Warmup
+
+    engine = _engine(tiny_engine)
+    monkeypatch.setattr(engine, "records_cuda_graphs", lambda prepared: True)
+    warmup = Warmup(engine, shapes=[Shape(64, 64, False), Shape(48, 48, False)])
+    assert warmup.warm_next()  # the first shape (before /ready: no build can run yet)
+    with engine._build_lock:
+        assert not warmup.warm_next()
+        assert warmup.status()["pending"] == ["48x48 text-to-image"] and not warmup.done
+    assert warmup.warm_next() and warmup.done
+    assert [row["by"] for row in warmup.report.shapes] == ["warm-up", "warm-up"]
