@@ -77,7 +77,7 @@ def serve_context_parallel(args: argparse.Namespace, settings, options) -> int:
     try:
         status = serve(app, settings.host, settings.port, log_level="debug" if args.verbose else "info")
     finally:
-        engine = app.state.service.engine
+        engine = getattr(app.state.service.worker, "engine", None)  # None when the load failed
         if engine is not None:
             engine.release_followers()
     if status:
