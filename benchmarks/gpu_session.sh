@@ -114,7 +114,7 @@ for name in "$@"; do
     fair-service)
       # imagecodecs (26 MB) does not fit the lease's carry beside .whl: an earlier call on the same
       # warm machine copies its .whl-codecs to /tmp/whl-codecs (or this tree carries it), with
-      # httptools and uvloop (uvicorn[standard], what requirements.txt installs) where it has them
+      # httptools and uvloop (pinned in requirements.txt) where it has them
       for codecs in .whl-codecs /tmp/whl-codecs; do
         if ls "$codecs"/imagecodecs-*.whl > /dev/null 2>&1; then
           python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$codecs"/*.whl
