@@ -8,13 +8,15 @@
 #   tar czf "$OUT/results.tgz" -C /tmp/gs results session.log     # collect, as often as needed
 #
 # Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), startup (cold
-# compile via precompile, then serve with the bundle on empty caches),
+# compile via precompile, then serve with the bundle on empty caches), aot-profile (after startup
+# with --aot-compile: cProfile of its bundle's functions loading),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
 # tiers, tier-gpu-tests (the small tier's knob combinations compiled on the GPU, a pytest on a small
-# model), fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
+# model), beside-gpu-tests (issue 26: a variant built beside replaying and recording edits),
+# fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
 # and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's
 # knobs with compile on, each under a time limit, with every thread's Python stack dumped every
 # 30 s). Everything else uses synthetic-full (random weights) at 1024x1024.
@@ -39,6 +41,10 @@ for name in "$@"; do
       # STARTUP_ARGS, e.g. "--aot-compile": the bundle's blocks and VAE as ahead-of-time functions (issue 24)
       python3 -m benchmarks.startup --model synthetic-full --out "$RESULTS/startup" --cold-via-precompile --cache-root /tmp/kontext-startup ${STARTUP_ARGS:-}
       done_ startup $? ;;
+    aot-profile)
+      # issue 24: where loading the AOT functions of the bundle `startup --aot-compile` left goes (after that part)
+      python3 -m benchmarks.profile_aot_load --bundle /tmp/kontext-startup/bundle.zip --out "$RESULTS/aot-profile"
+      done_ aot-profile $? ;;
     fidelity)
       python3 -m benchmarks.fp8_fidelity --model synthetic-full --out "$RESULTS/fidelity"
       done_ fidelity $? ;;
@@ -81,6 +87,12 @@ for name in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_small_tier_compile_gpu.py tests/test_memory_gpu.py > "$RESULTS/tier_gpu_tests.txt" 2>&1
       rc=$?; tail -n 5 "$RESULTS/tier_gpu_tests.txt"
       done_ tier-gpu-tests $rc ;;
+    beside-gpu-tests)
+      # issue 26: a variant built beside the serving thread while it replays and records CUDA graphs
+      python3 -m pytest -q -p no:cacheprovider tests/test_compile_beside_serving.py tests/test_build_beside_serving_gpu.py \
+        > "$RESULTS/beside_gpu_tests.txt" 2>&1
+      rc=$?; tail -n 5 "$RESULTS/beside_gpu_tests.txt"
+      done_ beside-gpu-tests $rc ;;
     small-tier-stall)
       # The three knob groups run side by side (each with its own compile cache, all cold), so the
       # bisect costs one limit, not three; a stall shows as the same stack in every dump.
