@@ -143,12 +143,11 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
             aot_blobs = {
                 unit: [bundle.read(f"aot/{unit}/{n}.bin") for n in range(entry["functions"])] for unit, entry in aot_manifest.items()
             }
-        if hashlib.sha256(blob).hexdigest() != manifest.get("artifacts_sha256"):
-            return LoadOutcome(str(path), False, "skipped: the artifacts do not match their checksum (corrupt bundle)")
-        import torch
+            if hashlib.sha256(blob).hexdigest() != manifest.get("artifacts_sha256"):
+                return LoadOutcome(str(path), False, "skipped: the artifacts do not match their checksum (corrupt bundle)")
+            import torch
 
-        torch.compiler.load_cache_artifacts(blob)
-        with zipfile.ZipFile(path) as bundle:
+            torch.compiler.load_cache_artifacts(blob)
             install_kernels(bundle)
     except Exception as error:  # noqa: BLE001 - a broken bundle only costs the compile it would have saved
         return LoadOutcome(str(path), False, f"skipped: unreadable bundle ({type(error).__name__}: {str(error)[:200]})")
@@ -157,12 +156,14 @@ def load_bundle(path: Path | None, expected_key: dict) -> LoadOutcome:
     return LoadOutcome(str(path), True, "loaded", megabytes, seconds, sorted(aot_blobs), aot_manifest, aot_blobs)
 
 
-def kernel_roots() -> dict[str, Path]:
-    """Where this process's compiled C++ kernels live (`*.so` in Inductor's cache), by the name
-    their archive folder has."""
+KERNELS = "kernels/inductor/"  # a bundle's folder of C++ kernels, by their path in Inductor's cache
+
+
+def kernel_root() -> Path:
+    """Where this process's compiled C++ kernels live: Inductor's cache (`*.so`)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return {"inductor": Path(cache_dir())}
+    return Path(cache_dir())
 
 
 def kernel_files() -> dict[str, Path]:
@@ -173,26 +174,25 @@ def kernel_files() -> dict[str, Path]:
     from torch._inductor.runtime.runtime_utils import triton_cache_dir
 
     triton = Path(triton_cache_dir(torch.cuda.current_device())).resolve() if torch.cuda.is_available() else None
+    root = kernel_root()
     files = {}
-    for name, root in kernel_roots().items():
-        for file in root.glob("**/*.so"):
-            launcher = triton is not None and triton in file.resolve().parents  # Triton's launchers: its cache's, not ours
-            if file.is_file() and not launcher:
-                files[f"kernels/{name}/{file.relative_to(root).as_posix()}"] = file
+    for file in root.glob("**/*.so"):
+        launcher = triton is not None and triton in file.resolve().parents  # Triton's launchers: its cache's, not ours
+        if file.is_file() and not launcher:
+            files[KERNELS + file.relative_to(root).as_posix()] = file
     return files
 
 
 def install_kernels(bundle: zipfile.ZipFile) -> int:
-    """Write the bundle's kernels where this process's caches look for them (a file already there is
+    """Write the bundle's kernels where this process's cache looks for them (a file already there is
     kept); returns how many were written."""
-    roots = {name: root.resolve() for name, root in kernel_roots().items()}
+    root = kernel_root().resolve()
     written = 0
     for member in bundle.infolist():
-        parts = member.filename.split("/", 2)
-        if len(parts) < 3 or parts[0] != "kernels" or parts[1] not in roots or member.is_dir():
+        if not member.filename.startswith(KERNELS) or member.is_dir():
             continue
-        target = (roots[parts[1]] / parts[2]).resolve()
-        if roots[parts[1]] not in target.parents:  # a name that climbs out of the cache: not ours
+        target = (root / member.filename[len(KERNELS) :]).resolve()
+        if root not in target.parents:  # a name that climbs out of the cache: not ours
             raise ValueError(f"kernel file {member.filename!r} points outside the cache")
         if target.exists():
             continue

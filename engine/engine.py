@@ -256,10 +256,12 @@ class KontextEngine:
     ) -> EditResult:
         prepared = self.prepare(request, config, background)
         records = not background and self.records_cuda_graphs(prepared)
-        if records and not self._build_lock.acquire(blocking=wait_for_build):
-            self.variants.release(prepared.variant)
-            raise BuildInProgress("a variant is being built beside the serving thread; this edit would record CUDA graphs")
+        locked = False
         try:
+            if records:
+                if not self._build_lock.acquire(blocking=wait_for_build):
+                    raise BuildInProgress("a variant is being built beside the serving thread; this edit would record CUDA graphs")
+                locked = True
             timer = EditTimer(self.clock)
             first_use = prepared.variant.first_call_s is None
             prepared.pipe.set_progress_bar_config(disable=not progress, leave=False)
@@ -275,7 +277,7 @@ class KontextEngine:
             if not background and _full_transformer_calls(prepared) >= WARMUP_STEPS:  # cudagraph trees are per thread
                 prepared.variant.shapes_run.add(self.shape_of(prepared.request, prepared.width, prepared.height))
         finally:
-            if records:
+            if locked:
                 self._build_lock.release()
             self.variants.release(prepared.variant)
         if prepared.stage_state.extras.get("lora", {}).get("swap_s"):

@@ -116,8 +116,8 @@ class GpuWorker(Worker):
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping and self._idle_wait_s() != 0.0:
-                    self._cond.wait(self._idle_wait_s())  # a new job notifies; otherwise the quiet time ends
+                while not self._jobs and not self._stopping and (wait := self._idle_wait_s()) != 0.0:
+                    self._cond.wait(wait)  # a new job notifies; otherwise the quiet time ends
                 if self._stopping and not self._jobs:
                     return
                 warm = not self._jobs

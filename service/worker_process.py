@@ -88,8 +88,8 @@ class _Server:
         self._report_warmups()
         while True:
             with self.cond:
-                while not self.jobs and not self.stopping and self.warmups.wait_s(self.last_job_end, self.quiet_s) != 0.0:
-                    self.cond.wait(self.warmups.wait_s(self.last_job_end, self.quiet_s))  # a job notifies; else the quiet time ends
+                while not self.jobs and not self.stopping and (wait := self.warmups.wait_s(self.last_job_end, self.quiet_s)) != 0.0:
+                    self.cond.wait(wait)  # a job notifies; else the quiet time ends
                 if self.stopping and not self.jobs:
                     return
                 job = self.jobs.popleft() if self.jobs else None

@@ -86,7 +86,7 @@ def test_the_bundle_carries_the_kernels_its_functions_load_and_installs_them_onc
     assert read_manifest(path)["kernels"]["files"] == len(kernels)
 
     fresh = tmp_path / "fresh-cache"
-    monkeypatch.setattr(compile_artifacts, "kernel_roots", lambda: {"inductor": fresh})
+    monkeypatch.setattr(compile_artifacts, "kernel_root", lambda: fresh)
     with zipfile.ZipFile(path) as bundle:
         assert compile_artifacts.install_kernels(bundle) == len(kernels)
         assert compile_artifacts.install_kernels(bundle) == 0  # a kernel already in the cache is kept
