@@ -9,7 +9,7 @@
 #
 # Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), startup (cold
 # compile via precompile, then serve with the bundle on empty caches), aot-profile (after startup
-# with --aot-compile: cProfile of its bundle's functions loading),
+# with --aot-compile: cProfile of its bundle's functions loading, with and without compile workers),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
 # each mode), lora-sized (slots of the adapters' own rank 32), lora-gpu-tests,
@@ -44,6 +44,8 @@ for name in "$@"; do
     aot-profile)
       # issue 24: where loading the AOT functions of the bundle `startup --aot-compile` left goes (after that part)
       python3 -m benchmarks.profile_aot_load --bundle /tmp/kontext-startup/bundle.zip --out "$RESULTS/aot-profile"
+      # the same load with Inductor's kernels compiled in this process, without its pool of compile workers
+      TORCHINDUCTOR_COMPILE_THREADS=1 python3 -m benchmarks.profile_aot_load --bundle /tmp/kontext-startup/bundle.zip --out "$RESULTS/aot-profile-one-thread"
       done_ aot-profile $? ;;
     fidelity)
       python3 -m benchmarks.fp8_fidelity --model synthetic-full --out "$RESULTS/fidelity"
