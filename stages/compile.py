@@ -75,6 +75,20 @@ def configure_dynamo() -> None:
     torch.compiler.config.dynamic_sources = ",".join(dict.fromkeys(present + list(DYNAMIC_SOURCES)))
 
 
+def vae_compile_options(env) -> dict | None:
+    """Inductor options for the VAE encoder and decoder. Its GroupNorms are Inductor reductions,
+    whose block sizes are otherwise picked by timing at their first run in each process, and blocks
+    that sum in another order round differently: the ahead-of-time path and the JIT path (or two
+    servers) then drew pictures 1-7/255 apart (H100, session 3 of 2026-12-06). Deterministic mode
+    fixes each reduction's configuration when the kernel is compiled (CUDA only: the CPU's C++
+    kernels are not tuned by timing)."""
+    import torch._inductor.config as inductor_config
+
+    if not env.has_cuda or not hasattr(inductor_config, "deterministic"):
+        return None
+    return {"deterministic": True}
+
+
 def transformer_compile_options(config, env) -> dict:
     """Inductor options for the transformer blocks (passed to torch.compile, not set globally)."""
     options = dict(INDUCTOR_SETTINGS[config.compile_tuning]) if env.has_cuda else {}
@@ -110,9 +124,10 @@ class Compile(Stage):
     def apply_vae(self, vae, config, build):
         configure_dynamo()
         _warn_slow_compile_settings(build)
-        vae.encoder.compile(fullgraph=True)
-        vae.decoder.compile(fullgraph=True)
-        build.note("vae: encoder and decoder compiled (lazy)")
+        options = vae_compile_options(build.env)
+        vae.encoder.compile(fullgraph=True, options=options)
+        vae.decoder.compile(fullgraph=True, options=options)
+        build.note(f"vae: encoder and decoder compiled (lazy, inductor options {options})")
         _install_precompiled([vae.encoder, vae.decoder], build)
 
 
@@ -127,7 +142,7 @@ def compiled_modules(pipe, config, env) -> list[tuple]:
     what `precompile --aot-compile` records (stages/precompiled.py)."""
     options = transformer_compile_options(config, env) or None
     modules = [(block, options) for block in repeated_blocks(pipe.transformer)]
-    modules += [(module, None) for module in (pipe.vae.encoder, pipe.vae.decoder)]
+    modules += [(module, vae_compile_options(env)) for module in (pipe.vae.encoder, pipe.vae.decoder)]
     return [(module, options) for module, options in modules if getattr(module, "_compiled_call_impl", None) is not None]
 
 
