@@ -44,6 +44,7 @@ from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
 from .requests import BuildInProgress, EditCancelled, EditRequest, EditResult
+from .serving_priority import serving_thread_first
 from .sizes import edit_shape, output_size
 from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
@@ -241,7 +242,7 @@ class KontextEngine:
         started = time.perf_counter()
         merging = self.loras.settings.merges  # merged weights are the serving thread's: the warm-up runs without adapters
         warm = dataclasses.replace(request, steps=BUILD_STEPS, seed=0, loras=() if merging else request.loras)
-        with self._build_lock:
+        with self._build_lock, serving_thread_first():
             self._edit(warm, config, background=True)
         return time.perf_counter() - started
 

@@ -168,3 +168,27 @@ def test_a_shape_warm_up_never_waits_for_a_build_and_stays_pending(tiny_engine, 
         assert warmup.status()["pending"] == ["48x48 text-to-image"] and not warmup.done
     assert warmup.warm_next() and warmup.done
     assert [row["by"] for row in warmup.report.shapes] == ["warm-up", "warm-up"]
+
+
+def test_a_build_hands_the_gil_to_the_serving_thread_sooner_and_restores_the_interval(tiny_engine, monkeypatch):
+    """While a variant is built beside the serving thread, each of the serving thread's torch calls
+    waits at most BUILD_SWITCH_INTERVAL_S for the GIL (engine/serving_priority.py says why)."""
+    import sys
+
+    from engine.serving_priority import BUILD_SWITCH_INTERVAL_S
+
+    engine = _engine(tiny_engine)
+    seen = []
+    edit = engine._edit
+
+    def recording_edit(*args, **kwargs):
+        seen.append(sys.getswitchinterval())
+        return edit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_edit", recording_edit)
+    before = sys.getswitchinterval()
+    assert before > BUILD_SWITCH_INTERVAL_S  # CPython's default (5 ms): otherwise this test shows nothing
+    engine.build_variant(_request(PLAIN))
+    engine.edit(_request(PLAIN))
+    assert seen == [pytest.approx(BUILD_SWITCH_INTERVAL_S), before]  # shortened for the build only (CPython keeps microseconds)
+    assert sys.getswitchinterval() == before
