@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import parallel_png
 from .errors import APIError, invalid
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,9 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 # settings OpenCV uses for fast PNG). Chosen by benchmarks/output_encoding.py
 # (benchmarks/results/output-encoding/): on a 1 MP picture it encodes noise 6x and a natural picture
 # 2.6x faster than Pillow at zlib level 1, for files within 10% of the size. The encode is on the
-# response's critical path (it runs after the edit, off the GPU worker); the bytes travel once.
+# response's critical path (it runs after the edit, off the GPU worker); the bytes travel once. On
+# an H100 host one core still took 39-80 ms per 1 MP picture (2026-12-06), so where there are several
+# cores the same settings run deflate in stripes on threads (service/parallel_png.py).
 PNG_LEVEL = 1
 # A picture that deflate cannot shrink (noise, film grain, the random-weight model's outputs) is
 # stored instead (level 0): on a 1 MP noise picture level 1 took 20 ms for a file no smaller than
@@ -224,12 +227,17 @@ def fast_png_codec():
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
+    """Stored (level 0) through libpng where deflate would not shrink the picture; deflated on
+    several cores where the machine has them (service/parallel_png.py: 2-8x faster than one core);
+    else libpng through imagecodecs, or Pillow where imagecodecs is missing."""
     codecs = fast_png_codec()
+    level = 0 if incompressible(pixels) else PNG_LEVEL
+    if level > 0 and parallel_png.threads_available() > 1:
+        return parallel_png.encode_png(pixels, level=level)
     if codecs is None:
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_LEVEL)
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=level)
         return buffer.getvalue()
-    level = 0 if incompressible(pixels) else PNG_LEVEL
     return codecs.png_encode(pixels, level=level, strategy=codecs.PNG.STRATEGY.RLE, filter=codecs.PNG.FILTER.UP)
 
 
