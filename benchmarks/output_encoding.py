@@ -2,12 +2,15 @@
 the file is, on noise (the worst case for deflate, and what random weights give) and on a natural
 picture (scikit-learn's china.jpg, scaled up: smoother than a real photo of that size, so between
 the two). It chose the service's encoder (service/images.py); JPEG and WebP are listed for scale.
+The input side is measured too: the same pictures as a client's PNG, decoded by Pillow and by the
+service's decode (service/plain_png.py).
 
     python -m benchmarks.output_encoding --out /tmp/output-encoding            # a few seconds per size
     python -m benchmarks.output_encoding --sizes 1024x1024 --repeats 5 --out DIR
 
 Writes output_encoding.{json,md} into --out. Every PNG is decoded again and compared with the
-pixels it encodes (a lossless encoder that is not lossless is an error, not a row).
+pixels it encodes, and every decode with the pixels (a lossless codec that is not lossless is an
+error, not a row).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from service import parallel_png
-from service.images import encode_image
+from service.images import decode_image, encode_image
 
 SIZES = ("1024x1024", "1392x752", "752x1392")  # the square default and the widest preferred resolutions
 STRIPES = (1, 2, 4, 8)  # service/parallel_png.py: deflate in this many stripes, on up to this many threads
@@ -103,20 +106,45 @@ def measure(encode, pixels: np.ndarray, repeats: int) -> dict:
     return {"median_ms": round(statistics.median(seconds) * 1e3, 2), "megabytes": round(len(blob) / 2**20, 3), "lossless": lossless}
 
 
+def decoders() -> dict:
+    """The input side: a PNG as a client sends it, decoded to 8-bit RGB by Pillow alone and by the
+    service (service/images.py: libpng through imagecodecs for plain RGB PNGs, service/plain_png.py)."""
+    return {
+        "pillow": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+        "service (decode_image)": lambda data: np.asarray(decode_image(data, 1 << 26, 16).image),
+    }
+
+
+def measure_decode(decode, pixels: np.ndarray, repeats: int) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # Pillow's default level, as a client's library writes it
+    data = buffer.getvalue()
+    if not np.array_equal(decode(data), pixels):
+        raise AssertionError("a PNG decoder changed the pixels")
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decode(data)
+        seconds.append(time.perf_counter() - started)
+    return {"median_ms": round(statistics.median(seconds) * 1e3, 2), "megabytes": round(len(data) / 2**20, 3)}
+
+
 def run(sizes: list[str], repeats: int) -> dict:
-    rows = []
+    rows, decode_rows = [], []
     for size in sizes:
         width, height = (int(side) for side in size.lower().split("x"))
         for picture, pixels in pictures(width, height).items():
             for name, encode in encoders().items():
                 rows.append({"size": size, "picture": picture, "encoder": name, **measure(encode, pixels, repeats)})
+            for name, decode in decoders().items():
+                decode_rows.append({"size": size, "picture": picture, "decoder": name, **measure_decode(decode, pixels, repeats)})
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
     }
-    return {"machine": machine, "rows": rows}
+    return {"machine": machine, "rows": rows, "decode_rows": decode_rows}
 
 
 def markdown(report: dict) -> str:
@@ -129,6 +157,15 @@ def markdown(report: dict) -> str:
     ]
     for row in report["rows"]:
         lines.append(f"| {row['size']} | {row['picture']} | {row['encoder']} | {row['median_ms']} | {row['megabytes']} |")
+    lines += [
+        "",
+        "Input PNGs (Pillow's default level) decoded to RGB:",
+        "",
+        "| size | picture | decoder | ms (median) | MB in |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["decode_rows"]:
+        lines.append(f"| {row['size']} | {row['picture']} | {row['decoder']} | {row['median_ms']} | {row['megabytes']} |")
     return "\n".join(lines) + "\n"
 
 

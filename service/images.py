@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import parallel_png
+from . import parallel_png, plain_png
 from .errors import APIError, invalid
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, field_name: str = 
     if min(width, height) < min_side:
         raise invalid(field_name, f"{width}x{height} is too small; each side must be at least {min_side} pixels", "invalid_image")
 
+    plain = plain_png.decode(data, image, fast_png_codec())
+    if plain is not None:
+        return DecodedImage(plain, "PNG", "RGB", (width, height))
     decoded = DecodedImage(image, image.format or "?", image.mode, (width, height))
     try:
         frames = getattr(image, "n_frames", 1)
@@ -204,11 +207,10 @@ def _to_srgb(image: Image.Image) -> Image.Image:
 # an H100 host one core still took 39-80 ms per 1 MP picture (2026-12-06), so where there are several
 # cores the same settings run deflate in stripes on threads (service/parallel_png.py).
 PNG_LEVEL = 1
-# A picture that deflate cannot shrink (noise, film grain, the random-weight model's outputs) is
-# stored instead (level 0): on a 1 MP noise picture level 1 took 20 ms for a file no smaller than
-# level 0's, which took 2.7 ms (development CPU; 37-46 ms on an H100 host, 3-4% of a text-to-image
-# request). A sample of row pairs, "up"-filtered as libpng filters them, tells which (1.5 ms); a
-# natural picture compressed to 0.48 at level 1 and keeps it.
+# A picture that deflate cannot shrink (noise, film grain) is stored instead (level 0): on a 1 MP
+# noise picture level 1 took 20 ms for a file no smaller than level 0's, which took 2.7 ms
+# (development CPU). A sample of row pairs, "up"-filtered as libpng filters them, tells which
+# (1.5 ms); a natural picture compressed to 0.48 at level 1 and keeps it.
 STORE_ABOVE_RATIO = 0.97
 PROBE_EVERY_ROWS = 32
 
@@ -228,7 +230,8 @@ def fast_png_codec():
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """Stored (level 0) through libpng where deflate would not shrink the picture; deflated on
-    several cores where the machine has them (service/parallel_png.py: 2-8x faster than one core);
+    several cores where the machine has them (service/parallel_png.py; 1.2-1.4x faster than one core
+    on two, which is all it has been measured on);
     else libpng through imagecodecs, or Pillow where imagecodecs is missing."""
     codecs = fast_png_codec()
     level = 0 if incompressible(pixels) else PNG_LEVEL

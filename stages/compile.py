@@ -81,7 +81,8 @@ def vae_compile_options(env) -> dict | None:
     that sum in another order round differently: the ahead-of-time path and the JIT path (or two
     servers) then drew pictures 1-7/255 apart (H100, session 3 of 2026-12-06). Deterministic mode
     fixes each reduction's configuration when the kernel is compiled (CUDA only: the CPU's C++
-    kernels are not tuned by timing)."""
+    kernels are not tuned by timing); with it the two paths drew identical pictures, warm edits were
+    no slower, and the AOT functions loaded in 3.0 s instead of 12 (H100, session 4)."""
     import torch._inductor.config as inductor_config
 
     if not env.has_cuda or not hasattr(inductor_config, "deterministic"):
