@@ -4,6 +4,8 @@ Pillow's path gives; every other PNG, and every corrupt one, still goes Pillow's
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -68,11 +70,22 @@ def test_chunks_that_change_pillows_result_keep_pillows_path(kind):
     assert plain_png.decode(data, Image.open(io.BytesIO(data)), fast_png_codec()) is None
 
 
+def _insert_after_header(data: bytes, kind: bytes, body: bytes) -> bytes:
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return data[:end_of_ihdr] + chunk + data[end_of_ihdr:]
+
+
 def test_harmless_chunks_and_other_modes():
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", "a camera")
     assert plain_png.is_plain(_png(_pixels(), pnginfo=info))  # text chunks change nothing
     codecs = fast_png_codec()
+    if codecs is not None:  # gamma and sRGB intents: neither Pillow's path nor libpng's applies them
+        for kind, body in ((b"gAMA", struct.pack(">I", 45455)), (b"sRGB", b"\x00"), (b"cHRM", bytes(32))):
+            data = _insert_after_header(_png(_pixels()), kind, body)
+            fast = plain_png.decode(data, Image.open(io.BytesIO(data)), codecs)
+            assert fast is not None and np.array_equal(np.asarray(fast), _through_pillow(data)), kind
     grey = _png(_pixels()[..., 0])
     rgba = np.concatenate([_pixels(), np.full((96, 80, 1), 255, np.uint8)], axis=-1)
     for data in (grey, _png(rgba)):  # Pillow's mode is not RGB: its path converts and notes it
