@@ -16,7 +16,8 @@
 # gemm-templates (Inductor's Triton GEMM templates against cuBLAS on stage 3, stopped after 330 s),
 # tiers, tier-gpu-tests (the small tier's knob combinations compiled on the GPU, a pytest on a small
 # model), beside-gpu-tests (issue 26: a variant built beside replaying and recording edits),
-# fair-service (issue 26: head of line and served / engine over HTTP), small-tiers (the 22
+# fair-service (issue 26: head of line and served / engine over HTTP), codecs (issue 26: the PNG
+# encoders and decoders on this host's CPU), small-tiers (the 22
 # and 24 GiB tiers' full stack under a memory cap), small-tier-stall (issue 23: the small tier's
 # knobs with compile on, each under a time limit, with every thread's Python stack dumped every
 # 30 s). Everything else uses synthetic-full (random weights) at 1024x1024.
@@ -32,6 +33,18 @@ fi
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
 part() { echo "=== $(date +%T) $1 start"; }
+install_codecs() {
+  # imagecodecs (26 MB) does not fit the lease's carry beside .whl: an earlier call on the same
+  # warm machine copies its .whl-codecs to /tmp/whl-codecs (or this tree carries it), with
+  # httptools and uvloop (pinned in requirements.txt) where it has them
+  for codecs in .whl-codecs /tmp/whl-codecs; do
+    if ls "$codecs"/imagecodecs-*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$codecs"/*.whl
+      break
+    fi
+  done
+  python3 -c "import imagecodecs" 2> /dev/null || echo "imagecodecs is not installed: PNGs go through Pillow"
+}
 done_() { echo "=== $(date +%T) $1 done ($2)"; }
 
 for name in "$@"; do
@@ -125,17 +138,13 @@ for name in "$@"; do
         echo "tier $gib GiB: rc $?"
       done
       done_ small-tiers $? ;;
+    codecs)
+      # issue 26: the PNG encoders (one core, stripes on threads) and input decoders on this host's CPU
+      install_codecs
+      python3 -m benchmarks.output_encoding --sizes 1024x1024,1392x752 --repeats 9 --out "$RESULTS/output-encoding"
+      done_ codecs $? ;;
     fair-service)
-      # imagecodecs (26 MB) does not fit the lease's carry beside .whl: an earlier call on the same
-      # warm machine copies its .whl-codecs to /tmp/whl-codecs (or this tree carries it), with
-      # httptools and uvloop (pinned in requirements.txt) where it has them
-      for codecs in .whl-codecs /tmp/whl-codecs; do
-        if ls "$codecs"/imagecodecs-*.whl > /dev/null 2>&1; then
-          python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$codecs"/*.whl
-          break
-        fi
-      done
-      python3 -c "import imagecodecs" 2> /dev/null || echo "fair-service: imagecodecs is not installed, PNGs go through Pillow"
+      install_codecs
       FLUX_KONTEXT_COMPILE_CACHE="$CACHE" python3 -m benchmarks.fair_service --model synthetic-full --out "$RESULTS/fair-service" \
         --sizes "${FAIR_SIZES:-1024x1024,1392x752,832x1248,1184x880}" --repeats 2
       done_ fair-service $? ;;
