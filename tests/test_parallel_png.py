@@ -70,3 +70,17 @@ def test_imagecodecs_reads_it_too():
 def test_what_it_cannot_write_is_refused_by_name(pixels):
     with pytest.raises(ValueError, match="uint8 pictures of 1, 3 or 4 channels"):
         encode_png(pixels)
+
+
+def test_responses_encoded_at_once_share_the_threads_and_each_gets_its_own_picture():
+    """The service encodes each response on its own thread (service/edits.py); their stripes share
+    one pool of deflate threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.images import encode_image
+
+    pictures = [_picture(600, 800, 3, seed=seed) for seed in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as requests:
+        encoded = list(requests.map(lambda pixels: encode_image(Image.fromarray(pixels), "png"), pictures))
+    for pixels, png in zip(pictures, encoded):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
