@@ -99,7 +99,7 @@ def measure(encode, pixels: np.ndarray, repeats: int) -> dict:
         blob = encode(pixels)
         seconds.append(time.perf_counter() - started)
     lossless = None
-    if blob[:8] == b"\x89PNG\r\n\x1a\n":
+    if blob.startswith(parallel_png.PNG_SIGNATURE):
         lossless = bool(np.array_equal(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")), pixels))
         if not lossless:
             raise AssertionError("a PNG encoder changed the pixels")

@@ -21,11 +21,11 @@ BUILD_SWITCH_INTERVAL_S = 0.0002
 
 
 @contextlib.contextmanager
-def serving_thread_first(interval_s: float = BUILD_SWITCH_INTERVAL_S) -> Iterator[None]:
+def serving_thread_first() -> Iterator[None]:
     """Shorten the GIL's switch interval for the duration (process-wide; builds take turns, so one
     build sets and restores it at a time)."""
     previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, interval_s))
+    sys.setswitchinterval(min(previous, BUILD_SWITCH_INTERVAL_S))
     try:
         yield
     finally:

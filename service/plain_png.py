@@ -15,10 +15,11 @@ import struct
 import numpy as np
 from PIL import Image
 
+from .parallel_png import PNG_SIGNATURE
+
 # Chunks after which Pillow's path changes the pixels or adds a note: an ICC profile (converted to
 # sRGB), transparency (composited over white), animation (first frame), EXIF (orientation).
 CHUNKS_FOR_PILLOW = frozenset({b"iCCP", b"tRNS", b"acTL", b"eXIf"})
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def is_plain(data: bytes) -> bool:
