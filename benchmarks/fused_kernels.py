@@ -272,15 +272,16 @@ def sweep() -> list[dict]:
             results.append(timed(name, label, moved, lambda *args: launch(*args, num_warps=warps, fast_tanh=fast_tanh), inputs))
         one_block = {"CHUNK": __import__("triton").next_power_of_2(M), "PARTS": 1}  # one masked block instead of parts
         results.append(timed(name, "num_warps=8, one block", moved, lambda *args: launch(*args, num_warps=8, parts=one_block), inputs))
-    for rows_per_program, warps in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4)):
+    qk_options = [(None, 1, 2), (None, 2, 2), (8, 1, 1), (8, 1, 2), (8, 2, 2), (8, 2, 4), (8, 4, 4), (4, 2, 1), (4, 4, 2)]
+    for heads_per_program, rows_per_program, warps in qk_options:
 
         def launch(text, image, outputs, v_amax):
             heads.launch_qk_norm_rope(
                 text, image, 1, HEADS, norms, angles, angles, 1e-6, *outputs, descales, v_amax,
-                rows_per_program=rows_per_program, num_warps=warps,
+                rows_per_program=rows_per_program, num_warps=warps, heads_per_program=heads_per_program,
             )  # fmt: skip
 
-        label = f"rows={rows_per_program}, num_warps={warps}"
+        label = f"heads per program={heads_per_program or 'all'}, rows={rows_per_program}, num_warps={warps}"
         results.append(timed("qk_norm_rope (FP8, without the V cast)", label, TOKENS * 8 * C, launch, attention))
     return results
 

@@ -7,7 +7,8 @@
 #   setsid bash benchmarks/gpu_session.sh PART... > /tmp/gs/session.log 2>&1 &
 #   tar czf "$OUT/results.tgz" -C /tmp/gs results session.log     # collect, as often as needed
 #
-# Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), startup (cold
+# Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), epilogue-lab
+# (benchmarks/epilogue_lab.py: the MLP's GELU -> FP8 in a Triton GEMM's epilogue), startup (cold
 # compile via precompile, then serve with the bundle on empty caches), aot-profile (after startup
 # with --aot-compile: cProfile of its bundle's functions loading, with and without compile workers),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
@@ -69,6 +70,10 @@ for name in "$@"; do
       echo "tests rc $?"; tail -n 3 "$RESULTS/fused_gpu_tests.txt"
       python3 -m benchmarks.fused_kernels --out "$RESULTS/kernels" --sweep ${KERNEL_ARGS:-}
       done_ kernels $? ;;
+    epilogue-lab)
+      # issue 22: GELU -> FP8 in a Triton fc1 GEMM's epilogue with 1x128 block scales, fc2 block-scaled, against today's path
+      python3 -m benchmarks.epilogue_lab --out "$RESULTS/epilogue-lab"
+      done_ epilogue-lab $? ;;
     stages)
       python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows "${STAGE_ROWS:-main,options}" --profile \
         --option-rows "${OPTION_ROWS:-without fused_kernels,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out}" \

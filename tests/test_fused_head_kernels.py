@@ -58,11 +58,17 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1)
 
 
+# Launch layouts: the default; the heads split over programs (2 per program: the last program has one
+# masked head) with two token rows each (the odd token counts leave the last row of a program past the end)
+LAYOUTS = {"default": {}, "2-heads-2-rows": {"heads_per_program": 2, "rows_per_program": 2}}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-qkv"])
-def test_bf16_attention_inputs(gen, fused):
+def test_bf16_attention_inputs(gen, fused, layout):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused)
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, **LAYOUTS[layout])
     for got, want in zip((q, k, v), _reference(text, image, norms, cos, sin)):
         assert_written(got)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -80,14 +86,15 @@ def test_single_stream_inputs(gen):
     torch.testing.assert_close(v, tokens[2].float())
 
 
-def test_fp8_attention_inputs_and_scales(gen):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fp8_attention_inputs_and_scales(gen, layout):
     text, image, norms, cos, sin = _double_block_inputs(gen, fused=True)
     q_bound = torch.stack([norms[0].float().abs().max(), norms[2].float().abs().max()]).max() * DIM**0.5
     k_bound = torch.stack([norms[1].float().abs().max(), norms[3].float().abs().max()]).max() * DIM**0.5
     q, k, v = (_poisoned(BATCH, TEXT + IMAGE, HEADS, DIM) for _ in range(3))
     v_amax, v_scale = torch.zeros(BATCH, HEADS), _poisoned(BATCH, HEADS)
     descales = (q_bound.reshape(1, 1) / 448, k_bound.reshape(1, 1) / 448)
-    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax)
+    heads_kernels.launch_qk_norm_rope(text, image, BATCH, HEADS, norms, cos, sin, 1e-6, q, k, v, descales, v_amax, **LAYOUTS[layout])
     heads_kernels.launch_v_fp8(text[2], image[2], BATCH, HEADS, v_amax, v, v_scale)
     want_q, want_k, want_v = _reference(text, image, norms, cos, sin)
     torch.testing.assert_close(v_amax, want_v.abs().amax(dim=(1, 3)))

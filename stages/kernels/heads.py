@@ -25,10 +25,15 @@ from torch.library import triton_op, wrap_triton
 
 from .rows_fp8 import _FP8_MAX, _MIN_AMAX, as_e4m3, e4m3_buffer
 
-# Measured on an H200 (benchmarks/fused_kernels.py --sweep): one token row per program; 2 warps took
-# 82 us for 8704 rows on 2026-12-05 against 96 with 4 warps (and 104 with 2 rows and 4 warps); the light
-# V cast keeps 4 rows and 8 warps.
-QK_ROWS, QK_WARPS = 1, 2
+# Launch options of the q/k kernel. A program takes QK_HEADS heads (a power of two; None: all of
+# them, FLUX's 24 heads as a 32-row tile with a quarter masked) of QK_ROWS token rows. Measured with
+# `benchmarks/fused_kernels.py --sweep`, FP8 output without the V cast, 8704 rows: on an H100
+# (2026-12-05) 8 heads x 2 rows x 2 warps took 89.8 us against 98.4 for all heads x 1 row (the
+# fastest all-heads option: 94.5, 2 rows); on an H200 (2026-12-05) all heads x 1 row x 2 warps took
+# 82 us against 96 with 4 warps (heads per program not swept there). Three programs of 8 heads leave
+# no lane masked and give the GPU three times as many programs to hide each row's two reductions.
+QK_ROWS, QK_WARPS, QK_HEADS = 2, 2, 8
+# The light V cast keeps 4 rows and 8 warps.
 V_ROWS, V_WARPS = 4, 8
 # RoPE pairs each even value with the odd one after it: the kernel splits the (heads, D) tile into
 # even and odd halves and joins them back. Loading the row a second time at index ^ 1 instead (an L1
@@ -76,7 +81,7 @@ def _qk_norm_rope_kernel(
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1).to(tl.int64) * ROWS
-    h = tl.arange(0, HB)
+    h = tl.program_id(2) * HB + tl.arange(0, HB)  # this program's heads
     offs = h[:, None] * D + tl.arange(0, D)[None, :]
     mask = (h < heads)[:, None]
     half = tl.arange(0, D // 2)
@@ -141,6 +146,7 @@ def _v_fp8_kernel(
 def launch_qk_norm_rope(
     head: tuple | None, tail: tuple, batch: int, heads: int, norms: tuple, cos, sin, eps, q_out, k_out, v_out,
     descales: tuple | None = None, v_amax=None, rows_per_program: int = QK_ROWS, num_warps: int = QK_WARPS,
+    heads_per_program: int | None = QK_HEADS,
 ) -> None:  # fmt: skip
     """Normalise, rotate and gather the rows of `head` (text tokens first, or None) and `tail`.
 
@@ -156,11 +162,12 @@ def launch_qk_norm_rope(
     fp8 = descales is not None
     q_scale, k_scale = descales if fp8 else (cos, cos)  # unread without FP8
     v_amax = v_amax if fp8 else cos
-    grid = (batch, triton.cdiv(seq, rows_per_program))
+    tile_heads = min(heads_per_program or heads, triton.next_power_of_2(heads))
+    grid = (batch, triton.cdiv(seq, rows_per_program), triton.cdiv(heads, tile_heads))
     wrap_triton(_qk_norm_rope_kernel)[grid](
         *head, head[0].stride(0), *tail, tail[0].stride(0), seq, split, *norms, cos, sin, q_scale, k_scale,
         q_out, k_out, v_out, v_amax, heads,
-        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(heads), D=dim, FP8_OUT=fp8, num_warps=num_warps,
+        EPS=eps, ROWS=rows_per_program, HB=triton.next_power_of_2(tile_heads), D=dim, FP8_OUT=fp8, num_warps=num_warps,
     )  # fmt: skip
 
 
