@@ -30,6 +30,7 @@ CacheBackend = Literal["auto", "para_attn", "diffusers"]
 TransformerFp8 = Literal["off", "auto", "rowwise", "weight_only"]
 TextEncoderPlacement = Literal["resident", "offloaded", "cpu"]
 LoraMode = Literal["off", "slots", "merge"]
+GraphInputs = Literal["copied", "static"]
 
 # When a knob's value takes effect: on every request (cheap), when a variant is built (a new value
 # builds and keeps another copy of the modules it changes), or once when the model is loaded.
@@ -177,6 +178,11 @@ class OptimizationConfig(BaseModel):
     cuda_graphs: Annotated[
         bool, Switch("variant", preset=5, phases=(Phase.EXECUTION, Phase.REQUEST), legacy=(LegacyFlag("use_cuda_graphs", True, False),))
     ] = Field(False, description="CUDA graph capture of the transformer blocks (through compile).")
+    graph_inputs: Annotated[GraphInputs, Knob("variant", stage="cuda_graphs", preset=5, preset_value="static")] = Field(
+        "copied",
+        description="How the captured blocks take the step's time embedding and RoPE tables: copied (into each block's graph, "
+        "3 copies per block per step) or static (written once per step into buffers every block's graph reads in place).",
+    )
     context_parallel: Annotated[int, Switch("variant", phases=(Phase.EXECUTION,))] = Field(
         1,
         ge=1,

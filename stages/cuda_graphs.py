@@ -14,12 +14,22 @@ thread (patches/compile_beside_serving.py), and then the build thread marks its 
 that patch an edit beside the serving thread (`RequestContext.background`) marks no steps, since
 its marks would end the serving thread's generation in the middle of a step; the serving thread's
 marks still end the background edit's (the failure that patch exists for).
+
+Every block takes the step's time embedding and RoPE tables (cos, sin), which the transformer
+computes eagerly before the blocks. A graph copies each input it does not know to be static into
+its own buffer before each replay: 3 copies per block, 171 per step (0.63 ms of an H100 step, 173
+"Memcpy DtoD" in the profile of benchmarks/results/nvidia-h100-80gb-hbm3-2026-12-06-session3).
+With `graph_inputs="static"` the embeddings are written once per step into buffers marked as static
+addresses (`torch._dynamo.mark_static_address`, unguarded), which every block's graph reads in
+place. One buffer per thread and shape: graphs are recorded per thread and per shape, and a static
+input whose address changed would be recorded again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 
@@ -42,6 +52,50 @@ def _unmarked():
         _marks_steps.reset(token)
 
 
+class StaticInputs:
+    """Buffers at fixed addresses for tensors computed outside the graphs: one per thread, name and
+    shape, each written in place (stream-ordered, so a later write waits for the graphs that read the
+    last one)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def hold(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (name, tuple(tensor.shape), tensor.dtype, tensor.device)
+        buffer = buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            torch._dynamo.mark_static_address(buffer, guard=False)  # unguarded: no recompile per buffer
+            buffers[key] = buffer
+        return buffer.copy_(tensor)
+
+
+_STATIC_INPUTS = StaticInputs()
+
+
+def _hold_embeddings(name: str):
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # the RoPE tables (cos, sin)
+            return tuple(_STATIC_INPUTS.hold(f"{name}[{index}]", part) for index, part in enumerate(output))
+        return _STATIC_INPUTS.hold(name, output)
+
+    return hook
+
+
+def hold_block_inputs_static(transformer) -> int:
+    """The transformer's per-step embeddings (time and RoPE) come out in static buffers; returns how
+    many modules it hooked (once per module, whichever variants share it)."""
+    hooked = 0
+    for name in ("time_text_embed", "pos_embed"):
+        module = getattr(transformer, name, None)
+        if module is not None and not getattr(module, "_kontext_static_output", False):
+            module.register_forward_hook(_hold_embeddings(name))
+            module._kontext_static_output = True
+            hooked += 1
+    return hooked
+
+
 class CudaGraphs(Stage):
     switch = "cuda_graphs"
     title = "CUDA graph capture"
@@ -57,6 +111,9 @@ class CudaGraphs(Stage):
     def apply_execution(self, transformer, config, build):
         transformer.register_forward_pre_hook(_mark_step_begin)
         build.note("cuda graphs: blocks captured on first call per shape")
+        if config.graph_inputs == "static":
+            hold_block_inputs_static(transformer)
+            build.note("cuda graphs: time embedding and RoPE tables in static buffers (read in place by every block's graph)")
 
     def apply_request(self, run, config):
         from patches.compile_beside_serving import installed

@@ -43,6 +43,8 @@ DEFAULT_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("without trim_reference_tokens", {"trim_reference_tokens": False}),
     # an option off in every preset (measured no faster on an H100): kept measurable
     ("with split_proj_out", {"split_proj_out": True}),
+    # what holding the time embedding and RoPE tables at static addresses buys (in preset 5)
+    ("graph inputs copied", {"graph_inputs": "copied"}),
 )
 
 
