@@ -114,19 +114,25 @@ def quantize_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     return q, scale
 
 
-def blockwise_fc2_candidates(w2: torch.Tensor):
-    """(label, weight, its scale, recipe) for fc2's weight under the block recipes cuBLAS may take."""
+def scaling(name: str):
+    """A ScalingType member: torch 2.11 spells them BlockWise1x128, later ones Blockwise_1x128."""
     from torch.nn.functional import ScalingType
 
+    return getattr(ScalingType, name.replace("Blockwise_", "BlockWise"), None) or getattr(ScalingType, name)
+
+
+def blockwise_fc2_candidates(w2: torch.Tensor):
+    """(label, weight, its scale, recipe) for fc2's weight under the block recipes cuBLAS may take."""
     w_blocks, s_blocks = quantize_blocks(w2)
     n, k = w2.shape
     w_rows = w2.float().reshape(n, k // BLOCK_SCALE, BLOCK_SCALE)
     s_rows = w_rows.abs().amax(dim=2).clamp(min=1e-12) / FP8_MAX  # (N, K / 128)
     w_1x128 = (w_rows / s_rows[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(n, k)
     return [
-        ("B 128x128 blocks, scale (N/128, K/128)", w_blocks, s_blocks, ScalingType.Blockwise_128x128),
-        ("B 128x128 blocks, scale (K/128, N/128)", w_blocks, s_blocks.t().contiguous(), ScalingType.Blockwise_128x128),
-        ("B 1x128 blocks, scale (N, K/128) outer-dim-major", w_1x128, s_rows.t().contiguous().t(), ScalingType.Blockwise_1x128),
+        ("B 128x128 blocks, scale (N/128, K/128)", w_blocks, s_blocks, scaling("Blockwise_128x128")),
+        ("B 128x128 blocks, scale (K/128, N/128)", w_blocks, s_blocks.t().contiguous(), scaling("Blockwise_128x128")),
+        ("B 128x128 blocks, scale (K/128, N/128) outer-dim-major", w_blocks, s_blocks.t(), scaling("Blockwise_128x128")),
+        ("B 1x128 blocks, scale (N, K/128) outer-dim-major", w_1x128, s_rows.t().contiguous().t(), scaling("Blockwise_1x128")),
     ]
 
 
@@ -140,7 +146,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def run(out: Path) -> dict:
-    from torch.nn.functional import ScalingType, scaled_mm
+    from torch.nn.functional import scaled_mm
 
     from stages.kernels import rows_fp8
 
@@ -198,7 +204,7 @@ def run(out: Path) -> dict:
             try:
 
                 def fc2(w=w, w_scale_blocks=w_scale_blocks, recipe=recipe):
-                    return scaled_mm(e8, w.t(), e_scale, ScalingType.Blockwise_1x128, w_scale_blocks, recipe, output_dtype=torch.bfloat16)
+                    return scaled_mm(e8, w.t(), e_scale, scaling("Blockwise_1x128"), w_scale_blocks, recipe, output_dtype=torch.bfloat16)
 
                 y = fc2()
                 ms = median_ms(fc2, [()])
