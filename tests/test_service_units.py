@@ -77,7 +77,15 @@ def test_base64_forms():
     assert bytes_from_text("data:image/png;base64," + standard) == data
     assert bytes_from_text(standard[:8] + "\n" + standard[8:]) == data
     assert bytes_from_text("\n".join(standard[i : i + 4] for i in range(0, len(standard), 4)) + "\n") == data  # MIME-wrapped
-    for bad, says in (("abc$", "not valid base64"), (" \n ", "is empty"), ("ab c$", "not valid base64")):
+    assert bytes_from_text("DATA:image/png;base64," + standard) == data  # the scheme in any case
+    bad_inputs = (
+        ("abc$", "not valid base64"),
+        (" \n ", "is empty"),
+        ("ab c$", "not valid base64"),
+        ("QUJD\u00e9", "not valid base64"),  # not ASCII
+        ("QQ==QQ==", "not valid base64"),  # data after the padding
+    )
+    for bad, says in bad_inputs:
         with pytest.raises(APIError, match=says):
             bytes_from_text(bad)
 
