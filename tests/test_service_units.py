@@ -69,7 +69,16 @@ def test_normalisation_scales_16_bit_and_composites_alpha_over_white():
     assert transparent.mode == "RGB" and np.asarray(transparent).min() == 255
 
 
-def test_base64_forms():
+@pytest.mark.parametrize("decoder", ["installed", "binascii"])
+def test_base64_forms(decoder, monkeypatch):
+    """The same answers from pybase64 (requirements.txt) and from binascii, where pybase64 is missing."""
+    import binascii
+    import functools
+
+    from service import images
+
+    if decoder == "binascii":
+        monkeypatch.setattr(images, "_decode_strict", functools.partial(binascii.a2b_base64, strict_mode=True))
     data = b"\x89PNG-ish bytes\xff\xfe"
     standard = base64.b64encode(data).decode()
     assert bytes_from_text(standard) == data
