@@ -37,7 +37,7 @@ part() { echo "=== $(date +%T) $1 start"; }
 install_codecs() {
   # imagecodecs (26 MB) does not fit the lease's carry beside .whl: an earlier call on the same
   # warm machine copies its .whl-codecs to /tmp/whl-codecs (or this tree carries it), with
-  # httptools and uvloop (pinned in requirements.txt) where it has them
+  # httptools, uvloop and pybase64 (pinned in requirements.txt) where it has them
   for codecs in .whl-codecs /tmp/whl-codecs; do
     if ls "$codecs"/imagecodecs-*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$codecs"/*.whl
@@ -45,6 +45,7 @@ install_codecs() {
     fi
   done
   python3 -c "import imagecodecs" 2> /dev/null || echo "imagecodecs is not installed: PNGs go through Pillow"
+  python3 -c "import pybase64" 2> /dev/null || echo "pybase64 is not installed: input base64 goes through binascii"
 }
 done_() { echo "=== $(date +%T) $1 done ($2)"; }
 
