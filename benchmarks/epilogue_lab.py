@@ -11,7 +11,8 @@ output tiles, so the epilogue here writes one scale per row per 128 columns inst
 That path pays only if (1) a Triton FP8 GEMM runs close to cuBLAS at these shapes and (2) the
 block-scaled fc2 is as fast as the row-wise one. This script measures the pieces and the paths'
 totals (fc2 by cuBLAS's block-scaled GEMM, and by the same Triton kernel applying the 1x128 scales
-per K step), with the numerics of each against an fp32 reference, and writes epilogue_lab.{json,md}:
+per K step), with the numerics of each against an fp32 reference, for each of a step's three MLP
+sizes (`--tokens`) and what a step would save, and writes epilogue_lab.{json,md}:
 
     python -m benchmarks.epilogue_lab --out benchmarks/results/<gpu>-<date>/epilogue-lab
 
@@ -35,7 +36,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from benchmarks.fused_kernels import median_ms, quantize_rows
 from stages.kernels.rows_fp8 import FP8, FP8_MAX, _gelu_tanh
 
-TOKENS, WIDTH, MLP = 8704, 3072, 12288  # a single block at 1024x1024: 512 text + 8192 image tokens
+WIDTH, MLP = 3072, 12288
+# The MLPs of one step at 1024x1024, by token rows: 38 single blocks (512 text + 8192 image tokens),
+# 19 double blocks' image streams and 19 text streams. (A single block's fc2 is proj_out, whose K is
+# 15360 with the attention output; the lab's fc2 stands in for it.)
+MLPS_PER_STEP = {8704: 38, 8192: 19, 512: 19}
 BLOCK_SCALE = 128  # columns per scale in the epilogue's output (cuBLAS's 1x128 recipe)
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
 TILES = ((128, 256, 128, 3, 8), (128, 256, 64, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 4, 4), (128, 128, 64, 5, 4))
@@ -155,25 +160,26 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return round(float((got.float() - want).norm() / want.norm()), 5)
 
 
-def run(out: Path) -> dict:
+def measure_mlp(tokens: int) -> tuple[list[dict], dict]:
+    """The rows and totals of one MLP of `tokens` rows."""
     from torch.nn.functional import scaled_mm
 
     from stages.kernels import rows_fp8
 
     torch.manual_seed(0)
-    x = torch.randn(TOKENS, WIDTH, device="cuda")
+    x = torch.randn(tokens, WIDTH, device="cuda")
     w1 = torch.randn(MLP, WIDTH, device="cuda") / math.sqrt(WIDTH)
     w2 = torch.randn(WIDTH, MLP, device="cuda") / math.sqrt(MLP)
     # e4m3 rows and their scales, as (rows,) vectors
     (a8, a_scale), (w1_8, w1_scale), (w2_8, w2_scale) = ((q, s.reshape(-1)) for q, s in map(quantize_rows, (x, w1, w2)))
     reference_h = torch.nn.functional.gelu(x @ w1.t(), approximate="tanh")
     reference_y = reference_h @ w2.t()
-    fc1_flop = 2 * TOKENS * WIDTH * MLP
+    fc1_flop = 2 * tokens * WIDTH * MLP
     rows: list[dict] = []
 
     def row(name: str, ms: float | None, **extra) -> None:
         tflops = None if ms is None else round(fc1_flop / (ms * 1e-3) / 1e12, 1)  # fc1 and fc2 have equal FLOPs
-        rows.append({"piece": name, "ms": None if ms is None else round(ms, 4), "tflop_s": tflops, **extra})
+        rows.append({"tokens": tokens, "piece": name, "ms": None if ms is None else round(ms, 4), "tflop_s": tflops, **extra})
 
     # today's path
     fc1 = cublas_rowwise(a8, a_scale, w1_8, w1_scale)
@@ -243,12 +249,25 @@ def run(out: Path) -> dict:
             totals[f"saving{label}_per_mlp_us"] = round((totals["today_ms"] - totals[f"epilogue{label}_ms"]) * 1e3, 1)
     if False in best:
         totals["best_triton_plain_of_cublas"] = round(today["fc1"] / best[False][0], 3)
+    return rows, totals
+
+
+def run(out: Path, token_counts: list[int]) -> dict:
+    rows, totals = [], {}
+    for tokens in token_counts:
+        mlp_rows, totals[tokens] = measure_mlp(tokens)
+        rows += mlp_rows
+    for label in ("", "_triton_fc2"):  # what one step would save, where every MLP size was measured
+        key = f"saving{label}_per_mlp_us"
+        if set(MLPS_PER_STEP) <= set(totals) and all(key in totals[tokens] for tokens in MLPS_PER_STEP):
+            step_us = sum(count * totals[tokens][key] for tokens, count in MLPS_PER_STEP.items())
+            totals[f"saving{label}_per_step_ms"] = round(step_us / 1e3, 2)
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "shape": {"tokens": TOKENS, "width": WIDTH, "mlp": MLP},
+        "shape": {"tokens": token_counts, "width": WIDTH, "mlp": MLP},
     }
     result = {"meta": meta, "rows": rows, "totals": totals}
     out.mkdir(parents=True, exist_ok=True)
@@ -261,14 +280,14 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"Epilogue lab on {meta['device']} ({meta['date']}, torch {meta['torch']}, triton {meta['triton']}); "
-        f"one MLP of a single block at 1024x1024: {meta['shape']}",
+        f"one MLP (token rows x {meta['shape']['width']} -> {meta['shape']['mlp']} -> {meta['shape']['width']}) of each size",
         "",
-        "| piece | ms | TFLOP/s | other |",
-        "|---|---|---|---|",
+        "| tokens | piece | ms | TFLOP/s | other |",
+        "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        other = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("piece", "ms", "tflop_s"))
-        lines.append(f"| {r['piece']} | {r['ms']} | {r['tflop_s']} | {other} |")
+        other = ", ".join(f"{k}: {v}" for k, v in r.items() if k not in ("tokens", "piece", "ms", "tflop_s"))
+        lines.append(f"| {r['tokens']} | {r['piece']} | {r['ms']} | {r['tflop_s']} | {other} |")
     lines += ["", f"Totals: {result['totals']}", ""]
     return "\n".join(lines)
 
@@ -276,10 +295,12 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/epilogue-lab"))
+    sizes = ",".join(map(str, MLPS_PER_STEP))
+    parser.add_argument("--tokens", default=sizes, help="token rows of the MLPs measured, comma-separated (default: a step's three sizes)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("the epilogue lab needs a Hopper (or newer) GPU: FP8 tensor cores and TMA")
-    print(markdown(run(args.out)))
+    print(markdown(run(args.out, [int(count) for count in args.tokens.split(",")])))
 
 
 if __name__ == "__main__":
