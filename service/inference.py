@@ -7,20 +7,19 @@ image/* (one image only; the metadata then travels in X-* headers and Server-Tim
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from engine.requests import EditResult
 
-from .edits import PreparedEdit, encode_outputs, negotiate, prepare, run_edit, run_warnings, server_timing
+from .edits import PreparedEdit, encode_outputs, json_response, negotiate, prepare, run_edit, run_warnings, server_timing
 from .errors import APIError, from_pydantic, invalid
-from .images import MEDIA_TYPES, bytes_from_text
+from .images import MEDIA_TYPES, base64_text, bytes_from_text
 from .schemas import ErrorResponse, InferenceRequest, InferenceResponse
 
 router = APIRouter()
@@ -90,7 +89,7 @@ async def inference(request: Request) -> Response:
     if accept:
         return Response(blobs[0], media_type=MEDIA_TYPES[output_format], headers=_metadata_headers(result, timing_header))
     payload = _response(result, prepared, output_format, blobs, job.queue_s, encode_s, total_s)
-    return JSONResponse(payload, headers={"Server-Timing": timing_header, "X-Seed": str(result.seed)})
+    return json_response(payload, headers={"Server-Timing": timing_header, "X-Seed": str(result.seed)})
 
 
 async def _read_body(request: Request) -> tuple[InferenceRequest, bytes | None]:
@@ -158,14 +157,14 @@ def json_form_field(name: str, text: str):
 
 def _response(
     result: EditResult, prepared: PreparedEdit, output_format: str, blobs: list[bytes], queue_s: float, encode_s: float, total_s: float
-) -> dict:
+) -> InferenceResponse:
     timings = result.timings
     skipped = {**result.skipped_stages, **prepared.merged.ignored}
     # FP8 weights come from the quantization stage (a variant) or from load (transformer_fp8, the memory plan)
     fp8_stages = ("quantization", "transformer_fp8")
     quantization = next((report.detail or report.name for report in result.stages if report.name in fp8_stages and report.active), None)
     payload = InferenceResponse(
-        images=[base64.b64encode(blob).decode("ascii") for blob in blobs],
+        images=[base64_text(blob) for blob in blobs],
         output_format=output_format,
         media_type=MEDIA_TYPES[output_format],
         seed=result.seed,
@@ -199,7 +198,7 @@ def _response(
         extras=result.extras,
         warnings=run_warnings(result, prepared),
     )
-    return payload.model_dump(mode="json")
+    return payload
 
 
 def _metadata_headers(result: EditResult, timing_header: str) -> dict[str, str]:

@@ -13,17 +13,17 @@ JSON string).
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
-from .edits import OPENAI_FIELD_NAMES, encode_outputs, prepare, run_edit, server_timing
+from .edits import OPENAI_FIELD_NAMES, encode_outputs, json_response, prepare, run_edit, server_timing
 from .errors import APIError, from_pydantic, invalid
+from .images import base64_text
 from .inference import json_form_field
 from .schemas import (
     HARD_MAX_IMAGES,
@@ -84,7 +84,7 @@ def _as_inference_request(
         raise from_pydantic(error) from None
 
 
-async def _answer(request: Request, body: InferenceRequest, image: bytes | None, arrived: float) -> JSONResponse:
+async def _answer(request: Request, body: InferenceRequest, image: bytes | None, arrived: float) -> Response:
     service = request.app.state.service
     prepared = await prepare(service, body, image, OPENAI_FIELD_NAMES)
     result, job = await run_edit(service, request, prepared, arrived)
@@ -92,14 +92,14 @@ async def _answer(request: Request, body: InferenceRequest, image: bytes | None,
     total_s = time.monotonic() - arrived
     response = OpenAIImagesResponse(
         created=int(time.time()),
-        data=[{"b64_json": base64.b64encode(blob).decode("ascii")} for blob in blobs],
+        data=[{"b64_json": base64_text(blob)} for blob in blobs],
         output_format=prepared.output_format,
         size=f"{result.width}x{result.height}",
         seed=result.seed,
         model=result.model,
     )
     headers = {"Server-Timing": server_timing(job.queue_s, result, prepared.decode_s, encode_s, total_s), "X-Seed": str(result.seed)}
-    return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
+    return json_response(response, headers, exclude_none=True)
 
 
 def require_json(request: Request) -> None:

@@ -182,3 +182,13 @@ def test_png_output_without_imagecodecs_falls_back_to_pillow_and_says_so(monkeyp
     finally:
         images.fast_png_codec.cache_clear()  # the next test gets imagecodecs again
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded))), pixels)
+
+
+@pytest.mark.parametrize("encoder", ["installed", "standard library"])
+def test_base64_text_of_an_answer_is_the_standard_encoding(encoder, monkeypatch):
+    from service import images
+
+    if encoder == "standard library":
+        monkeypatch.setattr(images, "_pybase64", lambda: None)
+    blob = bytes(range(256)) * 5 + b"\x00\xff"
+    assert images.base64_text(blob) == base64.b64encode(blob).decode("ascii")
