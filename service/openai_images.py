@@ -111,6 +111,15 @@ def require_json(request: Request) -> None:
         raise APIError(415, "unsupported_media_type", problem, field="Content-Type")
 
 
+def require_form(request: Request) -> None:
+    """The edits route takes a multipart form, as OpenAI's does: a JSON body would otherwise be read
+    as an empty form and answered "prompt: required"."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        problem = f"Content-Type {content_type or '(none)'} is not accepted; send multipart/form-data (the image as a file)"
+        raise APIError(415, "unsupported_media_type", problem, field="Content-Type")
+
+
 def _refuse_url(response_format: str | None) -> None:
     if response_format == "url":
         raise invalid("response_format", "url is not supported (this server stores no images); use b64_json")
@@ -137,6 +146,7 @@ async def images_edits(
         str, Form(max_length=20000, description='Extension: LoRA adapters as a JSON list, e.g. [{"name": "style", "scale": 0.8}].')
     ] = None,
     user: Annotated[str, Form(max_length=500)] = None,
+    _form: None = Depends(require_form),
 ):
     arrived = time.monotonic()
     service = request.app.state.service

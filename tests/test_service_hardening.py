@@ -100,6 +100,14 @@ def test_a_bad_json_body_on_the_openai_route_is_a_json_400(client):
     assert wrong_type.status_code == 415 and wrong_type.headers["content-type"].startswith("application/json"), wrong_type.text
 
 
+def test_a_json_body_on_the_openai_edits_route_is_told_to_send_a_form(client):
+    # OpenAI's edits route is multipart only; without the check a JSON body read as an empty form was "prompt: required"
+    response = client.post("/v1/images/edits", json={"prompt": "make the sky red", "image": "iVBORw0KGgo="})
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["field"] == "Content-Type" and "multipart/form-data" in error["message"]
+
+
 def test_an_oversized_body_from_a_client_that_does_not_wait_still_gets_the_413(server, client):
     """urllib sends the whole body without waiting for 100-continue: it must read the 413, not a reset."""
     body = b'{"prompt": "x", "image": "' + b"A" * (8 * 2**20) + b'"}'
