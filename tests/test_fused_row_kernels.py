@@ -63,6 +63,18 @@ def test_modulated_norm_reads_two_halves_without_concatenating(gen, rows):
     check_fp8_rows(out, out_scale, rowwise_reference(reference))
 
 
+@pytest.mark.parametrize("chunk", [32, 64], ids=["chunks-fit", "last-chunk-masked"])
+def test_the_chunked_norm_candidate_computes_the_same_rows(gen, chunk):
+    # the sweep's candidate (rows_fp8.launch_modulated_norm_chunked) over two strided halves, as above
+    text = bf16_with_outliers(2, 7, 128, generator=gen)[:, 1:6, 16:112]
+    image = bf16_with_outliers(2, 31, 160, generator=gen)[:, :, 32:128]
+    shift, scale = (bf16_with_outliers(2, 96, generator=gen) * 0.5 for _ in range(2))
+    out, out_scale = _outputs(2 * 36, 96)
+    rows_fp8.launch_modulated_norm_chunked(text, image, shift, scale, 1e-6, out, out_scale, chunk=chunk)
+    assert_written(out)
+    check_fp8_rows(out, out_scale, rowwise_reference(modulated_norm(torch.cat([text, image], dim=1), shift, scale)))
+
+
 @NORM_ROWS
 def test_residual_modulated_norm_writes_the_stream_and_the_fp8_input(gen, rows):
     x = bf16_with_outliers(2, 23, 96, generator=gen)
