@@ -262,18 +262,28 @@ def sweep() -> list[dict]:
         for rows, warps in ((1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 8), (4, 16), (8, 16)):
             options = {**rows_fp8.norm_options(C, rows), "num_warps": warps}
             results.append(timed(name, f"rows={rows}, num_warps={warps}", moved, lambda *args: launch(*args, options=options), inputs))
-    # the chunked candidate: one row per program, walked in chunks (rows_fp8._modulated_norm_fp8_chunked_kernel)
+
+    def candidate(kernel: str, options: str, moved: int, launch: Callable, inputs: list[tuple]) -> dict:
+        """A candidate kernel that does not build on this GPU is a row, not the end of the sweep."""
+        try:
+            return timed(kernel, options, moved, launch, inputs)
+        except Exception as error:
+            return {"kernel": kernel, "options": f"{options}: {type(error).__name__}: {str(error)[:120]}", "us": None, "gbps": None}
+
+    # the chunked candidates: one row per program, walked in chunks (rows_fp8's *_chunked_kernel)
     for chunk, warps in ((512, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8)):
 
-        def chunked(*args, chunk=chunk, warps=warps):
+        def chunked_norm(*args, chunk=chunk, warps=warps):
             rows_fp8.launch_modulated_norm_chunked(*args, chunk=chunk, num_warps=warps)
 
+        results.append(candidate("modulated_norm", f"chunked: chunk={chunk}, num_warps={warps}", IMAGE * 3 * C, chunked_norm, norm))
+    for chunk, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+
+        def chunked_concat(*args, chunk=chunk, warps=warps):
+            rows_fp8.launch_concat_gelu_chunked(*args, chunk=chunk, num_warps=warps)
+
         label = f"chunked: chunk={chunk}, num_warps={warps}"
-        try:
-            results.append(timed("modulated_norm", label, IMAGE * 3 * C, chunked, norm))
-        except Exception as error:  # a candidate that does not build here is a row, not the end of the sweep
-            failed = f"{label}: {type(error).__name__}: {str(error)[:120]}"
-            results.append({"kernel": "modulated_norm", "options": failed, "us": None, "gbps": None})
+        results.append(candidate("concat_gelu", label, TOKENS * 3 * (C + M), chunked_concat, concat))
     gelu_plans = [
         ("gelu", IMAGE * 3 * M, rows_fp8.launch_gelu, gelu),
         ("concat_gelu", TOKENS * 3 * (C + M), rows_fp8.launch_concat_gelu, concat),

@@ -107,6 +107,17 @@ def test_concat_gelu_has_one_scale_per_row_over_both_parts(gen):
     check_fp8_rows(out, out_scale, rowwise_reference(reference))
 
 
+@pytest.mark.parametrize("chunk", [32, 64, 256], ids=["chunks-fit", "last-chunk-masked", "one-chunk"])
+def test_the_chunked_concat_gelu_candidate_computes_the_same_rows(gen, chunk):
+    attention = bf16_with_outliers(2, 19, 48, generator=gen) * 4
+    mlp = bf16_with_outliers(2 * 19, 192, generator=gen)
+    out, out_scale = _outputs(2 * 19, 240)
+    rows_fp8.launch_concat_gelu_chunked(attention, mlp, out, out_scale, chunk=chunk)
+    assert_written(out)
+    reference = torch.cat([attention.float().reshape(-1, 48), gelu_tanh(mlp)], dim=-1)
+    check_fp8_rows(out, out_scale, rowwise_reference(reference))
+
+
 def test_rowwise_puts_the_text_rows_of_every_batch_first(gen):
     attention = bf16_with_outliers(2, 21, 64, generator=gen)
     out, out_scale = _outputs(2 * 21, 64)
