@@ -234,10 +234,7 @@ def _modulated_norm_fp8_chunked_kernel(
     kernel ran at 2.0x its memory time on an H200), not what the op runs."""
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    if s < split:
-        row = head_ptr + b * head_sb + s * head_ss
-    else:
-        row = tail_ptr + b * tail_sb + (s - split) * tail_ss
+    row = _tile_rows(s, b, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
     shift_row = shift_ptr + b * shift_sb
     scale_row = scale_ptr + b * scale_sb
     total = tl.zeros([CHUNK], dtype=tl.float32)
@@ -380,15 +377,20 @@ def _check_rows(*tensors: torch.Tensor) -> None:
             raise ValueError(f"row kernels take (batch, tokens, width) views with a contiguous last dimension, not {tuple(tensor.shape)}")
 
 
-def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale, options: dict | None = None) -> None:
-    """out[row] = e4m3(LN(x) * (1 + scale) + shift) for the rows of concat(head, tail) along tokens
-    (tail None: head alone); shift and scale are (batch, width) views."""
+def _halves(head, tail) -> tuple:
+    """(tail, batch, seq, split, width) for the rows of concat(head, tail) along tokens (tail None:
+    head alone, every row from head)."""
     tail = head[:, :0] if tail is None else tail
     _check_rows(head, tail)
     batch, split, width = head.shape
     seq = split + tail.shape[1]
-    if tail.shape[1] == 0:
-        split = seq  # every row from head
+    return tail, batch, seq, seq if tail.shape[1] == 0 else split, width
+
+
+def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale, options: dict | None = None) -> None:
+    """out[row] = e4m3(LN(x) * (1 + scale) + shift) for the rows of concat(head, tail) along tokens
+    (tail None: head alone); shift and scale are (batch, width) views."""
+    tail, batch, seq, split, width = _halves(head, tail)
     options = options or norm_options(width)
     wrap_triton(_modulated_norm_fp8_kernel)[(batch, triton.cdiv(seq, options["ROWS"]))](
         head, head.stride(0), head.stride(1), tail, tail.stride(0), tail.stride(1), seq, split,
@@ -399,12 +401,7 @@ def launch_modulated_norm(head, tail, shift, scale, eps, out, out_scale, options
 
 def launch_modulated_norm_chunked(head, tail, shift, scale, eps, out, out_scale, chunk: int = 1024, num_warps: int = 4) -> None:
     """launch_modulated_norm's function through the chunked kernel (a sweep candidate)."""
-    tail = head[:, :0] if tail is None else tail
-    _check_rows(head, tail)
-    batch, split, width = head.shape
-    seq = split + tail.shape[1]
-    if tail.shape[1] == 0:
-        split = seq
+    tail, batch, seq, split, width = _halves(head, tail)
     wrap_triton(_modulated_norm_fp8_chunked_kernel)[(batch, seq)](
         head, head.stride(0), head.stride(1), tail, tail.stride(0), tail.stride(1), seq, split,
         shift, shift.stride(0), scale, scale.stride(0), out, out_scale, width,
