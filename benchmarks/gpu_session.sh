@@ -77,7 +77,7 @@ for name in "$@"; do
       done_ epilogue-lab $? ;;
     stages)
       python3 flux_kontext_optimized.py benchmark --model synthetic-full --stages 0,5 --rows "${STAGE_ROWS:-main,options}" --profile \
-        --option-rows "${OPTION_ROWS:-without fused_kernels,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out,graph inputs copied}" \
+        --option-rows "${OPTION_ROWS:-without fused_kernels,without mlp_epilogue,bf16 attention (fa3),without trim_reference_tokens,with split_proj_out,graph inputs copied}" \
         --warmup 1 --repeats 2 --compile-cache "$CACHE" --results-dir "$RESULTS/stages"
       done_ stages $? ;;
     lora)

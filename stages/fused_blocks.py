@@ -17,6 +17,14 @@ single block:
     concat_gelu_fp8               [attention output, GELU(mlp)] as one e4m3 row -> proj_out GEMM
     (Inductor)                    [text, image] + gate * proj_out
 
+With the MLP epilogue (`install_mlp_epilogue`, the mlp_epilogue stage) the image stream's FF and the
+single blocks' MLP run on stages/kernels/gemm_epilogue.py instead: the FF input GEMM (the single
+blocks' MLP GEMM) applies GELU and writes e4m3 in 1x128 blocks in its epilogue, so gelu_fp8 and
+concat_gelu_fp8 and their bf16 round trip are gone (the single blocks' attention output is written
+into the same row's first columns, in the same blocks), and the FF output GEMM (proj_out) takes the
+block scales in its K loop. The double blocks' text stream (512 rows: 4 row tiles of 128, too few
+for a persistent GEMM to fill the GPU) keeps the path above.
+
 Every block Linear must hold torchao's row-wise FP8 weight (stage 3's quantization, or FP8 weights
 from load): its e4m3 rows and scales go to torch._scaled_mm directly (stages/kernels/fp8_gemm.py).
 Fused or separate Q/K/V projections both work. tests/test_fused_blocks.py compares these forwards
@@ -35,6 +43,7 @@ from .attention_kernels import FP8_E4M3_MAX, qk_norm_bound
 from .kernels import heads as _heads  # noqa: F401  (registers torch.ops.kontext.qk_norm_rope*)
 from .kernels import rows_fp8 as _rows  # noqa: F401  (registers torch.ops.kontext row ops)
 from .kernels.fp8_gemm import Fp8Gemm, is_rowwise_fp8
+from .kernels.gemm_epilogue import BLOCK_COLUMNS  # (registers torch.ops.kontext.fp8_gemm_*)
 
 KNOWN_DIFFUSERS = ("0.42.1",)
 
@@ -99,7 +108,29 @@ def install_fused_forward(block: nn.Module, attention: str) -> None:
         descale = qk_norm_bound(*norms, head_dim=attn.head_dim).float() / FP8_E4M3_MAX
         block.register_buffer(name, descale.reshape(1, 1).expand(1, attn.heads).contiguous().to(attn.norm_q.weight.device), False)
     block.fused_attention = attention
+    block.fused_mlp_epilogue = False  # install_mlp_epilogue turns it on
     block.forward = types.MethodType(_fused_double_forward if double else _fused_single_forward, block)
+
+
+def mlp_epilogue_unfit_reason(block: nn.Module) -> str | None:
+    """Why this fused block's MLP cannot run on the epilogue GEMMs, or None."""
+    gemms = block.fused_gemms
+    names = ("ff_in", "ff_out") if "ff_in" in gemms else ("mlp", "proj_out")
+    for name in names:
+        n, k = gemms[name].qdata.shape
+        if n % BLOCK_COLUMNS or k % BLOCK_COLUMNS:
+            return f"its {name} GEMM is {k} -> {n}; the epilogue's 1x128 blocks need multiples of {BLOCK_COLUMNS}"
+    return None
+
+
+def install_mlp_epilogue(block: nn.Module) -> None:
+    """Run this fused block's MLP on the epilogue GEMMs (in place; after install_fused_forward)."""
+    if not hasattr(block, "fused_gemms"):
+        raise ValueError(f"{type(block).__name__} has no fused forward: install_fused_forward first")
+    reason = mlp_epilogue_unfit_reason(block)
+    if reason:
+        raise ValueError(f"{type(block).__name__} cannot run the MLP epilogue: {reason}")
+    block.fused_mlp_epilogue = True
 
 
 def _qkv(gemms: nn.ModuleDict, prefix: str, x8: torch.Tensor, x_scale: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
@@ -162,8 +193,13 @@ def _fused_double_forward(self, hidden_states, encoder_hidden_states, temb, imag
     text_attention = gemms["added_out"](o8[:text_rows], o_scale[:text_rows]).view(batch, text_len, width)
 
     h, h8, h_scale = ops.residual_modulated_norm_fp8(hidden_states, image_attention, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-    f8, f_scale = ops.gelu_fp8(gemms["ff_in"](h8, h_scale))
-    hidden_states = h + gate_mlp[:, None] * gemms["ff_out"](f8, f_scale).view(batch, image_len, width)
+    if self.fused_mlp_epilogue:
+        f8, f_scales = ops.fp8_gemm_gelu_blocks(h8, h_scale, *gemms["ff_in"].operands(), None)
+        ff = ops.fp8_gemm_a_blocks(f8, f_scales, *gemms["ff_out"].operands())
+    else:
+        f8, f_scale = ops.gelu_fp8(gemms["ff_in"](h8, h_scale))
+        ff = gemms["ff_out"](f8, f_scale)
+    hidden_states = h + gate_mlp[:, None] * ff.view(batch, image_len, width)
 
     c, c8, c_scale = ops.residual_modulated_norm_fp8(
         encoder_hidden_states, text_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, self.norm2_context.eps
@@ -182,9 +218,16 @@ def _fused_single_forward(self, hidden_states, encoder_hidden_states, temb, imag
 
     # the rows of [text; image], read from the two halves: the concatenation is never written
     x8, x_scale = ops.modulated_norm_fp8(encoder_hidden_states, hidden_states, shift, scale, self.norm.norm.eps)
-    mlp = gemms["mlp"](x8, x_scale)
-    attention = _attention(self, None, _qkv(gemms, "", x8, x_scale, width), batch, image_rotary_emb)
-    y8, y_scale = ops.concat_gelu_fp8(attention, mlp)
-    projected = gemms["proj_out"](y8, y_scale).view(batch, text_len + image_len, width)
+    if self.fused_mlp_epilogue:
+        attention = _attention(self, None, _qkv(gemms, "", x8, x_scale, width), batch, image_rotary_emb)
+        # [attention, GELU(mlp)] in 1x128 blocks: the MLP GEMM's epilogue writes its part of the row
+        y8, y_scales = ops.fp8_gemm_gelu_blocks(x8, x_scale, *gemms["mlp"].operands(), attention.reshape(-1, width))
+        projected = ops.fp8_gemm_a_blocks(y8, y_scales, *gemms["proj_out"].operands())
+    else:
+        mlp = gemms["mlp"](x8, x_scale)
+        attention = _attention(self, None, _qkv(gemms, "", x8, x_scale, width), batch, image_rotary_emb)
+        y8, y_scale = ops.concat_gelu_fp8(attention, mlp)
+        projected = gemms["proj_out"](y8, y_scale)
+    projected = projected.view(batch, text_len + image_len, width)
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate[:, None] * projected
     return hidden_states[:, :text_len], hidden_states[:, text_len:]

@@ -30,6 +30,7 @@ from .flash_attention import FlashAttention
 from .fused_kernels import FusedKernels
 from .lora import Lora
 from .low_precision import LowPrecision
+from .mlp_epilogue import MlpEpilogue
 from .qkv_fusion import QkvFusion
 from .rules import RULES
 from .scheduler import Scheduler
@@ -54,6 +55,7 @@ STAGES: tuple[Stage, ...] = (
     TransformerOffload(),
     FlashAttention(),
     FusedKernels(),  # after the attention kernel (it feeds it); before the cache's hooks and compile wrap the blocks
+    MlpEpilogue(),  # after the fused block forwards, which it changes
     FirstBlockCache(),
     TrimReferenceTokens(),
     ContextParallel(),  # after the attention kernel is chosen (it wraps it), before compile traces it

@@ -105,6 +105,12 @@ RULES: tuple[Rule, ...] = (
         "not applied: the fused kernels feed FA3 (FP8 or bf16) or SDPA, and this attention kernel is cuDNN SDPA",
     ),
     Rule(
+        "mlp_epilogue",
+        lambda config, env: config.mlp_epilogue and not config.fused_kernels,
+        "not applied: the epilogue GEMMs run inside the fused kernels' block forwards, which take their FP8 activations; "
+        "turn on fused_kernels",
+    ),
+    Rule(
         "fast_gelu",
         lambda config, env: config.fast_gelu and not config.compile,
         "not applied: the sigmoid form only pays off inside compiled (fused) kernels; turn on compile",

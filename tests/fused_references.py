@@ -77,3 +77,18 @@ def rope_tables(seq: int, dim: int, generator: torch.Generator) -> tuple[torch.T
     """cos/sin tables shaped like FluxPosEmbed's: each angle repeated for the pair it rotates."""
     angles = torch.rand(seq, dim // 2, generator=generator) * 2 * math.pi
     return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+
+def block_reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rowwise_reference over each row's 128-column groups: (values, scales as (groups, rows))."""
+    rows, width = y.shape
+    values, scale = rowwise_reference(y.float().reshape(rows * width // 128, 128))
+    return values.reshape(rows, width), scale.reshape(rows, width // 128).t()
+
+
+def check_blocks(values: torch.Tensor, scales: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A block-scaled output against block_reference: each 128-column group checked as one row."""
+    want_values, want_scales = reference
+    rows, width = want_values.shape
+    per_group = (want_values.reshape(-1, 128), want_scales.t().reshape(-1))
+    check_fp8_rows(values.reshape(rows * width // 128, 128), scales.t().reshape(-1), per_group)

@@ -41,13 +41,14 @@ def rowwise_fp8_weights(block: torch.nn.Module, prefix: str) -> None:
             module.weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
-def _random_blocks(kind: str, seed: int, fuse_qkv: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _random_blocks(kind: str, seed: int, fuse_qkv: bool, head_dim: int = HEAD_DIM) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(a bf16 block with row-wise FP8 weights, the same block in float32 without quantization)."""
     torch.manual_seed(seed)
+    width = HEADS * head_dim
     if kind == "double":
-        block, prefix = FluxTransformerBlock(WIDTH, HEADS, HEAD_DIM), "transformer_blocks.0."
+        block, prefix = FluxTransformerBlock(width, HEADS, head_dim), "transformer_blocks.0."
     else:
-        block, prefix = FluxSingleTransformerBlock(WIDTH, HEADS, HEAD_DIM), "single_transformer_blocks.0."
+        block, prefix = FluxSingleTransformerBlock(width, HEADS, head_dim), "single_transformer_blocks.0."
     with torch.no_grad():
         for parameter in block.parameters():  # FLUX-like magnitudes: unit activations stay near unit
             parameter.copy_(
@@ -69,12 +70,13 @@ def _random_blocks(kind: str, seed: int, fuse_qkv: bool) -> tuple[torch.nn.Modul
     return block, exact
 
 
-def _inputs(seed: int):
+def _inputs(seed: int, head_dim: int = HEAD_DIM):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(BATCH, IMAGE, WIDTH, generator=gen).to(torch.bfloat16)
-    text = torch.randn(BATCH, TEXT, WIDTH, generator=gen).to(torch.bfloat16)
-    temb = torch.randn(BATCH, WIDTH, generator=gen).to(torch.bfloat16)
-    return hidden, text, temb, rope_tables(TEXT + IMAGE, HEAD_DIM, gen)
+    width = HEADS * head_dim
+    hidden = torch.randn(BATCH, IMAGE, width, generator=gen).to(torch.bfloat16)
+    text = torch.randn(BATCH, TEXT, width, generator=gen).to(torch.bfloat16)
+    temb = torch.randn(BATCH, width, generator=gen).to(torch.bfloat16)
+    return hidden, text, temb, rope_tables(TEXT + IMAGE, head_dim, gen)
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -105,6 +107,44 @@ def test_fused_forward_computes_what_diffusers_computes(kind, attention, fuse_qk
     with torch.no_grad():
         again = block(hidden, text, temb, image_rotary_emb=rotary)
     torch.testing.assert_close(again[1], want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_the_mlp_epilogue_computes_what_diffusers_computes(kind):
+    """The image stream's FF (double) and the MLP + proj_out (single) on the epilogue GEMMs
+    (stages/kernels/gemm_epilogue.py): widths of whole 128-column blocks (hidden 128, MLP 512)."""
+    block, exact = _random_blocks(kind, seed=3, fuse_qkv=True, head_dim=64)
+    rows, epilogue = copy.deepcopy(block), copy.deepcopy(block)
+    fused_blocks.install_fused_forward(rows, "sdpa")
+    fused_blocks.install_fused_forward(epilogue, "sdpa")
+    fused_blocks.install_mlp_epilogue(epilogue)
+    hidden, text, temb, rotary = _inputs(seed=4, head_dim=64)
+    with torch.no_grad():
+        want = block(hidden, text, temb, image_rotary_emb=rotary)
+        by_rows = rows(hidden, text, temb, image_rotary_emb=rotary)
+        got = epilogue(hidden, text, temb, image_rotary_emb=rotary)
+        ideal = exact(hidden.float(), text.float(), temb.float(), image_rotary_emb=rotary)
+    changed = (1,) if kind == "double" else (0, 1)  # the double blocks' text stream keeps the row kernels
+    for part, (got_part, want_part, ideal_part) in enumerate(zip(got, want, ideal)):
+        assert got_part.shape == want_part.shape and got_part.dtype == torch.bfloat16
+        assert _relative(got_part, want_part) < 0.03
+        # 1x128 block scales follow the values at least as closely as one scale per row
+        assert _relative(got_part, ideal_part) < 1.15 * _relative(want_part, ideal_part) + 2e-3
+        if part in changed:  # the epilogue path ran: its rounding is not the row kernels'
+            assert not torch.equal(got_part, by_rows[part])
+        else:
+            torch.testing.assert_close(got_part, by_rows[part], rtol=0, atol=0)
+
+
+def test_the_mlp_epilogue_refuses_widths_that_are_not_whole_blocks():
+    block, _ = _random_blocks("single", seed=5, fuse_qkv=True)  # hidden 32, MLP 128: proj_out takes 160
+    fused_blocks.install_fused_forward(block, "sdpa")
+    assert "multiples of 128" in fused_blocks.mlp_epilogue_unfit_reason(block)
+    with pytest.raises(ValueError, match="cannot run the MLP epilogue"):
+        fused_blocks.install_mlp_epilogue(block)
+    unfused, _ = _random_blocks("double", seed=5, fuse_qkv=True, head_dim=64)
+    with pytest.raises(ValueError, match="install_fused_forward first"):
+        fused_blocks.install_mlp_epilogue(unfused)
 
 
 def test_blocks_without_fp8_weights_are_refused():

@@ -13,6 +13,7 @@ import torch
 from tests.conftest import requires_cuda
 from tests.fused_references import (
     bf16_with_outliers,
+    block_reference,
     check_fp8_rows,
     gelu_tanh,
     modulated_norm,
@@ -169,13 +170,61 @@ def _full_width_blocks(kind: str):
     return block
 
 
+needs_hopper = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="the epilogue GEMMs load through TMA (Hopper+)"
+)
+
+
+@needs_hopper
+def test_epilogue_gemms_at_flux_width(gen):
+    """A single block's MLP on the epilogue GEMMs (gemm_epilogue.py) at FLUX's widths, real e4m3:
+    [attention, GELU(fc1)] in 1x128 blocks, then proj_out; against fp32 and against today's row path."""
+    from stages.kernels import rows_fp8  # noqa: F401  (registers the row ops)
+
+    rows = BATCH * (TEXT + IMAGE)
+    x8, x_scale = (t.cuda() for t in _fp8_rows(bf16_with_outliers(rows, C, generator=gen)))
+    w1_8, w1_scale = (t.cuda() for t in _fp8_rows(bf16_with_outliers(M, C, generator=gen) / C**0.5))
+    w2_8, w2_scale = (t.cuda() for t in _fp8_rows(bf16_with_outliers(C, C + M, generator=gen) / (C + M) ** 0.5))
+    bias = (bf16_with_outliers(M, generator=gen) * 0.1).cuda()
+    lead = bf16_with_outliers(rows, C, generator=gen).cuda()
+
+    y8, y_scales = torch.ops.kontext.fp8_gemm_gelu_blocks(x8, x_scale, w1_8, w1_scale, bias, lead)
+    assert y8.dtype == torch.float8_e4m3fn and y8.shape == (rows, C + M) and y_scales.shape == ((C + M) // 128, rows)
+    fc1 = (x8.float() * x_scale[:, None]) @ (w1_8.float() * w1_scale[:, None]).t() + bias.float()
+    row = torch.cat([lead.float(), gelu_tanh(fc1)], dim=1)
+    want_values, want_scales = block_reference(row)
+    # the tensor cores' FP8 accumulation is not torch's fp32 sum order: scales agree to 1e-3, not bit for bit
+    torch.testing.assert_close(y_scales, want_scales, rtol=1e-3, atol=1e-9)
+    got = (y8.float().reshape(rows, -1, 128) * y_scales.t()[:, :, None]).reshape(rows, C + M)
+    assert _relative(got, row) < 0.03  # e4m3's rounding
+
+    projected = torch.ops.kontext.fp8_gemm_a_blocks(y8, y_scales, w2_8, w2_scale, None)
+    exact = row @ (w2_8.float() * w2_scale[:, None]).t()
+    y_rows, y_row_scale = torch.ops.kontext.concat_gelu_fp8(lead.view(BATCH, TEXT + IMAGE, C), fc1.to(torch.bfloat16))
+    today = torch._scaled_mm(y_rows, w2_8.t(), scale_a=y_row_scale[:, None], scale_b=w2_scale[None, :], out_dtype=torch.bfloat16)
+    assert _relative(projected, exact) < 0.03
+    assert _relative(projected, exact) < 1.1 * _relative(today, exact)  # 1x128 blocks: no worse than one scale per row
+
+
+def _fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, scale = rowwise_reference(x)
+    return values.to(torch.float8_e4m3fn), scale
+
+
+def _relative(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("mlp", ["rows", pytest.param("epilogue", marks=needs_hopper)])
 @pytest.mark.parametrize("kind", ["double", "single"])
-def test_fused_blocks_at_flux_width_compile_and_replay_without_recompiling(kind, gen):
+def test_fused_blocks_at_flux_width_compile_and_replay_without_recompiling(kind, mlp, gen):
     from stages import fused_blocks
 
     block = _full_width_blocks(kind)
     fused = copy.deepcopy(block)
     fused_blocks.install_fused_forward(fused, "fa3_fp8" if _has_fa3() else "sdpa")
+    if mlp == "epilogue":
+        fused_blocks.install_mlp_epilogue(fused)
 
     def inputs(image_tokens):
         hidden = torch.randn(1, image_tokens, C, generator=gen).to(torch.bfloat16).cuda()

@@ -30,7 +30,7 @@ KERNEL_CLASSES = (
     (FUSED_NORM, ("modulated_norm",)),
     (FUSED_HEADS, ("qk_norm_rope", "_v_fp8")),
     (FUSED_GELU, ("gelu_fp8",)),
-    (FUSED_ATTENTION_OUT, ("rowwise_fp8",)),
+    (FUSED_ATTENTION_OUT, ("rowwise_fp8", "_blocks_fp8")),
     ("quantization (fused, triton)", ("amax",)),
     (INDUCTOR_OTHER, ("triton",)),
     ("attention", ("flash", "fmha", "attention")),
@@ -110,24 +110,34 @@ def step_breakdown(engine: KontextEngine, inputs: dict, config: OptimizationConf
     return StepProfile({label: round(ms, 2) for label, ms in by_class.items()}, glue[:top])
 
 
-def glue_bytes(transformer_config, batch: int, text_tokens: int, image_tokens: int, fp8_attention: bool) -> dict[str, float]:
+def glue_bytes(
+    transformer_config, batch: int, text_tokens: int, image_tokens: int, fp8_attention: bool, mlp_epilogue: bool = False
+) -> dict[str, float]:
     """Bytes per transformer call that the fused kernels move, by kernel class (each input read once,
     each output written once; bf16 2 bytes, e4m3 1 byte; row scales left out), and what Inductor's
     remaining kernels move (the gated residual adds that end each block). stages/kernels/ states
-    each kernel's bytes per row; this sums them over FLUX's blocks."""
+    each kernel's bytes per row; this sums them over FLUX's blocks. With the MLP epilogue, GELU is
+    part of the GEMMs (their bytes are not glue): what is left of the GELU class is the double
+    blocks' text stream, and the single blocks' attention output is quantized on its own (3C)."""
     width = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     mlp = 4 * width  # FLUX's mlp_ratio
     tokens = batch * (text_tokens + image_tokens)  # token rows through every block (text + image)
     double, single = transformer_config.num_layers, transformer_config.num_single_layers
     blocks = double + single
+    if mlp_epilogue:
+        gelu = batch * text_tokens * double * 3 * mlp
+        attention_out = tokens * (double + single) * 3 * width
+    else:
+        # GELU of the double blocks' MLP (3M) and the single blocks' [attention, GELU(mlp)] row (3(C + M))
+        gelu = tokens * (double * 3 * mlp + single * 3 * (width + mlp))
+        attention_out = tokens * double * 3 * width
     return {
         # norm1 of both streams (3C) and the residual + norm2 (7C) in double blocks; the norm in single blocks (3C)
         FUSED_NORM: tokens * (double * (3 + 7) + single * 3) * width,
         # q, k, v read (6C), q, k written; FP8: written as e4m3 (2C) and V read again and written (3C); bf16: q, k, v written (6C)
         FUSED_HEADS: tokens * blocks * (11 if fp8_attention else 12) * width,
-        # GELU of the double blocks' MLP (3M) and the single blocks' [attention, GELU(mlp)] row (3(C + M))
-        FUSED_GELU: tokens * (double * 3 * mlp + single * 3 * (width + mlp)),
-        FUSED_ATTENTION_OUT: tokens * double * 3 * width,
+        FUSED_GELU: gelu,
+        FUSED_ATTENTION_OUT: attention_out,
         # h + gate * ff in double blocks, [text; image] + gate * proj in single ones: read 2 x 2C, write 2C
         INDUCTOR_OTHER: tokens * blocks * 6 * width,
     }

@@ -37,6 +37,8 @@ ROW_KINDS = ("main", "cache", "options")
 DEFAULT_OPTIONS: tuple[tuple[str, dict], ...] = (
     # the fused kernels' own contribution (in preset 3): the same stack with Inductor doing the glue
     ("without fused_kernels", {"fused_kernels": False}),
+    # the MLP epilogue's own contribution (in preset 3): GELU -> FP8 by the row kernels again
+    ("without mlp_epilogue", {"mlp_epilogue": False}),
     # FP8 attention's own contribution and deviation (it is in preset 3; bf16 FA3 is the alternative)
     ("bf16 attention (fa3)", {"attention": "fa3"}),
     # an exact lever switched back off: what dropping the reference tokens before the output GEMM buys
@@ -255,7 +257,9 @@ def glue_bytes_of(engine: KontextEngine, inputs: dict, config: OptimizationConfi
 
     batch, image_tokens = inputs["hidden_states"].shape[:2]
     text_tokens = inputs["encoder_hidden_states"].shape[1]
-    return glue_bytes(engine.loaded.pipe.transformer.config, batch, text_tokens, image_tokens, config.attention == "fa3_fp8")
+    return glue_bytes(
+        engine.loaded.pipe.transformer.config, batch, text_tokens, image_tokens, config.attention == "fa3_fp8", config.mlp_epilogue
+    )
 
 
 def _median(values) -> float:

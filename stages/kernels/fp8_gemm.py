@@ -44,6 +44,10 @@ class Fp8Gemm(nn.Module):
         self.fast_accum = bool(weight.mm_config.use_fast_accum) if getattr(weight, "mm_config", None) is not None else True
         self.out_features = linear.out_features
 
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(e4m3 weight (out, in), its (out,) scales, bias): what the epilogue GEMMs (gemm_epilogue.py) take."""
+        return self.qdata, self.scale.reshape(-1), self.bias
+
     def forward(self, x8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """(rows, in) e4m3 and (rows,) scales -> (rows, out) bf16, bias added."""
         return torch._scaled_mm(
