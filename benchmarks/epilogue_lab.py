@@ -16,8 +16,9 @@ sizes (`--tokens`) and what a step would save, and writes epilogue_lab.{json,md}
 
     python -m benchmarks.epilogue_lab --out benchmarks/results/<gpu>-<date>/epilogue-lab
 
-The Triton GEMM is a plain persistent TMA kernel (Triton's tutorials show the technique; no warp
-specialisation, which Triton 3.6 offers on Blackwell only), swept over a few tile shapes.
+The Triton GEMM is the mlp_epilogue stage's kernel (stages/kernels/gemm_epilogue.py: a plain
+persistent TMA kernel; no warp specialisation, which Triton 3.6 offers on Blackwell only), swept
+over a few tile shapes.
 """
 
 from __future__ import annotations
@@ -30,89 +31,32 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.fused_kernels import median_ms, quantize_rows
-from stages.kernels.rows_fp8 import FP8, FP8_MAX, _gelu_tanh
+from stages.kernels.gemm_epilogue import BLOCK_COLUMNS, launch_gemm
+from stages.kernels.rows_fp8 import FP8, FP8_MAX
 
 WIDTH, MLP = 3072, 12288
 # The MLPs of one step at 1024x1024, by token rows: 38 single blocks (512 text + 8192 image tokens),
 # 19 double blocks' image streams and 19 text streams. (A single block's fc2 is proj_out, whose K is
 # 15360 with the attention output; the lab's fc2 stands in for it.)
 MLPS_PER_STEP = {8704: 38, 8192: 19, 512: 19}
-BLOCK_SCALE = 128  # columns per scale in the epilogue's output (cuBLAS's 1x128 recipe)
+BLOCK_SCALE = BLOCK_COLUMNS  # columns per scale in the epilogue's output (cuBLAS's 1x128 recipe)
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
 TILES = ((128, 256, 128, 3, 8), (128, 256, 64, 4, 8), (128, 128, 128, 4, 8), (128, 128, 128, 4, 4), (128, 128, 64, 5, 4))
 
 
-@triton.jit
-def _fp8_gemm_kernel(
-    a_desc, b_desc, a_scale_ptr, b_scale_ptr, c_ptr, c_scale_ptr, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    NUM_SMS: tl.constexpr, GELU_FP8: tl.constexpr, A_BLOCKS: tl.constexpr = False, GROUP_M: tl.constexpr = 8,
-):  # fmt: skip
-    """C = (A @ B^T) * a_scale[row] * b_scale[col]: bf16 C, or (GELU_FP8) e4m3 of GELU(C) with one
-    scale per row per BLOCK_SCALE columns, stored transposed ((N / 128, M): outer-dim-major, as
-    cuBLAS takes A's block scales). A_BLOCKS: A comes with such scales (K / 128, M) instead of one
-    per row, applied to each 128-wide K step's partial product (BLOCK_K must be 128): the fc2 that
-    would take the epilogue's output without cuBLAS's block-scaled GEMM."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * tiles_n
-    for tile in range(pid, tiles_m * tiles_n, NUM_SMS):
-        group = tile // per_group
-        first_m = group * GROUP_M
-        group_m = min(tiles_m - first_m, GROUP_M)
-        off_m = (first_m + tile % group_m) * BLOCK_M
-        off_n = ((tile % per_group) // group_m) * BLOCK_N
-        rows = off_m + tl.arange(0, BLOCK_M)
-        cols = off_n + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(k_tiles, num_stages=STAGES):
-            a = a_desc.load([off_m, k * BLOCK_K])
-            b = b_desc.load([off_n, k * BLOCK_K])
-            if A_BLOCKS:
-                step_scale = tl.load(a_scale_ptr + k * M + rows, mask=rows < M, other=0.0)
-                acc += tl.dot(a, b.T) * step_scale[:, None]
-            else:
-                acc = tl.dot(a, b.T, acc)
-        if not A_BLOCKS:
-            acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
-        acc = acc * tl.load(b_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        if GELU_FP8:
-            y = tl.reshape(_gelu_tanh(acc, True), (BLOCK_M, BLOCK_N // 128, 128))
-            amax = tl.maximum(tl.max(tl.abs(y), axis=2), 1e-12)  # (BLOCK_M, BLOCK_N / 128)
-            q = tl.clamp(y * (448.0 / amax)[:, :, None], -448.0, 448.0)
-            tl.store(c_ptr + rows[:, None] * N + cols[None, :], tl.reshape(q, (BLOCK_M, BLOCK_N)).to(c_ptr.dtype.element_ty), mask=mask)
-            groups = off_n // 128 + tl.arange(0, BLOCK_N // 128)
-            tl.store(c_scale_ptr + groups[None, :] * M + rows[:, None], amax / 448.0, mask=(rows < M)[:, None])
-        else:
-            tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
 def triton_fp8_gemm(a8, a_scale, w8, w_scale, tile, gelu_fp8: bool, a_blocks: bool = False):
-    """a8 (M, K) e4m3 with (M,) scales (a_blocks: (K / 128, M) contiguous), w8 (N, K) e4m3 with (N,)
-    scales."""
-    block_m, block_n, block_k, stages, warps = tile
-    (m, k), n = a8.shape, w8.shape[0]
-    a_desc = TensorDescriptor.from_tensor(a8, [block_m, block_k])
-    b_desc = TensorDescriptor.from_tensor(w8, [block_n, block_k])
+    """The stage's persistent GEMM (stages/kernels/gemm_epilogue.py) at one tile shape, no bias: a8
+    (M, K) e4m3 with (M,) scales (a_blocks: (K / 128, M) contiguous), w8 (N, K) e4m3 with (N,) scales.
+    Returns bf16 C, or (gelu_fp8) the e4m3 GELU and its scales as (M, N / 128)."""
+    (m, _), n = a8.shape, w8.shape[0]
     if gelu_fp8:
         out = torch.empty(m, n, device=a8.device, dtype=FP8)
         out_scale = torch.empty(n // BLOCK_SCALE, m, device=a8.device, dtype=torch.float32)
     else:
-        out, out_scale = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16), a_scale
-    sms = torch.cuda.get_device_properties(a8.device).multi_processor_count if a8.is_cuda else 4
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    _fp8_gemm_kernel[(min(sms, tiles),)](
-        a_desc, b_desc, a_scale, w_scale, out, out_scale, m, n, k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, NUM_SMS=sms, GELU_FP8=gelu_fp8,
-        A_BLOCKS=a_blocks, num_warps=warps,
-    )  # fmt: skip
+        out, out_scale = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16), None
+    launch_gemm(a8, a_scale, w8, w_scale, None, out, out_scale, a_blocks=a_blocks, gelu_fp8=gelu_fp8, tile=tile)
     return (out, out_scale.t()) if gelu_fp8 else out
 
 
