@@ -62,7 +62,7 @@ def test_fc1_writes_into_a_column_slice_of_a_wider_row(gen):
     x8, x_scale, w8, w_scale, bias, exact = _fc1_inputs(gen, 37, 128, 256)
     out = torch.full((37, 128 + 256), float("nan"))
     out_scale = torch.full((3, 37), float("nan"))
-    gemm_epilogue.launch_gemm(x8, x_scale, w8, w_scale, None, out[:, 128:], out_scale[1:], a_blocks=False, gelu_fp8=True, tile=TILE)
+    gemm_epilogue.launch_gemm(x8, x_scale, w8, w_scale, None, out, out_scale, a_blocks=False, gelu_fp8=True, out_column=128, tile=TILE)
     assert torch.isnan(out[:, :128]).all() and torch.isnan(out_scale[0]).all()  # the lead part is left alone
     check_blocks(out[:, 128:], out_scale[1:], block_reference(gelu_tanh(exact - bias.float())))
     assert (out[3, 128:] == 0).all() and (out_scale[1:, 3] > 0).all()  # no bias: the zero row's blocks are zero, scales finite
@@ -95,7 +95,8 @@ def test_lead_part_is_quantized_in_the_same_blocks(gen):
     lead = bf16_with_outliers(37, 384, generator=gen)
     out = torch.full((37, 512), float("nan"))
     out_scale = torch.full((4, 37), float("nan"))
-    gemm_epilogue.launch_blocks_fp8(lead, out[:, :384], out_scale[:3])
+    gemm_epilogue.launch_blocks_fp8(lead, out, out_scale)
+    assert torch.isnan(out_scale[3]).all()
     assert torch.isnan(out[:, 384:]).all()
     check_blocks(out[:, :384], out_scale[:3], block_reference(lead))
 

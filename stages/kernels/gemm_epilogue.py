@@ -49,7 +49,7 @@ LEAD_ROWS, LEAD_GROUPS = 32, 4  # the lead part's quantization: 32 rows x 4 colu
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_desc, b_desc, a_scale_ptr, a_scale_stride, b_scale_ptr, bias_ptr, c_ptr, c_stride, c_scale_ptr, M, N, K,
+    a_desc, b_desc, a_scale_ptr, a_scale_stride, b_scale_ptr, bias_ptr, c_ptr, c_stride, c_column, c_scale_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr,
     A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_FP8: tl.constexpr, FAST_TANH: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):  # fmt: skip
@@ -57,7 +57,8 @@ def _fp8_gemm_kernel(
 
     A_BLOCKS: A's scales are (K / BLOCK_K, M) with row stride a_scale_stride, one per row per K step,
     applied to each step's partial product; else one per row. GELU_FP8: C is e4m3(GELU(C)) with one
-    scale per row per 128 columns, stored at c_scale_ptr[group * M + row]; else bf16 C."""
+    scale per row per 128 columns, stored at c_scale_ptr[group * M + row]; else bf16 C. C's columns
+    start at c_column of a buffer with row stride c_stride (and its scales at group c_column / 128)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -93,12 +94,13 @@ def _fp8_gemm_kernel(
             y = tl.reshape(_gelu_tanh(acc, FAST_TANH), (BLOCK_M, BLOCK_N // 128, 128))
             amax = tl.maximum(tl.max(tl.abs(y), axis=2), _MIN_AMAX)  # (BLOCK_M, BLOCK_N / 128)
             q = tl.reshape(tl.clamp(y * (_FP8_MAX / amax[:, :, None]), -_FP8_MAX, _FP8_MAX), (BLOCK_M, BLOCK_N))
-            tl.store(c_ptr + rows[:, None] * c_stride + cols[None, :], q.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptr + rows[:, None] * c_stride + c_column + cols[None, :], q.to(c_ptr.dtype.element_ty), mask=mask)
             groups = off_n // 128 + tl.arange(0, BLOCK_N // 128)
             group_ok = groups * 128 < N
-            tl.store(c_scale_ptr + groups[None, :] * M + rows[:, None], amax / _FP8_MAX, mask=row_ok[:, None] & group_ok[None, :])
+            scales = c_scale_ptr + (c_column // 128 + groups[None, :]) * M + rows[:, None]
+            tl.store(scales, amax / _FP8_MAX, mask=row_ok[:, None] & group_ok[None, :])
         else:
-            tl.store(c_ptr + rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_ptr + rows[:, None] * c_stride + c_column + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -120,11 +122,26 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def launch_gemm(a8, a_scale, w8, w_scale, bias, out, out_scale, *, a_blocks: bool, gelu_fp8: bool, tile=None, fast_tanh: bool = FAST_TANH):
-    """out (rows, N) = a8 @ w8^T, scaled, bias added; written as bf16 or (gelu_fp8) block-scaled e4m3
-    with its scales in out_scale ((N / 128, rows) rows of stride `rows`). a8 (rows, K) e4m3, w8 (N, K)
-    e4m3 with (N,) scales; a_scale (rows,), or (K / 128, rows) with a_blocks. out may be a column
-    slice of a wider buffer (its row stride is read from it)."""
+def launch_gemm(
+    a8,
+    a_scale,
+    w8,
+    w_scale,
+    bias,
+    out,
+    out_scale,
+    *,
+    a_blocks: bool,
+    gelu_fp8: bool,
+    out_column: int = 0,
+    tile=None,
+    fast_tanh: bool = FAST_TANH,
+):
+    """out[:, out_column:][:, :N] = a8 @ w8^T, scaled, bias added; written as bf16 or (gelu_fp8)
+    block-scaled e4m3 with its scales in out_scale ((columns / 128, rows), from group out_column / 128).
+    a8 (rows, K) e4m3, w8 (N, K) e4m3 with (N,) scales; a_scale (rows,), or (K / 128, rows) with
+    a_blocks. The offset, not a column view of `out`, keeps the custom op free of mutated views, which
+    functionalization would copy."""
     block_m, block_n, block_k, stages, warps = tile or (FC2_TILE if a_blocks else FC1_TILE)
     (m, k), n = a8.shape, w8.shape[0]
     sms = _multiprocessors(a8.device)
@@ -133,14 +150,15 @@ def launch_gemm(a8, a_scale, w8, w_scale, bias, out, out_scale, *, a_blocks: boo
     wrap_triton(_fp8_gemm_kernel)[(sms,)](
         TensorDescriptor.from_tensor(a8, [block_m, block_k]), TensorDescriptor.from_tensor(w8, [block_n, block_k]),
         a_scale, a_scale.stride(0) if a_blocks else 0, w_scale, bias if bias is not None else w_scale,
-        out, out.stride(0), out_scale if out_scale is not None else w_scale, m, n, k,
+        out, out.stride(0), out_column, out_scale if out_scale is not None else w_scale, m, n, k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, NUM_SMS=sms, A_BLOCKS=a_blocks,
         HAS_BIAS=bias is not None, GELU_FP8=gelu_fp8, FAST_TANH=_tanh_instruction(fast_tanh), num_warps=warps,
     )  # fmt: skip
 
 
 def launch_blocks_fp8(a, out, out_scale) -> None:
-    """out (rows, width) = e4m3 of a (rows, width) bf16 in 1x128 blocks, scales in out_scale (width / 128, rows)."""
+    """The first `width` columns of out = e4m3 of a (rows, width) bf16 in 1x128 blocks, their scales in
+    the first width / 128 rows of out_scale (columns / 128, rows)."""
     m, width = a.shape
     groups = width // BLOCK_COLUMNS
     per_program = LEAD_GROUPS if groups % LEAD_GROUPS == 0 else 1
@@ -166,10 +184,9 @@ def fp8_gemm_gelu_blocks(
     _check_blocks(n, lead_width)
     out = e4m3_buffer(rows, lead_width + n, like=x8)
     out_scale = torch.empty((lead_width + n) // BLOCK_COLUMNS, rows, device=x8.device, dtype=torch.float32)
-    lead_groups = lead_width // BLOCK_COLUMNS
     if lead is not None:
-        launch_blocks_fp8(lead.reshape(rows, lead_width), out[:, :lead_width], out_scale[:lead_groups])
-    launch_gemm(x8, x_scale, w8, w_scale, bias, out[:, lead_width:], out_scale[lead_groups:], a_blocks=False, gelu_fp8=True)
+        launch_blocks_fp8(lead.reshape(rows, lead_width), out, out_scale)
+    launch_gemm(x8, x_scale, w8, w_scale, bias, out, out_scale, a_blocks=False, gelu_fp8=True, out_column=lead_width)
     return as_e4m3(out), out_scale
 
 
