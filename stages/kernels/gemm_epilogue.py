@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FAST_TANH, _gelu_tanh, _tanh_instruction, as_e4m3, e4m3_buffer
+from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FAST_TANH, _gelu_tanh, _tanh_instruction, as_e4m3, concrete, e4m3_buffer
 
 BLOCK_COLUMNS = 128  # columns per scale of a block-scaled activation, and the K step that applies them
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). The fc1 tile is the epilogue lab's fastest on an H200
@@ -180,7 +180,7 @@ def fp8_gemm_gelu_blocks(
     """e4m3 of [lead, GELU(x8 @ w8^T * scales + bias)] in 1x128 blocks and its ((C + N) / 128, rows)
     scales; lead: None, or the (rows, C) bf16 that comes first (the single blocks' attention output)."""
     rows, n = x8.shape[0], w8.shape[0]
-    lead_width = lead.shape[-1] if lead is not None else 0
+    lead_width = concrete(lead.shape[-1]) if lead is not None else 0  # the model's width: a constant (see concrete)
     _check_blocks(n, lead_width)
     out = e4m3_buffer(rows, lead_width + n, like=x8)
     out_scale = torch.empty((lead_width + n) // BLOCK_COLUMNS, rows, device=x8.device, dtype=torch.float32)
