@@ -77,7 +77,7 @@ for name in "$@"; do
     epilogue-gpu-tests)
       # issue 22: the MLP epilogue's GEMMs at FLUX's widths and the fused blocks with it, compiled under
       # CUDA graphs. If they fail, the later parts run with --no-mlp-epilogue (and say so) rather than not at all.
-      python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py > "$RESULTS/epilogue_gpu_tests.txt" 2>&1
+      python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py -k epilogue > "$RESULTS/epilogue_gpu_tests.txt" 2>&1
       rc=$?; tail -n 3 "$RESULTS/epilogue_gpu_tests.txt"
       if [ $rc -ne 0 ]; then touch /tmp/gs/epilogue-failed; echo "the GPU tests failed: later parts run with --no-mlp-epilogue"; fi
       done_ epilogue-gpu-tests $rc ;;
