@@ -1,4 +1,4 @@
-"""Stage 3: the MLP's GELU -> FP8 in the FP8 GEMM's epilogue (stages/kernels/gemm_epilogue.py).
+"""An option on top of stage 3: the MLP's GELU -> FP8 in the FP8 GEMM's epilogue (stages/kernels/gemm_epilogue.py).
 
 With the fused kernels, each large MLP of a step still wrote its fc1 output in bf16 and read it back
 to apply GELU and quantize it row-wise (gelu_fp8; in the single blocks concat_gelu_fp8, 5.6 ms of
@@ -10,6 +10,11 @@ same kernel taking those block scales in its K loop. Measured on an H200 (benchm
 It runs inside the fused block forwards (stages/fused_blocks.py `install_mlp_epilogue`), so it needs
 the fused kernels (a rule), and TMA, so a Hopper GPU or newer. The weights stay torchao's row-wise
 FP8 (their scales are constant along K), so LoRA merge and FP8 weights from load work unchanged.
+
+Not in any preset yet: it was written in a session whose GPU machine never started, so it has run
+only in Triton's CPU interpreter (tests/test_gemm_epilogue_kernels.py, tests/test_fused_blocks.py).
+`benchmarks/gpu_session.sh epilogue-gpu-tests stages` (option row "with mlp_epilogue") is what
+decides whether preset 3 takes it.
 """
 
 from __future__ import annotations

@@ -277,3 +277,14 @@ def test_the_engine_runs_load_knobs_as_loaded(tiny_engine, photo):
     assert passed.config.t5_fp8 and passed.config.text_encoders == "cpu" and not passed.warnings
     placed = tiny_engine.resolve(passed.config)
     assert placed.effective.text_encoders == "resident" and "text_encoders='cpu' not applied" in placed.skipped["text_encoders"]
+
+
+def test_the_mlp_epilogue_needs_hopper_and_the_fused_kernels():
+    asked = cumulative_config(MAX_PRESET).with_changes(mlp_epilogue=True)
+    assert not cumulative_config(MAX_PRESET).mlp_epilogue  # an option until a GPU has measured it
+    on_hopper = registry.resolve(asked, _env((9, 0)))
+    assert on_hopper.effective.mlp_epilogue and on_hopper.effective.fused_kernels
+    ada = registry.resolve(asked, _env((8, 9)))
+    assert not ada.effective.mlp_epilogue and "9.0" in ada.skipped["mlp_epilogue"]  # TMA
+    without_fused = registry.resolve(asked.with_changes(fused_kernels=False), _env((9, 0)))
+    assert not without_fused.effective.mlp_epilogue and "fused_kernels" in without_fused.skipped["mlp_epilogue"]
