@@ -79,6 +79,7 @@ def cases() -> list[dict]:
     from stages.fast_gelu import gelu_tanh_via_sigmoid
     from stages.kernels import heads as _heads  # noqa: F401  (registers the ops)
     from stages.kernels import rows_fp8 as _rows  # noqa: F401
+    from stages.kernels.gemm_epilogue import launch_blocks_fp8
 
     ops = torch.ops.kontext
 
@@ -123,6 +124,12 @@ def cases() -> list[dict]:
             return ops.qk_norm_rope_fp8(*sources[0], *sources[1], *weights, cos, sin, *descales, 1, HEADS, 1e-6)
         return ops.qk_norm_rope(*sources[0], *sources[1], *weights, cos, sin, 1, HEADS, 1e-6)
 
+    def blocks_fp8(a):
+        out = torch.empty(a.shape, device=DEVICE, dtype=FP8)
+        scales = torch.empty(C // 128, a.shape[0], device=DEVICE)
+        launch_blocks_fp8(a, out, scales)
+        return out.reshape(-1, 128), scales.t().reshape(-1, 1)
+
     sets = range(3)
     return [
         dict(
@@ -159,6 +166,15 @@ def cases() -> list[dict]:
             fused=lambda a, m: ops.concat_gelu_fp8(a, m),
             reference=lambda a, m: quantize_rows(torch.cat([a.reshape(-1, C), gelu_tanh_via_sigmoid(m)], -1)),
             inputs=[(_bf16(1, TOKENS, C), _bf16(TOKENS, M, scale=2)) for _ in sets],
+        ),
+        dict(
+            # the mlp_epilogue option: the single blocks' attention part of proj_out's row, in 1x128 blocks
+            # (the GELU part is written by the MLP GEMM's epilogue; benchmarks/epilogue_lab.py times that)
+            name="attention output -> FP8 in 1x128 blocks (single block, MLP epilogue)",
+            bytes=TOKENS * (3 * C + 4 * C // 128),
+            fused=blocks_fp8,
+            reference=lambda a: quantize_rows(a.reshape(-1, 128)),
+            inputs=[(_bf16(TOKENS, C),) for _ in sets],
         ),
         dict(
             name="attention output -> FP8, text rows first (double block)",
