@@ -167,8 +167,9 @@ class OptimizationConfig(BaseModel):
     # until it has run on a GPU: no machine could be started in the session that wrote it (2026-12-07).
     mlp_epilogue: Annotated[bool, Switch("variant", phases=(Phase.EXECUTION,))] = Field(
         False,
-        description="The MLP's GELU -> FP8 in the first FP8 GEMM's epilogue (1x128 block scales, taken by the second GEMM): "
-        "the bf16 activation is never written. Runs inside the fused kernels' blocks; not yet measured on a GPU.",
+        description="The MLP's GELU -> FP8 in the first FP8 GEMM's epilogue (1x128 block scales, taken by the second GEMM, "
+        "whose epilogue adds the gated residual): no bf16 activation or output is written. Runs inside the fused kernels' "
+        "blocks; not yet measured on a GPU.",
     )
     # use_dpm_solver selects the sampler with the smallest error at 14 steps in
     # benchmarks/solver_fidelity.py (results in benchmarks/results/solver-fidelity/).

@@ -22,8 +22,10 @@ single blocks' MLP run on stages/kernels/gemm_epilogue.py instead: the FF input 
 blocks' MLP GEMM) applies GELU and writes e4m3 in 1x128 blocks in its epilogue, so gelu_fp8 and
 concat_gelu_fp8 and their bf16 round trip are gone (the single blocks' attention output is written
 into the same row's first columns, in the same blocks), and the FF output GEMM (proj_out) takes the
-block scales in its K loop. The double blocks' text stream (512 rows: 4 row tiles of 128, too few
-for a persistent GEMM to fill the GPU) keeps the path above.
+block scales in its K loop and writes the block's new residual stream (x + gate * output) in its
+epilogue, so Inductor's gated residual add and the bf16 output it read are gone too. The double
+blocks' text stream (512 rows: 4 row tiles of 128, too few for a persistent GEMM to fill the GPU)
+keeps the path above.
 
 Every block Linear must hold torchao's row-wise FP8 weight (stage 3's quantization, or FP8 weights
 from load): its e4m3 rows and scales go to torch._scaled_mm directly (stages/kernels/fp8_gemm.py).
@@ -193,13 +195,12 @@ def _fused_double_forward(self, hidden_states, encoder_hidden_states, temb, imag
     text_attention = gemms["added_out"](o8[:text_rows], o_scale[:text_rows]).view(batch, text_len, width)
 
     h, h8, h_scale = ops.residual_modulated_norm_fp8(hidden_states, image_attention, gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-    if self.fused_mlp_epilogue:
+    if self.fused_mlp_epilogue:  # h + gate_mlp * ff written by ff_out's epilogue
         f8, f_scales = ops.fp8_gemm_gelu_blocks(h8, h_scale, *gemms["ff_in"].operands(), None)
-        ff = ops.fp8_gemm_a_blocks(f8, f_scales, *gemms["ff_out"].operands())
+        hidden_states = ops.fp8_gemm_a_blocks_gated_residual(f8, f_scales, *gemms["ff_out"].operands(), h, None, gate_mlp)
     else:
         f8, f_scale = ops.gelu_fp8(gemms["ff_in"](h8, h_scale))
-        ff = gemms["ff_out"](f8, f_scale)
-    hidden_states = h + gate_mlp[:, None] * ff.view(batch, image_len, width)
+        hidden_states = h + gate_mlp[:, None] * gemms["ff_out"](f8, f_scale).view(batch, image_len, width)
 
     c, c8, c_scale = ops.residual_modulated_norm_fp8(
         encoder_hidden_states, text_attention, c_gate_msa, c_shift_mlp, c_scale_mlp, self.norm2_context.eps
@@ -220,14 +221,15 @@ def _fused_single_forward(self, hidden_states, encoder_hidden_states, temb, imag
     x8, x_scale = ops.modulated_norm_fp8(encoder_hidden_states, hidden_states, shift, scale, self.norm.norm.eps)
     if self.fused_mlp_epilogue:
         attention = _attention(self, None, _qkv(gemms, "", x8, x_scale, width), batch, image_rotary_emb)
-        # [attention, GELU(mlp)] in 1x128 blocks: the MLP GEMM's epilogue writes its part of the row
+        # [attention, GELU(mlp)] in 1x128 blocks: the MLP GEMM's epilogue writes its part of the row;
+        # proj_out's epilogue writes [text; image] + gate * proj_out, read from the two halves
         y8, y_scales = ops.fp8_gemm_gelu_blocks(x8, x_scale, *gemms["mlp"].operands(), attention.reshape(-1, width))
-        projected = ops.fp8_gemm_a_blocks(y8, y_scales, *gemms["proj_out"].operands())
+        operands = gemms["proj_out"].operands()
+        hidden_states = ops.fp8_gemm_a_blocks_gated_residual(y8, y_scales, *operands, encoder_hidden_states, hidden_states, gate)
     else:
         mlp = gemms["mlp"](x8, x_scale)
         attention = _attention(self, None, _qkv(gemms, "", x8, x_scale, width), batch, image_rotary_emb)
         y8, y_scale = ops.concat_gelu_fp8(attention, mlp)
-        projected = gemms["proj_out"](y8, y_scale)
-    projected = projected.view(batch, text_len + image_len, width)
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate[:, None] * projected
+        projected = gemms["proj_out"](y8, y_scale).view(batch, text_len + image_len, width)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate[:, None] * projected
     return hidden_states[:, :text_len], hidden_states[:, text_len:]

@@ -4,8 +4,10 @@ With the fused kernels, each large MLP of a step still wrote its fc1 output in b
 to apply GELU and quantize it row-wise (gelu_fp8; in the single blocks concat_gelu_fp8, 5.6 ms of
 an H200's step). Here fc1 is a persistent Triton FP8 GEMM that applies bias and GELU and writes e4m3
 with one scale per row per 128 columns in its epilogue, and fc2 (the single blocks' proj_out) is the
-same kernel taking those block scales in its K loop. Measured on an H200 (benchmarks/epilogue_lab.py,
-2026-12-06): the Triton GEMM at 98.9-99.6% of cuBLAS at fc1's shape, 97.3-98.6% with the epilogue.
+same kernel taking those block scales in its K loop and writing the block's new residual stream
+(x + gate * output, which Inductor's add kernel computed from a bf16 output) in its epilogue.
+Measured on an H200 (benchmarks/epilogue_lab.py, 2026-12-06): the Triton GEMM at 98.9-99.6% of
+cuBLAS at fc1's shape, 97.3-98.6% with the GELU epilogue.
 
 It runs inside the fused block forwards (stages/fused_blocks.py `install_mlp_epilogue`), so it needs
 the fused kernels (a rule), and TMA, so a Hopper GPU or newer. The weights stay torchao's row-wise
@@ -25,7 +27,10 @@ from .base import Requirements, Stage
 class MlpEpilogue(Stage):
     switch = "mlp_epilogue"
     title = "MLP GELU -> FP8 in the GEMM epilogue"
-    summary = "The MLP's first FP8 GEMM applies GELU and writes 1x128 block-scaled FP8 in its epilogue; the second takes those scales."
+    summary = (
+        "The MLP's first FP8 GEMM applies GELU and writes 1x128 block-scaled FP8 in its epilogue; "
+        "the second takes those scales and writes the gated residual."
+    )
     requirements = Requirements(cuda=True, min_compute_capability=(9, 0), packages=("triton",))
 
     def describe_available(self, env):

@@ -216,10 +216,12 @@ def test_the_glue_bytes_model_counts_flux_at_1024():
     moved = glue_bytes(flux, batch=1, text_tokens=512, image_tokens=8192, fp8_attention=True)
     assert 55e9 < sum(moved.values()) < 65e9
     assert sum(glue_bytes(flux, 1, 512, 8192, fp8_attention=False).values()) > sum(moved.values())  # bf16 q, k, v out
-    # the MLP epilogue: the image streams' and single blocks' GELU bytes leave the glue (to the GEMMs),
-    # the single blocks' attention output (3C per row) is quantized on its own
+    # the MLP epilogue: the image streams' and single blocks' GELU and gated residual bytes leave the
+    # glue (to the GEMMs), the single blocks' attention output (3C per row) is quantized on its own
     epilogue = glue_bytes(flux, 1, 512, 8192, fp8_attention=True, mlp_epilogue=True)
-    gone = (19 * 8192 * 3 * 12288 + 38 * 8704 * 3 * (3072 + 12288)) - 38 * 8704 * 3 * 3072
+    gelu = 19 * 8192 * 3 * 12288 + 38 * 8704 * 3 * (3072 + 12288)
+    residual_adds = (19 * 8192 + 38 * 8704) * 6 * 3072
+    gone = gelu + residual_adds - 38 * 8704 * 3 * 3072
     assert sum(moved.values()) - sum(epilogue.values()) == gone
     kernel_ms = {label: 1.0 for label in moved} | {"gemm": 70.0, "attention": 60.0, "gaps": 5.0}
     rates = glue_bandwidth(kernel_ms, moved, fused=True)

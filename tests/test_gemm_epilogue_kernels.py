@@ -120,3 +120,26 @@ def test_widths_that_are_not_whole_blocks_are_refused(gen):
     x8, x_scale, w8, w_scale, bias, _ = _fc1_inputs(gen, 5, 128, 256)
     with pytest.raises(ValueError, match="multiples of 128"):
         torch.ops.kontext.fp8_gemm_gelu_blocks(x8, x_scale, w8, w_scale, bias, bf16_with_outliers(5, 96, generator=gen))
+
+
+@pytest.mark.parametrize("halves", [False, True], ids=["one-stream", "text-and-image-halves"])
+def test_fc2_writes_the_gated_residual_stream(gen, halves):
+    """The double blocks' h + gate * ff and the single blocks' [text; image] + gate * proj_out, in the
+    fc2 epilogue: two batches, residual rows from strided views of one or two tensors."""
+    batch, text, image, k, n = 2, 7, 45, 256, 128
+    tokens = text + image if halves else image
+    values, scales = block_reference(bf16_with_outliers(batch * tokens, k, generator=gen).float())
+    a8 = values.to(FP8)
+    w8, w_scale = fp8_rows(bf16_with_outliers(n, k, generator=gen) / k**0.5)
+    bias = bf16_with_outliers(n, generator=gen) * 0.1
+    image_stream = bf16_with_outliers(batch, image, 2 * n, generator=gen)[:, :, n:]  # a strided view
+    text_stream = bf16_with_outliers(batch, text, n, generator=gen)
+    gate = bf16_with_outliers(batch, 3 * n, generator=gen)[:, n : 2 * n]  # a chunk, as diffusers makes it
+    head, tail = (text_stream, image_stream) if halves else (image_stream, None)
+    residual = torch.cat([text_stream, image_stream], dim=1) if halves else image_stream
+    a = (a8.float().reshape(-1, k // 128, 128) * scales.t()[:, :, None]).reshape(-1, k)
+    product = (a @ dequantized(w8, w_scale).t() + bias.float()).reshape(batch, tokens, n)
+    exact = residual.float() + gate.float()[:, None] * product
+    got = torch.ops.kontext.fp8_gemm_a_blocks_gated_residual(a8, scales.contiguous(), w8, w_scale, bias, head, tail, gate)
+    assert got.shape == (batch, tokens, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=1e-2, atol=2e-2)

@@ -116,17 +116,20 @@ def glue_bytes(
     """Bytes per transformer call that the fused kernels move, by kernel class (each input read once,
     each output written once; bf16 2 bytes, e4m3 1 byte; row scales left out), and what Inductor's
     remaining kernels move (the gated residual adds that end each block). stages/kernels/ states
-    each kernel's bytes per row; this sums them over FLUX's blocks. With the MLP epilogue, GELU is
-    part of the GEMMs (their bytes are not glue): what is left of the GELU class is the double
-    blocks' text stream, and the single blocks' attention output is quantized on its own (3C)."""
+    each kernel's bytes per row; this sums them over FLUX's blocks. With the MLP epilogue, GELU and
+    the gated residual are part of the GEMMs (their bytes are not glue): what is left of them is the
+    double blocks' text stream, and the single blocks' attention output is quantized on its own (3C)."""
     width = transformer_config.num_attention_heads * transformer_config.attention_head_dim
     mlp = 4 * width  # FLUX's mlp_ratio
     tokens = batch * (text_tokens + image_tokens)  # token rows through every block (text + image)
     double, single = transformer_config.num_layers, transformer_config.num_single_layers
     blocks = double + single
+    # h + gate * ff in double blocks, [text; image] + gate * proj in single ones: read 2 x 2C, write 2C
+    residual_adds = tokens * blocks * 6 * width
     if mlp_epilogue:
         gelu = batch * text_tokens * double * 3 * mlp
         attention_out = tokens * (double + single) * 3 * width
+        residual_adds = batch * text_tokens * double * 6 * width
     else:
         # GELU of the double blocks' MLP (3M) and the single blocks' [attention, GELU(mlp)] row (3(C + M))
         gelu = tokens * (double * 3 * mlp + single * 3 * (width + mlp))
@@ -138,8 +141,7 @@ def glue_bytes(
         FUSED_HEADS: tokens * blocks * (11 if fp8_attention else 12) * width,
         FUSED_GELU: gelu,
         FUSED_ATTENTION_OUT: attention_out,
-        # h + gate * ff in double blocks, [text; image] + gate * proj in single ones: read 2 x 2C, write 2C
-        INDUCTOR_OTHER: tokens * blocks * 6 * width,
+        INDUCTOR_OTHER: residual_adds,
     }
 
 

@@ -15,6 +15,10 @@ its 128-column groups. So here:
     fp8_gemm_a_blocks      fc2 / proj_out on those activations: each 128-wide K step's partial
                            product is scaled by its rows' scales before it is added (the weight
                            keeps torchao's row-wise scales, constant along K, applied at the end)
+    fp8_gemm_a_blocks_gated_residual
+                           the same, writing the block's new residual stream x + gate * output in
+                           its epilogue (x read from the text and image halves where the block has
+                           two), so the bf16 output and Inductor's add kernel over it are gone
 
 Both are one persistent Triton kernel (TMA loads, 128 x 256 x 128 tiles), the technique of Triton's
 persistent-matmul tutorial. Measured on an H200 (benchmarks/epilogue_lab.py, 2026-12-06): the plain
@@ -37,7 +41,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FAST_TANH, _gelu_tanh, _tanh_instruction, as_e4m3, concrete, e4m3_buffer
+from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FAST_TANH, _gelu_tanh, _halves, _tanh_instruction, _tile_rows, as_e4m3, concrete, e4m3_buffer
 
 BLOCK_COLUMNS = 128  # columns per scale of a block-scaled activation, and the K step that applies them
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). The fc1 tile is the epilogue lab's fastest on an H200
@@ -50,15 +54,19 @@ LEAD_ROWS, LEAD_GROUPS = 32, 4  # the lead part's quantization: 32 rows x 4 colu
 @triton.jit
 def _fp8_gemm_kernel(
     a_desc, b_desc, a_scale_ptr, a_scale_stride, b_scale_ptr, bias_ptr, c_ptr, c_stride, c_column, c_scale_ptr, M, N, K,
+    head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss, seq, split, gate_ptr, gate_sb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr,
-    A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_FP8: tl.constexpr, FAST_TANH: tl.constexpr, GROUP_M: tl.constexpr = 8,
+    A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_FP8: tl.constexpr, FAST_TANH: tl.constexpr,
+    GATED_RESIDUAL: tl.constexpr = False, GROUP_M: tl.constexpr = 8,
 ):  # fmt: skip
     """C = (A @ B^T) * a_scale * b_scale[col] (+ bias[col]), persistent over output tiles.
 
     A_BLOCKS: A's scales are (K / BLOCK_K, M) with row stride a_scale_stride, one per row per K step,
     applied to each step's partial product; else one per row. GELU_FP8: C is e4m3(GELU(C)) with one
     scale per row per 128 columns, stored at c_scale_ptr[group * M + row]; else bf16 C. C's columns
-    start at c_column of a buffer with row stride c_stride (and its scales at group c_column / 128)."""
+    start at c_column of a buffer with row stride c_stride (and its scales at group c_column / 128).
+    GATED_RESIDUAL (bf16 C): C = residual + gate[batch] * C, the residual's rows of each batch of `seq`
+    tokens read from head (tokens [0, split)) and tail (the rest), as the row kernels read two halves."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -100,6 +108,12 @@ def _fp8_gemm_kernel(
             scales = c_scale_ptr + (c_column // 128 + groups[None, :]) * M + rows[:, None]
             tl.store(scales, amax / _FP8_MAX, mask=row_ok[:, None] & group_ok[None, :])
         else:
+            if GATED_RESIDUAL:
+                batch, token = rows // seq, rows % seq
+                starts = _tile_rows(token, batch, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
+                residual = tl.load(starts[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                gate = tl.load(gate_ptr + batch[:, None] * gate_sb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc = residual + gate * acc
             tl.store(c_ptr + rows[:, None] * c_stride + c_column + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -134,25 +148,35 @@ def launch_gemm(
     a_blocks: bool,
     gelu_fp8: bool,
     out_column: int = 0,
+    residual: tuple | None = None,
     tile=None,
     fast_tanh: bool = FAST_TANH,
 ):
     """out[:, out_column:][:, :N] = a8 @ w8^T, scaled, bias added; written as bf16 or (gelu_fp8)
     block-scaled e4m3 with its scales in out_scale ((columns / 128, rows), from group out_column / 128).
     a8 (rows, K) e4m3, w8 (N, K) e4m3 with (N,) scales; a_scale (rows,), or (K / 128, rows) with
-    a_blocks. The offset, not a column view of `out`, keeps the custom op free of mutated views, which
-    functionalization would copy."""
+    a_blocks. out: contiguous, (rows, columns) or (batch, tokens, columns). The offset, not a column
+    view of `out`, keeps the custom op free of mutated views, which functionalization would copy.
+    residual (bf16 out only): (head, tail or None, gate), and out is concat(head, tail) along tokens +
+    gate[batch] * the product (head, tail: (batch, tokens, N) views with contiguous rows; gate: (batch, N))."""
     block_m, block_n, block_k, stages, warps = tile or (FC2_TILE if a_blocks else FC1_TILE)
     (m, k), n = a8.shape, w8.shape[0]
     sms = _multiprocessors(a8.device)
+    if residual is not None:
+        head, tail, gate = residual
+        tail, _, seq, split, _ = _halves(head, tail)
+        residual_args = (head, head.stride(0), head.stride(1), tail, tail.stride(0), tail.stride(1), seq, split, gate, gate.stride(0))
+    else:  # never read: any pointer will do
+        residual_args = (w_scale, 0, 0, w_scale, 0, 0, 1, 1, w_scale, 0)
     # one program per multiprocessor, whatever the row count: programs with no tile return at once,
     # and the grid stays a constant under dynamic sequence lengths
     wrap_triton(_fp8_gemm_kernel)[(sms,)](
         TensorDescriptor.from_tensor(a8, [block_m, block_k]), TensorDescriptor.from_tensor(w8, [block_n, block_k]),
         a_scale, a_scale.stride(0) if a_blocks else 0, w_scale, bias if bias is not None else w_scale,
-        out, out.stride(0), out_column, out_scale if out_scale is not None else w_scale, m, n, k,
+        out, out.stride(-2), out_column, out_scale if out_scale is not None else w_scale, m, n, k, *residual_args,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, NUM_SMS=sms, A_BLOCKS=a_blocks,
-        HAS_BIAS=bias is not None, GELU_FP8=gelu_fp8, FAST_TANH=_tanh_instruction(fast_tanh), num_warps=warps,
+        HAS_BIAS=bias is not None, GELU_FP8=gelu_fp8, FAST_TANH=_tanh_instruction(fast_tanh),
+        GATED_RESIDUAL=residual is not None, num_warps=warps,
     )  # fmt: skip
 
 
@@ -198,4 +222,24 @@ def fp8_gemm_a_blocks(
     _check_blocks(x8.shape[1])
     out = torch.empty(x8.shape[0], w8.shape[0], device=x8.device, dtype=torch.bfloat16)
     launch_gemm(x8, x_scales, w8, w_scale, bias, out, None, a_blocks=True, gelu_fp8=False)
+    return out
+
+
+@triton_op("kontext::fp8_gemm_a_blocks_gated_residual", mutates_args=())
+def fp8_gemm_a_blocks_gated_residual(
+    x8: torch.Tensor,
+    x_scales: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    head: torch.Tensor,
+    tail: torch.Tensor | None,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """The block's new residual stream, (batch, tokens, N) bf16: concat(head, tail) along tokens +
+    gate[batch] * fp8_gemm_a_blocks(...), in the GEMM's epilogue (the product is never written)."""
+    _check_blocks(x8.shape[1])
+    batch, tokens = head.shape[0], head.shape[1] + (tail.shape[1] if tail is not None else 0)
+    out = torch.empty(batch, tokens, w8.shape[0], device=x8.device, dtype=torch.bfloat16)
+    launch_gemm(x8, x_scales, w8, w_scale, bias, out, None, a_blocks=True, gelu_fp8=False, residual=(head, tail, gate))
     return out
