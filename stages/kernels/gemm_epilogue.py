@@ -98,23 +98,24 @@ def _fp8_gemm_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
+        c_rows = c_ptr + rows.to(tl.int64)[:, None] * c_stride + c_column  # 64-bit: rows x 15360 passes 2^31 at 140k rows
         if GELU_FP8:
             y = tl.reshape(_gelu_tanh(acc, FAST_TANH), (BLOCK_M, BLOCK_N // 128, 128))
             amax = tl.maximum(tl.max(tl.abs(y), axis=2), _MIN_AMAX)  # (BLOCK_M, BLOCK_N / 128)
             q = tl.reshape(tl.clamp(y * (_FP8_MAX / amax[:, :, None]), -_FP8_MAX, _FP8_MAX), (BLOCK_M, BLOCK_N))
-            tl.store(c_ptr + rows[:, None] * c_stride + c_column + cols[None, :], q.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_rows + cols[None, :], q.to(c_ptr.dtype.element_ty), mask=mask)
             groups = off_n // 128 + tl.arange(0, BLOCK_N // 128)
             group_ok = groups * 128 < N
             scales = c_scale_ptr + (c_column // 128 + groups[None, :]) * M + rows[:, None]
             tl.store(scales, amax / _FP8_MAX, mask=row_ok[:, None] & group_ok[None, :])
         else:
             if GATED_RESIDUAL:
-                batch, token = rows // seq, rows % seq
+                batch, token = rows.to(tl.int64) // seq, rows.to(tl.int64) % seq
                 starts = _tile_rows(token, batch, split, head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss)
                 residual = tl.load(starts[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 gate = tl.load(gate_ptr + batch[:, None] * gate_sb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 acc = residual + gate * acc
-            tl.store(c_ptr + rows[:, None] * c_stride + c_column + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(c_rows + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
