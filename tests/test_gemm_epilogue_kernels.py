@@ -102,7 +102,7 @@ def test_lead_part_is_quantized_in_the_same_blocks(gen):
 
 
 def test_the_ops_compose_the_single_blocks_row(gen):
-    """fp8_gemm_gelu_blocks with a lead, then fp8_gemm_a_blocks: the MLP output of [lead, GELU(fc1)]."""
+    """fp8_gemm_gelu_blocks with a lead, then fc2 on its block scales: the MLP output of [lead, GELU(fc1)]."""
     x8, x_scale, w8, w_scale, bias, exact = _fc1_inputs(gen, 37, 128, 256)
     lead = bf16_with_outliers(37, 128, generator=gen)
     y8, y_scales = torch.ops.kontext.fp8_gemm_gelu_blocks(x8, x_scale, w8, w_scale, bias, lead)
@@ -111,7 +111,8 @@ def test_the_ops_compose_the_single_blocks_row(gen):
     got = (y8.float().reshape(37, 3, 128) * y_scales.t()[:, :, None]).reshape(37, 384)
     torch.testing.assert_close(got, row, rtol=0.07, atol=1e-2)  # within e4m3's step (2^-3 relative at most, 1/16 typical)
     w2_8, w2_scale = fp8_rows(bf16_with_outliers(64, 384, generator=gen) / 384**0.5)
-    projected = torch.ops.kontext.fp8_gemm_a_blocks(y8, y_scales, w2_8, w2_scale, None)
+    projected = torch.empty(37, 64, dtype=torch.bfloat16)
+    gemm_epilogue.launch_gemm(y8, y_scales, w2_8, w2_scale, None, projected, None, a_blocks=True, gelu_fp8=False)
     want = got @ dequantized(w2_8, w2_scale).t()
     torch.testing.assert_close(projected.float(), want, rtol=2e-2, atol=2e-2)
 

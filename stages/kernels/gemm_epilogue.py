@@ -12,13 +12,13 @@ its 128-column groups. So here:
                            blocks it also writes their attention output, in the same 1x128 blocks,
                            into the columns before the MLP's, so that proj_out reads one row of
                            [attention, GELU(mlp)] with no concatenation pass
-    fp8_gemm_a_blocks      fc2 / proj_out on those activations: each 128-wide K step's partial
-                           product is scaled by its rows' scales before it is added (the weight
-                           keeps torchao's row-wise scales, constant along K, applied at the end)
     fp8_gemm_a_blocks_gated_residual
-                           the same, writing the block's new residual stream x + gate * output in
-                           its epilogue (x read from the text and image halves where the block has
-                           two), so the bf16 output and Inductor's add kernel over it are gone
+                           fc2 / proj_out on those activations: each 128-wide K step's partial
+                           product is scaled by its rows' scales before it is added (the weight
+                           keeps torchao's row-wise scales, constant along K, applied at the end),
+                           and the epilogue writes the block's new residual stream x + gate * output
+                           (x read from the text and image halves where the block has two), so the
+                           bf16 output and Inductor's add kernel over it are gone
 
 Both are one persistent Triton kernel (TMA loads, 128 x 256 x 128 tiles), the technique of Triton's
 persistent-matmul tutorial. Measured on an H200 (benchmarks/epilogue_lab.py, 2026-12-06): the plain
@@ -215,17 +215,6 @@ def fp8_gemm_gelu_blocks(
     return as_e4m3(out), out_scale
 
 
-@triton_op("kontext::fp8_gemm_a_blocks", mutates_args=())
-def fp8_gemm_a_blocks(
-    x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """bf16 (rows, N) = x8 @ w8^T with x8's (K / 128, rows) block scales and w8's (N,) row scales, + bias."""
-    _check_blocks(x8.shape[1])
-    out = torch.empty(x8.shape[0], w8.shape[0], device=x8.device, dtype=torch.bfloat16)
-    launch_gemm(x8, x_scales, w8, w_scale, bias, out, None, a_blocks=True, gelu_fp8=False)
-    return out
-
-
 @triton_op("kontext::fp8_gemm_a_blocks_gated_residual", mutates_args=())
 def fp8_gemm_a_blocks_gated_residual(
     x8: torch.Tensor,
@@ -238,7 +227,8 @@ def fp8_gemm_a_blocks_gated_residual(
     gate: torch.Tensor,
 ) -> torch.Tensor:
     """The block's new residual stream, (batch, tokens, N) bf16: concat(head, tail) along tokens +
-    gate[batch] * fp8_gemm_a_blocks(...), in the GEMM's epilogue (the product is never written)."""
+    gate[batch] * (x8 @ w8^T with x8's (K / 128, rows) block scales and w8's (N,) row scales, + bias),
+    in the GEMM's epilogue (the product is never written)."""
     _check_blocks(x8.shape[1])
     batch, tokens = head.shape[0], head.shape[1] + (tail.shape[1] if tail is not None else 0)
     out = torch.empty(batch, tokens, w8.shape[0], device=x8.device, dtype=torch.bfloat16)
