@@ -8,9 +8,11 @@
 #   tar czf "$OUT/results.tgz" -C /tmp/gs results session.log     # collect, as often as needed
 #
 # Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), epilogue-gpu-tests
-# (the MLP epilogue's tests in tests/test_fused_kernels_gpu.py), epilogue-lab
+# (the MLP epilogue's tests in tests/test_fused_kernels_gpu.py), defer-gpu-tests (a shape's first
+# request without CUDA graphs: tests/test_defer_graph_recording_gpu.py), epilogue-lab
 # (benchmarks/epilogue_lab.py: the MLP's GELU -> FP8 in a Triton GEMM's epilogue), startup (cold
-# compile via precompile, then serve with the bundle on empty caches), aot-profile (after startup
+# compile via precompile, then serve with the bundle on empty caches; STARTUP_ARGS, e.g.
+# "--aot-compile --then-serve-flags=--defer-graph-recording"), aot-profile (after startup
 # with --aot-compile: cProfile of its bundle's functions loading, with and without compile workers),
 # fidelity (FP8 GEMMs vs FP8 attention, eager), stages (presets 0 and 5 with the kernel profile and
 # the option rows), lora (slots, the default), lora-merge (merge mode), lora-fidelity (the picture in
@@ -78,6 +80,11 @@ for name in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py -k epilogue > "$RESULTS/epilogue_gpu_tests.txt" 2>&1
       rc=$?; tail -n 3 "$RESULTS/epilogue_gpu_tests.txt"
       done_ epilogue-gpu-tests $rc ;;
+    defer-gpu-tests)
+      # issue 24: a shape's first request without CUDA graphs (serve --defer-graph-recording), its second recording them
+      python3 -m pytest -q -p no:cacheprovider tests/test_defer_graph_recording_gpu.py > "$RESULTS/defer_gpu_tests.txt" 2>&1
+      rc=$?; tail -n 3 "$RESULTS/defer_gpu_tests.txt"
+      done_ defer-gpu-tests $rc ;;
     epilogue-lab)
       # issue 22: GELU -> FP8 in a Triton fc1 GEMM's epilogue with 1x128 block scales, fc2 block-scaled, against today's path
       python3 -m benchmarks.epilogue_lab --out "$RESULTS/epilogue-lab"

@@ -10,6 +10,8 @@ that `precompile` made earlier.
    same first requests.
 4. with --aot-compile, the same again with `--no-aot-functions` (the bundle's caches, Dynamo and
    Inductor as before): each first request's picture against the AOT path's, for the same seed.
+5. with --then-serve-flags, the same as 3 again with those serve flags added (an A/B on one machine,
+   e.g. '--defer-graph-recording'): the first requests, and their pictures against step 3's.
 
 With --cold-via-precompile, step 1 is `precompile` on empty caches instead (the same load and
 warm-up code as serve, timed from launch to exit), which saves one full compile on a short GPU lease.
@@ -141,6 +143,7 @@ def first_requests(server: Server, resolutions, pictures: dict | None = None) ->
                         "slowest_over_median": round(max(steps) / statistics.median(steps), 2),
                         # each step: at an unrecorded shape, which one warmed Inductor's CUDA graphs and which recorded them
                         "step_s": [round(step, 4) for step in steps],
+                        "cuda_graphs": answer["variant"].get("cuda_graphs"),  # recorded, replayed or deferred (engine._graph_use)
                         "engine_s": timings["engine_total_s"],
                         "served_s": timings["server_total_s"],
                         "served_over_engine": round(timings["server_total_s"] / timings["engine_total_s"], 3),
@@ -179,8 +182,9 @@ def run_server(
 
 
 def compare_pictures(aot: dict, jit: dict) -> list[dict]:
-    """Per request (seed 0 in both servers): whether the AOT path's picture is the JIT path's, bit for
-    bit, and the largest difference of a pixel value (0-255) where it is not."""
+    """Per request (seed 0 in both servers): whether the first server's picture (the AOT path's) is
+    the second's (the JIT path's, or --then-serve-flags'), bit for bit, and the largest difference of
+    a pixel value (0-255) where it is not."""
     import numpy as np
     from PIL import Image
 
@@ -251,7 +255,8 @@ def markdown(report: dict) -> str:
     lines.append(f"| shapes after the first: min / median / max | {_other_shapes(cold)} | {_other_shapes(warm) if warm else '-'} |")
     if "precompile" in report:
         lines += ["", f"precompile: {report['precompile']['seconds']} s, bundle {report['precompile']['megabytes']} MB"]
-    for label, run in (("cold", cold), ("with artifacts", warm)):
+    then = report.get("then", {})
+    for label, run in (("cold", cold), ("with artifacts", warm), (f"with artifacts and {then.get('serve_flags')}", then)):
         if not run or not run.get("first_requests"):
             continue
         lines += [
@@ -265,7 +270,7 @@ def markdown(report: dict) -> str:
         for row in run["first_requests"]:
             cells = (
                 row["request"],
-                "yes" if row.get("shape_warm_before") else "no",
+                ("yes" if row.get("shape_warm_before") else "no") + (f" ({row['cuda_graphs']})" if row.get("cuda_graphs") else ""),
                 row["steps"],
                 row["median_step_s"],
                 row["slowest_step_s"],
@@ -279,12 +284,16 @@ def markdown(report: dict) -> str:
                 row["client_wall_s"],
             )
             lines.append("| " + " | ".join(map(str, cells)) + " |")
-    if report.get("aot_vs_jit"):
-        lines += ["", "AOT functions against the JIT path (the same bundle's caches, `--no-aot-functions`), seed 0", ""]
-        lines += ["| request | identical | max pixel difference |", "|---|---|---|"]
-        lines += [
-            f"| {row['request']} | {'yes' if row['identical'] else 'no'} | {row['max_pixel_difference']} |" for row in report["aot_vs_jit"]
-        ]
+    comparisons = (
+        ("aot_vs_jit", "AOT functions against the JIT path (the same bundle's caches, `--no-aot-functions`), seed 0"),
+        ("then_vs_artifacts", f"With artifacts and {then.get('serve_flags')} against with artifacts, seed 0"),
+    )
+    for key, title in comparisons:
+        if report.get(key):
+            lines += ["", title, "", "| request | identical | max pixel difference |", "|---|---|---|"]
+            lines += [
+                f"| {row['request']} | {'yes' if row['identical'] else 'no'} | {row['max_pixel_difference']} |" for row in report[key]
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -301,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         "--aot-compile", action="store_true", help="precompile --aot-compile: the bundle's blocks and VAE skip Dynamo (experimental)"
     )
     parser.add_argument("--serve-flags", default="", help="extra flags for serve only, e.g. '--warm-all-before-ready'")
+    parser.add_argument(
+        "--then-serve-flags",
+        default="",
+        help="after the bundle's server, one more with the bundle and these serve flags too (e.g. '--defer-graph-recording')",
+    )
     args = parser.parse_args(argv)
     flags, serve_flags = args.flags.split(), args.serve_flags.split()
     aot = ["--aot-compile"] if args.aot_compile else []
@@ -343,6 +357,22 @@ def main(argv: list[str] | None = None) -> int:
                 "jit", args.model, jit_cache, [*with_bundle, "--no-aot-functions"], resolutions, args.out, args.timeout, jit_pictures
             )
             report["aot_vs_jit"] = compare_pictures(aot_pictures, jit_pictures)
+            _write(report, args.out)
+        if args.then_serve_flags:
+            then_pictures: dict = {}
+            then_flags = args.then_serve_flags.split()
+            report["then"] = run_server(
+                "then",
+                args.model,
+                args.cache_root / "fresh-then",
+                [*with_bundle, *then_flags],
+                resolutions,
+                args.out,
+                args.timeout,
+                then_pictures,
+            )
+            report["then"]["serve_flags"] = args.then_serve_flags
+            report["then_vs_artifacts"] = compare_pictures(aot_pictures, then_pictures)
             _write(report, args.out)
     print(markdown(report))
     return 0

@@ -101,6 +101,9 @@ class KontextEngine:
         # edit records CUDA graphs (records_cuda_graphs): a capture must not overlap a build
         self._build_lock = threading.Lock()
         self._loaded_knobs: dict = {}  # load-scope knobs as the model was loaded: every request runs with these
+        # A request at a shape not recorded yet runs without CUDA graphs instead of recording them in
+        # its second step (`_defers_recording`); serve --defer-graph-recording sets it (service/startup.py)
+        self.defer_graph_recording = False
         self._apply_load_stages()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
         self.loras.preload()
@@ -196,13 +199,15 @@ class KontextEngine:
         progress: bool = False,
         should_stop: Callable[[], bool] | None = None,
         wait_for_build: bool = True,
+        warm_up: bool = False,
     ) -> EditResult:
         """Run one edit. `should_stop` is polled after every denoising step; when it returns True the
         edit raises EditCancelled there, so an abandoned request stops using the GPU. An edit that
         would record CUDA graphs waits for a build beside it, or with `wait_for_build` False (idle
-        work) raises BuildInProgress at once."""
+        work) raises BuildInProgress at once. A `warm_up` edit records its shape's CUDA graphs even
+        where requests defer that (`defer_graph_recording`)."""
         with self._lock:  # one edit at a time; a variant build may run beside it (build_variant)
-            return self._edit(request, config, progress, should_stop, wait_for_build=wait_for_build)
+            return self._edit(request, config, progress, should_stop, wait_for_build=wait_for_build, warm_up=warm_up)
 
     # -- building beside the edits ----------------------------------------------------------------
     @property
@@ -227,6 +232,30 @@ class KontextEngine:
         if self.loaded.device.type != "cuda" or not prepared.resolved.effective.cuda_graphs:
             return False
         return self.shape_of(prepared.request, prepared.width, prepared.height) not in prepared.variant.shapes_run
+
+    def _graph_use(self, prepared: PreparedEdit, records: bool, deferred: bool) -> str | None:
+        """What an edit on the serving thread does with its shape's CUDA graphs, for its answer:
+        "recorded" (from its second transformer call), "replayed", "deferred" (ran without them:
+        `_defers_recording`), or None where its variant captures none."""
+        if deferred:
+            return "deferred"
+        if records:
+            return "recorded"
+        captures = self.loaded.device.type == "cuda" and prepared.resolved.effective.cuda_graphs
+        return "replayed" if captures else None
+
+    def _defers_recording(self, prepared: PreparedEdit) -> bool:
+        """Whether an edit that would record CUDA graphs runs without them instead. The step that
+        records costs 0.35-0.45 s more than a replayed one whatever the shape (H100, 2026-12-06: one
+        step at 3-5.5x the median in the first request at a shape), while the compiled blocks without
+        graphs run the same kernels at about the replayed speed at these sizes. So, with
+        `defer_graph_recording`, a shape's first request runs them without graphs, and the next
+        edit at that shape records: the idle warm-up's (engine/warmup.py, which sees the shape as
+        not run) or its second request's, whichever comes first. A server that is never idle thus
+        records each shape once, in its second request, as it would have in its first."""
+        if not self.defer_graph_recording:
+            return False
+        return self.shape_of(prepared.request, prepared.width, prepared.height) not in prepared.variant.shapes_deferred
 
     def variant_for(self, request: EditRequest, config: OptimizationConfig | None = None) -> tuple[tuple, bool]:
         """(the variant an edit of `request` with `config` runs on, whether it is ready: built, and
@@ -254,9 +283,18 @@ class KontextEngine:
         should_stop=None,
         background: bool = False,
         wait_for_build: bool = True,
+        warm_up: bool = False,
     ) -> EditResult:
         prepared = self.prepare(request, config, background)
+        shape = self.shape_of(prepared.request, prepared.width, prepared.height)
         records = not background and self.records_cuda_graphs(prepared)
+        deferred = records and not warm_up and self._defers_recording(prepared)
+        if deferred:
+            from patches.cudagraph_trees_bypass import without_cuda_graphs
+
+            records = False  # no capture, so nothing for a build beside it to break: no build lock
+            prepared.stage_state.contexts.append(without_cuda_graphs())
+        graphs = None if background else self._graph_use(prepared, records, deferred)
         locked = False
         try:
             if records:
@@ -275,8 +313,10 @@ class KontextEngine:
             timings = timer.finish(variant_build_s=prepared.build_s, lora_load_s=prepared.lora_load_s)
             if first_use:
                 prepared.variant.first_call_s = timings.total_s
-            if not background and _full_transformer_calls(prepared) >= WARMUP_STEPS:  # cudagraph trees are per thread
-                prepared.variant.shapes_run.add(self.shape_of(prepared.request, prepared.width, prepared.height))
+            if deferred:
+                prepared.variant.shapes_deferred.add(shape)
+            elif not background and _full_transformer_calls(prepared) >= WARMUP_STEPS:  # cudagraph trees are per thread
+                prepared.variant.shapes_run.add(shape)
         finally:
             if locked:
                 self._build_lock.release()
@@ -298,6 +338,7 @@ class KontextEngine:
                 "first_use": first_use,
                 "build_s": round(prepared.build_s, 3),
                 "added_memory_mb": round(prepared.variant.added_bytes / 2**20, 1),
+                "cuda_graphs": graphs,
             },
             extras=prepared.stage_state.extras,
             warnings=list(prepared.resolved.notes),

@@ -94,6 +94,9 @@ class Variant:
     # Shapes (engine/sizes.py: edit_shape) the serving thread has run in full at least twice: compiled
     # and with their CUDA graphs recorded, so the background warm-up skips them (engine/warmup.py)
     shapes_run: set = field(default_factory=set)
+    # Shapes a request ran once without CUDA graphs (engine.defer_graph_recording): the next edit at
+    # one records it, be it the idle warm-up or the shape's second request
+    shapes_deferred: set = field(default_factory=set)
 
     def summary(self, kind: str) -> dict:
         return {

@@ -10,7 +10,8 @@ costs a two-step edit, in which Inductor's cudagraph trees warm up and record th
 The server warms the first shape before /ready and the others afterwards, one per idle moment of the
 thread that serves requests (service/queue.py): cudagraph trees are per thread, so a shape recorded
 on any other thread would be recorded again by the first request there. A shape a request ran first
-is skipped (engine.py notes each variant's `shapes_run`).
+is skipped (engine.py notes each variant's `shapes_run`). A shape a request ran without recording
+its CUDA graphs (serve --defer-graph-recording) is not: the warm-up records it.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class Warmup:
             try:
                 if first or not self.ran(request):
                     row["by"] = "warm-up"
-                    self.engine.edit(request, self.config, wait_for_build=first)  # idle work never waits for a build
+                    self.engine.edit(request, self.config, wait_for_build=first, warm_up=True)  # idle work never waits for a build
             except BuildInProgress:
                 with self._lock:
                     self.pending.appendleft(shape)

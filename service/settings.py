@@ -87,6 +87,14 @@ class ServiceSettings:
     warm_all_before_ready: bool = setting(
         False, "run every shape before /ready instead (no request after /ready compiles or records anything; a later /ready)", LOAD
     )
+    # The step that records a shape's CUDA graphs costs 0.35-0.45 s more than a replayed one (H100,
+    # 2026-12-06): a request sent before the idle warm-up reached its shape paid it (engine/engine.py).
+    defer_graph_recording: bool = setting(
+        False,
+        "a request at a shape whose CUDA graphs are not recorded yet runs the compiled blocks without them, and the shape "
+        "records at the next idle warm-up or its second request (off: that request records them, one step 3-5x slower)",
+        LOAD,
+    )
     compile_artifacts: str | None = setting(
         None,
         "a bundle written by `precompile` (same GPU model and versions): loaded before the warm-up so that it compiles from cache "

@@ -43,6 +43,11 @@ def start_engine(loader: Callable[[], object] | None, settings, engine=None, on_
         engine = loader()
         startup["load_s"] = round(time.perf_counter() - started, 2)
         log.info("model loaded in %.1f s: %s", startup["load_s"], engine.model_info.get("name"))
+    if settings.defer_graph_recording:
+        from patches.cudagraph_trees_bypass import install as install_bypass
+
+        log.info("CUDA graphs of a shape not recorded yet: deferred to the idle warm-up or its second request; %s", install_bypass())
+        engine.defer_graph_recording = True
     wanted = [json.loads(text) for text in settings.warm_variants]
     if wanted and len(wanted) + 1 > engine.variants.max_variants:  # the default variant stays resident too
         raise ValueError(
