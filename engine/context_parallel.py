@@ -71,8 +71,17 @@ class ContextParallelEngine(KontextEngine):
     def builds_beside_edits(self) -> bool:
         return False  # every rank runs every edit in lockstep: a build on a side thread of one rank would break that order
 
-    def edit(self, request: EditRequest, config=None, progress: bool = False, should_stop=None, wait_for_build: bool = True) -> EditResult:
-        # wait_for_build changes nothing here: no build runs beside these edits (builds_beside_edits)
+    def edit(
+        self,
+        request: EditRequest,
+        config=None,
+        progress: bool = False,
+        should_stop=None,
+        wait_for_build: bool = True,
+        warm_up: bool = False,
+    ) -> EditResult:
+        # wait_for_build changes nothing here: no build runs beside these edits (builds_beside_edits);
+        # nor does warm_up: CUDA graphs are not captured under context parallelism (stages/rules.py)
         if self.rank != 0:
             raise RuntimeError("on context-parallel followers, edits come from rank 0 (follow())")
         if request.seed is None:  # every rank must draw the same noise
