@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "--aot-compile", action="store_true", help="precompile --aot-compile: the bundle's blocks and VAE skip Dynamo (experimental)"
     )
     parser.add_argument("--serve-flags", default="", help="extra flags for serve only, e.g. '--warm-all-before-ready'")
+    parser.add_argument("--skip-jit", action="store_true", help="with --aot-compile: no server with --no-aot-functions (step 4)")
     parser.add_argument(
         "--then-serve-flags",
         default="",
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             "artifacts", args.model, fresh_cache, with_bundle, resolutions, args.out, args.timeout, aot_pictures
         )
         _write(report, args.out)
-        if args.aot_compile:  # the same requests with the bundle's caches only (JIT): the same pictures?
+        if args.aot_compile and not args.skip_jit:  # the same requests with the bundle's caches only (JIT): the same pictures?
             jit_pictures: dict = {}
             jit_cache = args.cache_root / "fresh-jit"
             run_server(
