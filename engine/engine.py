@@ -43,6 +43,7 @@ from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
+from .pictures import pictures_from_pixels
 from .requests import BuildInProgress, EditCancelled, EditRequest, EditResult
 from .serving_priority import serving_thread_first
 from .sizes import edit_shape, output_size
@@ -447,7 +448,7 @@ class KontextEngine:
             unpacked = pipe._unpack_latents(latents, prepared.height, prepared.width, pipe.vae_scale_factor)
             unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
             pixels = pipe.vae.decode(unpacked, return_dict=False)[0]
-        return pipe.image_processor.postprocess(pixels, output_type="pil")
+        return pictures_from_pixels(pipe.image_processor, pixels)
 
     def _conditioning_image(self, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
         if image is None:
