@@ -114,8 +114,8 @@ class Warmup:
             with self._lock:
                 if not self.pending:
                     return False
-                shape = self.current = self.pending.popleft()
                 first = not self.report.shapes
+                shape = self.current = self._take_next(first)
             request = _request(shape)
             row = {**asdict(shape), "seconds": 0.0, "by": "request"}
             started = time.perf_counter()
@@ -140,6 +140,22 @@ class Warmup:
             self._finish(shape, row, first)
             if row["by"] == "warm-up":
                 return True
+
+    def _take_next(self, first: bool) -> Shape:
+        """Under the lock: the next pending shape, a shape a request ran without CUDA graphs first
+        (engine.defer_graph_recording): a client that sent one request at a shape is likely to send
+        more, and the next one would record it."""
+        if not first and self.engine.defer_graph_recording:
+            for shape in self.pending:
+                if self._ran_without_graphs(_request(shape)):
+                    self.pending.remove(shape)
+                    return shape
+        return self.pending.popleft()
+
+    def _ran_without_graphs(self, request: EditRequest) -> bool:
+        key, _ = self.engine.variant_for(request, self.config)
+        variant = self.engine.variants.find(key)
+        return variant is not None and self.engine.shape_of(request) in variant.shapes_deferred
 
     def ran(self, request: EditRequest) -> bool:
         """Whether the serving thread has run this shape in full on the variant it would run on now."""

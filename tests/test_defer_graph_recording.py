@@ -138,6 +138,17 @@ def test_the_idle_warm_up_records_a_shape_a_request_ran_without_graphs(capturing
     assert engine.edit(_request()).variant["cuda_graphs"] is None  # replayed on a GPU; the CPU reports none
 
 
+def test_the_idle_warm_up_records_shapes_requests_ran_without_graphs_first(capturing_engine):
+    engine = capturing_engine
+    other = Shape(96, 64, edit=False)
+    warmup = Warmup(engine, shapes=[SHAPE, Shape(64, 96, edit=False), other])
+    assert warmup.warm_next()  # the first shape, before /ready
+    engine.edit(EditRequest(prompt="make the sky red", width=other.width, height=other.height, steps=2, seed=1))  # deferred
+    assert warmup.warm_next()
+    assert [(row["width"], row["height"]) for row in warmup.report.shapes] == [(64, 64), (96, 64)]
+    assert warmup.status()["pending"] == ["64x96 text-to-image"]
+
+
 def test_a_warm_up_edit_records_at_once(capturing_engine):
     engine = capturing_engine
     assert engine.edit(_request(), warm_up=True).variant["cuda_graphs"] == "recorded"
