@@ -153,15 +153,18 @@ class Warmup:
         return self.pending.popleft()
 
     def _ran_without_graphs(self, request: EditRequest) -> bool:
-        key, _ = self.engine.variant_for(request, self.config)
-        variant = self.engine.variants.find(key)
+        variant = self._variant_now(request)
         return variant is not None and self.engine.shape_of(request) in variant.shapes_deferred
 
     def ran(self, request: EditRequest) -> bool:
         """Whether the serving thread has run this shape in full on the variant it would run on now."""
-        key, _ = self.engine.variant_for(request, self.config)
-        variant = self.engine.variants.find(key)
+        variant = self._variant_now(request)
         return variant is not None and self.engine.shape_of(request) in variant.shapes_run
+
+    def _variant_now(self, request: EditRequest):
+        """The built variant `request` would run on now with this warm-up's config, or None."""
+        key, _ = self.engine.variant_for(request, self.config)
+        return self.engine.variants.find(key)
 
     def _finish(self, shape: Shape, row: dict, first: bool) -> None:
         with self._lock:

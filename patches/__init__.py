@@ -24,7 +24,17 @@ def installed_version(distribution: str) -> str | None:
 
 
 def require_known_version(distribution: str, known: tuple[str, ...], patch: str) -> str:
-    version = installed_version(distribution)
+    return _require_known(distribution, installed_version(distribution), known, patch)
+
+
+def require_known_torch(version: str | None, known: tuple[str, ...], patch: str) -> str:
+    """The installed torch `version` without its local build suffix (+cu130, which does not change
+    torch's Python code), if `patch` was written for it. The caller reads the version, so that a test
+    can stand in another one."""
+    return _require_known("torch", (version or "").split("+")[0] or None, known, patch)
+
+
+def _require_known(distribution: str, version: str | None, known: tuple[str, ...], patch: str) -> str:
     if version not in known:
         raise PatchVersionError(
             f"{patch} was written for {distribution} {', '.join(known)}, but {version or 'no version'} is installed. "

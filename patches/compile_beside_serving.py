@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import threading
 
-from . import PatchVersionError, installed_version
+from . import installed_version, require_known_torch
 
 KNOWN_TORCH = ("2.11.0", "2.13.0")
 _installed = False
@@ -59,12 +59,7 @@ def installed() -> bool:
 def install() -> str:
     """Apply both fixes once; returns what was done, for a log line."""
     global _installed
-    base = (installed_version("torch") or "").split("+")[0]  # the local build suffix (+cu130) does not change this code
-    if base not in KNOWN_TORCH:
-        raise PatchVersionError(
-            f"{__name__} was written for torch {', '.join(KNOWN_TORCH)}, but {base or 'no version'} is installed. "
-            "Install a known version (see requirements.txt) or review the patch for this version before adding it."
-        )
+    base = require_known_torch(installed_version("torch"), KNOWN_TORCH, __name__)
     with _lock:
         if _installed:
             return "already installed"

@@ -26,7 +26,7 @@ import contextvars
 import functools
 import threading
 
-from . import PatchVersionError, installed_version
+from . import installed_version, require_known_torch
 
 KNOWN_TORCH = ("2.11.0", "2.13.0")
 _bypassing: contextvars.ContextVar[bool] = contextvars.ContextVar("kontext_without_cuda_graphs", default=False)
@@ -41,12 +41,7 @@ def installed() -> bool:
 def install() -> str:
     """Wrap the tree manager's dispatch once; returns what was done, for a log line."""
     global _installed
-    base = (installed_version("torch") or "").split("+")[0]  # the local build suffix (+cu130) does not change this code
-    if base not in KNOWN_TORCH:
-        raise PatchVersionError(
-            f"{__name__} was written for torch {', '.join(KNOWN_TORCH)}, but {base or 'no version'} is installed. "
-            "Install a known version (see requirements.txt) or review the patch for this version before adding it."
-        )
+    base = require_known_torch(installed_version("torch"), KNOWN_TORCH, __name__)
     with _lock:
         if _installed:
             return "already installed"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
-from . import PatchVersionError, installed_version
+from . import installed_version, require_known_torch
 
 KNOWN_TORCH = ("2.11.0",)
 
@@ -34,12 +34,7 @@ def prepare_thread() -> str:
 
     if hasattr(cudagraph_trees, "_initialize_tls"):  # torch >= 2.13: get_obj initializes a new thread itself
         return "nothing to do: this torch initializes each thread's CUDA graph trees itself"
-    base = _torch_base_version()  # the local build suffix (+cu130) does not change this code
-    if base not in KNOWN_TORCH:
-        raise PatchVersionError(
-            f"{__name__} was written for torch {', '.join(KNOWN_TORCH)}, but {base or 'no version'} is installed. "
-            "Install a known version (see requirements.txt) or review the patch for this version before adding it."
-        )
+    base = require_known_torch(_torch_base_version(), KNOWN_TORCH, __name__)
     import torch
 
     local = cudagraph_trees.local
