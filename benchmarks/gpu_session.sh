@@ -81,8 +81,8 @@ for name in "$@"; do
       rc=$?; tail -n 3 "$RESULTS/epilogue_gpu_tests.txt"
       done_ epilogue-gpu-tests $rc ;;
     defer-gpu-tests)
-      # issue 24: a shape's first request without CUDA graphs (serve --defer-graph-recording), its second recording them
-      python3 -m pytest -q -p no:cacheprovider tests/test_defer_graph_recording_gpu.py > "$RESULTS/defer_gpu_tests.txt" 2>&1
+      # issue 24: a shape's first request without CUDA graphs (serve --defer-graph-recording), its second recording them; issue 22: the pictures in and out made on the GPU, as diffusers makes them
+      python3 -m pytest -q -p no:cacheprovider tests/test_defer_graph_recording_gpu.py tests/test_pictures_gpu.py > "$RESULTS/defer_gpu_tests.txt" 2>&1
       rc=$?; tail -n 3 "$RESULTS/defer_gpu_tests.txt"
       done_ defer-gpu-tests $rc ;;
     epilogue-lab)

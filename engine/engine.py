@@ -43,7 +43,7 @@ from .lora_files import LoraError
 from .lora_settings import LoraSettings
 from .loras import LoraLibrary
 from .memory_plan import MemoryPlan
-from .pictures import pictures_from_pixels
+from .pictures import conditioning_pixels, pictures_from_pixels
 from .requests import BuildInProgress, EditCancelled, EditRequest, EditResult
 from .serving_priority import serving_thread_first
 from .sizes import edit_shape, output_size
@@ -424,8 +424,11 @@ class KontextEngine:
         with instrumented(pipe, timer), contextlib.ExitStack() as stack:
             for context in prepared.stage_state.contexts:
                 stack.enter_context(context)
+            image, auto_resize = prepared.image, self.loaded.spec.snap_input_to_kontext_resolutions
+            if image is not None:  # here, inside the edit's timer: it is part of the edit's time
+                image = conditioning_pixels(pipe.image_processor, image, pipe.vae_scale_factor * 2, auto_resize, pipe._execution_device)
             return pipe(
-                image=prepared.image,
+                image=image,
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
                 true_cfg_scale=request.true_cfg_scale,
@@ -438,7 +441,7 @@ class KontextEngine:
                 generator=torch.Generator("cpu").manual_seed(prepared.seed),  # same noise on any device
                 output_type="latent",
                 callback_on_step_end=on_step_end,
-                _auto_resize=self.loaded.spec.snap_input_to_kontext_resolutions,
+                _auto_resize=auto_resize,
             ).images
 
     def decode(self, prepared: PreparedEdit, latents: torch.Tensor, timer: EditTimer) -> list[Image.Image]:
