@@ -9,7 +9,9 @@
 #
 # Parts: kernels (the fused kernels' GPU tests and benchmarks/fused_kernels.py), epilogue-gpu-tests
 # (the MLP epilogue's tests in tests/test_fused_kernels_gpu.py), defer-gpu-tests (a shape's first
-# request without CUDA graphs: tests/test_defer_graph_recording_gpu.py), epilogue-lab
+# request without CUDA graphs: tests/test_defer_graph_recording_gpu.py), edit-path-gpu-tests (the
+# pictures in and out and the text encoders' CUDA graphs: tests/test_pictures_gpu.py,
+# tests/test_text_encoder_graphs_gpu.py), epilogue-lab
 # (benchmarks/epilogue_lab.py: the MLP's GELU -> FP8 in a Triton GEMM's epilogue), startup (cold
 # compile via precompile, then serve with the bundle on empty caches; STARTUP_ARGS, e.g.
 # "--aot-compile --then-serve-flags=--defer-graph-recording"), aot-profile (after startup
@@ -81,10 +83,15 @@ for name in "$@"; do
       rc=$?; tail -n 3 "$RESULTS/epilogue_gpu_tests.txt"
       done_ epilogue-gpu-tests $rc ;;
     defer-gpu-tests)
-      # issue 24: a shape's first request without CUDA graphs (serve --defer-graph-recording), its second recording them; issue 22: the pictures in and out made on the GPU, as diffusers makes them
-      python3 -m pytest -q -p no:cacheprovider tests/test_defer_graph_recording_gpu.py tests/test_pictures_gpu.py > "$RESULTS/defer_gpu_tests.txt" 2>&1
+      # issue 24: a shape's first request without CUDA graphs (serve --defer-graph-recording), its second recording them
+      python3 -m pytest -q -p no:cacheprovider tests/test_defer_graph_recording_gpu.py > "$RESULTS/defer_gpu_tests.txt" 2>&1
       rc=$?; tail -n 3 "$RESULTS/defer_gpu_tests.txt"
       done_ defer-gpu-tests $rc ;;
+    edit-path-gpu-tests)
+      # issue 22, the edit around the steps: pictures in and out made on the GPU, the text encoders as CUDA graphs
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_pictures_gpu.py tests/test_text_encoder_graphs_gpu.py > "$RESULTS/edit_path_gpu_tests.txt" 2>&1
+      rc=$?; tail -n 3 "$RESULTS/edit_path_gpu_tests.txt"
+      done_ edit-path-gpu-tests $rc ;;
     epilogue-lab)
       # issue 22: GELU -> FP8 in a Triton fc1 GEMM's epilogue with 1x128 block scales, fc2 block-scaled, against today's path
       python3 -m benchmarks.epilogue_lab --out "$RESULTS/epilogue-lab"

@@ -47,6 +47,7 @@ from .pictures import conditioning_pixels, pictures_from_pixels
 from .requests import BuildInProgress, EditCancelled, EditRequest, EditResult
 from .serving_priority import serving_thread_first
 from .sizes import edit_shape, output_size
+from .text_encoder_graphs import TextEncoderGraphs, use_graphs
 from .timing import Clock, EditTimer, instrumented
 from .variants import Variant, VariantCache
 
@@ -106,6 +107,7 @@ class KontextEngine:
         # its second step (`_defers_recording`); serve --defer-graph-recording sets it (service/startup.py)
         self.defer_graph_recording = False
         self._apply_load_stages()
+        self.text_encoder_graphs = self._graphed_text_encoders()
         self.loras = LoraLibrary(lora or LoraSettings(), loaded.pipe.transformer, loaded.device, loaded.dtype)
         self.loras.preload()
 
@@ -137,6 +139,13 @@ class KontextEngine:
         self._loaded_knobs = {name: getattr(resolved.effective, name) for name in LOAD_FIELDS}
         if self.env.has_cuda:
             torch.cuda.empty_cache()  # what the load stages quantized away or moved to host memory
+
+    def _graphed_text_encoders(self) -> TextEncoderGraphs | None:
+        """CUDA graphs for T5 and CLIP (engine/text_encoder_graphs.py) where the encoders stay on the
+        GPU: offloaded, their weights move in and out during each call, which a graph cannot hold."""
+        if not self.env.has_cuda or self._loaded_knobs.get("text_encoders", "resident") != "resident":
+            return None
+        return TextEncoderGraphs(self.loaded.pipe)
 
     # -- introspection ----------------------------------------------------------------------------
     @property
@@ -296,6 +305,9 @@ class KontextEngine:
             records = False  # no capture, so nothing for a build beside it to break: no build lock
             prepared.stage_state.contexts.append(without_cuda_graphs())
         graphs = None if background else self._graph_use(prepared, records, deferred)
+        if graphs is not None and self.text_encoder_graphs is not None:  # the encoders follow the blocks' graphs
+            report = prepared.stage_state.extras.setdefault("text_encoder_graphs", {})
+            prepared.stage_state.contexts.append(use_graphs(may_record=records, report=report))
         locked = False
         try:
             if records:
