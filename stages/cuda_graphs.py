@@ -23,6 +23,9 @@ With `graph_inputs="static"` the embeddings are written once per step into buffe
 addresses (`torch._dynamo.mark_static_address`, unguarded), which every block's graph reads in
 place. One buffer per thread and shape: graphs are recorded per thread and per shape, and a static
 input whose address changed would be recorded again.
+
+The text encoders' graphs belong to the engine (engine/text_encoder_graphs.py): every variant shares
+the encoders, so they are recorded once per loaded model, by the first edit that records the blocks.
 """
 
 from __future__ import annotations
@@ -99,7 +102,10 @@ def hold_block_inputs_static(transformer) -> int:
 class CudaGraphs(Stage):
     switch = "cuda_graphs"
     title = "CUDA graph capture"
-    summary = "CUDA graph capture of the transformer blocks (Inductor cudagraph trees, static buffers per shape)."
+    summary = (
+        "CUDA graph capture of the transformer blocks (Inductor cudagraph trees, static buffers per shape) "
+        "and of the text encoders where they stay on the GPU (engine/text_encoder_graphs.py)."
+    )
     requirements = Requirements(cuda=True)
 
     def describe_available(self, env):
