@@ -79,7 +79,7 @@ for name in "$@"; do
     epilogue-gpu-tests)
       # issue 22: the MLP epilogue's GEMMs at FLUX's widths and the fused blocks with it, compiled under
       # CUDA graphs (the stage table's option row "with mlp_epilogue" measures it; a failure there is a row, not a stop)
-      python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels_gpu.py -k epilogue > "$RESULTS/epilogue_gpu_tests.txt" 2>&1
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_fused_kernels_gpu.py -k epilogue > "$RESULTS/epilogue_gpu_tests.txt" 2>&1
       rc=$?; tail -n 3 "$RESULTS/epilogue_gpu_tests.txt"
       done_ epilogue-gpu-tests $rc ;;
     defer-gpu-tests)

@@ -13,8 +13,11 @@ It runs inside the fused block forwards (stages/fused_blocks.py `install_mlp_epi
 the fused kernels (a rule), and TMA, so a Hopper GPU or newer. The weights stay torchao's row-wise
 FP8 (their scales are constant along K), so LoRA merge and FP8 weights from load work unchanged.
 
-Not in any preset yet: it was written in a session whose GPU machine never started, so it has run
-only in Triton's CPU interpreter (tests/test_gemm_epilogue_kernels.py, tests/test_fused_blocks.py).
+Not in any preset. Its first GPU run (H100, 2026-12-07: benchmarks/results/nvidia-h100-80gb-hbm3-2026-12-07)
+failed to compile: its TMA descriptors were made on the host inside a custom op, which Inductor's
+tracing does not capture. The kernel now makes them on the device, from a scratch allocator set on
+the thread that runs the step (the pre-hook below). That has run only in Triton's CPU interpreter
+(tests/test_gemm_epilogue_kernels.py, tests/test_fused_blocks.py).
 `benchmarks/gpu_session.sh epilogue-gpu-tests stages` (option row "with mlp_epilogue") is what
 decides whether preset 3 takes it.
 """
@@ -38,6 +41,7 @@ class MlpEpilogue(Stage):
 
     def apply_execution(self, transformer, config, build):
         from .fused_blocks import install_mlp_epilogue, mlp_epilogue_unfit_reason
+        from .kernels.gemm_epilogue import use_torch_allocator
 
         blocks = (*transformer.transformer_blocks, *transformer.single_transformer_blocks)
         fused = [block for block in blocks if hasattr(block, "fused_gemms")]
@@ -49,6 +53,11 @@ class MlpEpilogue(Stage):
             else:
                 install_mlp_epilogue(block)
                 installed += 1
+        if installed and not getattr(transformer, "_kontext_tma_scratch_hook", False):
+            # compiled blocks launch the GEMM without its launcher, which sets Triton's allocator;
+            # the transformer's forward is eager (regional compile), so set it there for this thread
+            transformer.register_forward_pre_hook(lambda module, args: use_torch_allocator())
+            transformer._kontext_tma_scratch_hook = True
         build.note(f"MLP epilogue: {installed} of {len(fused)} fused blocks run their MLP on the epilogue GEMMs")
         for kind, reason in unfit.items():
             build.note(f"MLP epilogue: {kind} keeps the row kernels: {reason}")

@@ -194,15 +194,25 @@ def test_epilogue_gemms_at_flux_width(gen):
     fc1 = (x8.float() * x_scale[:, None]) @ (w1_8.float() * w1_scale[:, None]).t() + bias.float()
     row = torch.cat([lead.float(), gelu_tanh(fc1)], dim=1)
     want_values, want_scales = block_reference(row)
-    # the tensor cores' FP8 accumulation is not torch's fp32 sum order: scales agree to 1e-3, not bit for bit
-    torch.testing.assert_close(y_scales, want_scales, rtol=1e-3, atol=1e-9)
+    # Triton's FP8 dot on sm_90 accumulates as cuBLAS's fast accumulation does, which today's row path
+    # runs (torchao's use_fast_accum): neither is within 1e-3 of fp32 (H100, 2026-12-07: the scales
+    # were up to 1.3% off). So the scales' error is held to the error of today's fc1, the cuBLAS
+    # product with fast accumulation (fp32 out, the row and column scales applied after).
+    one = torch.ones((), device="cuda")
+    today_fc1 = torch._scaled_mm(x8, w1_8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)
+    today_fc1 = today_fc1 * x_scale[:, None] * w1_scale[None, :] + bias.float()
+    _, today_scales = block_reference(torch.cat([lead.float(), gelu_tanh(today_fc1)], dim=1))
+    ours_error = ((y_scales - want_scales).abs() / want_scales).max().item()
+    today_error = ((today_scales - want_scales).abs() / want_scales).max().item()
+    print(f"fc1 block scales vs fp32: epilogue {ours_error:.2e}, cuBLAS fast accumulation {today_error:.2e}")
+    assert ours_error <= 1.5 * today_error + 1e-4
     got = (y8.float().reshape(rows, -1, 128) * y_scales.t()[:, :, None]).reshape(rows, C + M)
     assert _relative(got, row) < 0.03  # e4m3's rounding
 
     projected = torch.empty(rows, C, device="cuda", dtype=torch.bfloat16)
     launch_gemm(y8, y_scales, w2_8, w2_scale, None, projected, None, a_blocks=True, gelu_fp8=False)
     exact = row @ (w2_8.float() * w2_scale[:, None]).t()
-    y_rows, y_row_scale = torch.ops.kontext.concat_gelu_fp8(lead.view(BATCH, TEXT + IMAGE, C), fc1.to(torch.bfloat16))
+    y_rows, y_row_scale = torch.ops.kontext.concat_gelu_fp8(lead.view(BATCH, TEXT + IMAGE, C), today_fc1.to(torch.bfloat16))
     today = torch._scaled_mm(y_rows, w2_8.t(), scale_a=y_row_scale[:, None], scale_b=w2_scale[None, :], out_dtype=torch.bfloat16)
     assert _relative(projected, exact) < 0.03
     assert _relative(projected, exact) < 1.1 * _relative(today, exact)  # 1x128 blocks: no worse than one scale per row

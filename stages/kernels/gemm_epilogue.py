@@ -39,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .rows_fp8 import _FP8_MAX, _MIN_AMAX, FAST_TANH, _gelu_tanh, _halves, _tanh_instruction, _tile_rows, as_e4m3, concrete, e4m3_buffer
 
@@ -48,16 +47,17 @@ BLOCK_COLUMNS = 128  # columns per scale of a block-scaled activation, and the K
 # (2026-12-06); fc2's K step must be BLOCK_COLUMNS wide to apply one scale per step.
 FC1_TILE = (128, 256, 128, 3, 8)
 FC2_TILE = (128, 256, 128, 3, 8)
+GROUP_M = 8  # output tile rows per group in the persistent order: a wave rereads A's rows from L2
 LEAD_ROWS, LEAD_GROUPS = 32, 4  # the lead part's quantization: 32 rows x 4 column groups per program
 
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_desc, b_desc, a_scale_ptr, a_scale_stride, b_scale_ptr, bias_ptr, c_ptr, c_stride, c_column, c_scale_ptr, M, N, K,
+    a_ptr, a_stride, b_ptr, b_stride, a_scale_ptr, a_scale_stride, b_scale_ptr, bias_ptr, c_ptr, c_stride, c_column, c_scale_ptr, M, N, K,
     head_ptr, head_sb, head_ss, tail_ptr, tail_sb, tail_ss, seq, split, gate_ptr, gate_sb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr,
     A_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU_FP8: tl.constexpr, FAST_TANH: tl.constexpr,
-    GATED_RESIDUAL: tl.constexpr = False, GROUP_M: tl.constexpr = 8,
+    GATED_RESIDUAL: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """C = (A @ B^T) * a_scale * b_scale[col] (+ bias[col]), persistent over output tiles.
 
@@ -67,6 +67,10 @@ def _fp8_gemm_kernel(
     start at c_column of a buffer with row stride c_stride (and its scales at group c_column / 128).
     GATED_RESIDUAL (bf16 C): C = residual + gate[batch] * C, the residual's rows of each batch of `seq`
     tokens read from head (tokens [0, split)) and tail (the rest), as the row kernels read two halves."""
+    # TMA descriptors made on the device: the custom ops then take plain tensors, which Inductor's
+    # tracing of a triton_op can pass (host-side descriptors it cannot: see use_torch_allocator)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[a_stride, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[b_stride, 1], block_shape=[BLOCK_N, BLOCK_K])
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -133,6 +137,25 @@ def _blocks_fp8_kernel(a_ptr, a_stride, out_ptr, out_stride, scale_ptr, M, ROWS:
         tl.store(scale_ptr + group * M + rows, amax / _FP8_MAX, mask=row_ok)
 
 
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def use_torch_allocator() -> None:
+    """Give Triton the global scratch that device-side TMA descriptors need at launch, from torch's
+    caching allocator (under CUDA graph capture: the graph's pool).
+
+    Why the descriptors are made on the device: Inductor traces a `triton_op` without Dynamo, and
+    that tracing does not capture host-side `TensorDescriptor`s (torch's triton_kernel_wrap.py: "TMA
+    descriptor capturing not yet supported in non-dynamo tracing"). A host-side descriptor became a
+    constant argument holding its trace-time tensor, and the compile failed (H100, 2026-12-07:
+    benchmarks/results/nvidia-h100-80gb-hbm3-2026-12-07). Triton keeps the allocator in a ContextVar,
+    which each thread starts without: eager launches set it here, and compiled code, which launches
+    the kernel without this function, runs after stages/mlp_epilogue.py's pre-hook on the
+    transformer has set it on the thread that runs the step."""
+    triton.set_allocator(_tma_scratch)
+
+
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -171,13 +194,14 @@ def launch_gemm(
         residual_args = (w_scale, 0, 0, w_scale, 0, 0, 1, 1, w_scale, 0)
     # one program per multiprocessor, whatever the row count: programs with no tile return at once,
     # and the grid stays a constant under dynamic sequence lengths
+    use_torch_allocator()
     wrap_triton(_fp8_gemm_kernel)[(sms,)](
-        TensorDescriptor.from_tensor(a8, [block_m, block_k]), TensorDescriptor.from_tensor(w8, [block_n, block_k]),
+        a8, a8.stride(0), w8, w8.stride(0),
         a_scale, a_scale.stride(0) if a_blocks else 0, w_scale, bias if bias is not None else w_scale,
         out, out.stride(-2), out_column, out_scale if out_scale is not None else w_scale, m, n, k, *residual_args,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, NUM_SMS=sms, A_BLOCKS=a_blocks,
         HAS_BIAS=bias is not None, GELU_FP8=gelu_fp8, FAST_TANH=_tanh_instruction(fast_tanh),
-        GATED_RESIDUAL=residual is not None, num_warps=warps,
+        GATED_RESIDUAL=residual is not None, GROUP_M=GROUP_M, num_warps=warps,
     )  # fmt: skip
 
 
