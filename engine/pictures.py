@@ -49,8 +49,8 @@ def conditioning_pixels(processor: VaeImageProcessor, picture: Image.Image, mult
         _, width, height = min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
     width, height = width // multiple_of * multiple_of, height // multiple_of * multiple_of
     resized = processor.resize(picture, height, width)
-    levels = torch.from_numpy(np.array(resized)).to(device, non_blocking=True)
-    unit = _unit_levels(processor, torch.device(device))[levels.long()]  # (height, width, 3)
+    levels = torch.from_numpy(np.array(resized)).to(device)  # the 8-bit picture: a quarter of float32's bytes
+    unit = _unit_levels(processor, torch.device(device))[levels.int()]  # (height, width, 3)
     return unit.unsqueeze(0).permute(0, 3, 1, 2)  # NHWC in memory, as numpy_to_pt's transpose leaves it
 
 

@@ -1,11 +1,11 @@
 """CUDA graphs for the text encoders: T5 and CLIP replayed as one graph each.
 
 Eager, T5-XXL at 512 tokens is about a thousand kernel launches for a few milliseconds of GEMMs, so
-the host sets its pace: 37-44 ms per edit on an H200 (benchmarks/results/nvidia-h200-2026-12-06),
-while the compiled denoiser replays its blocks as graphs. Both encoders always see one shape (the
-pipeline pads T5 to 512 tokens and CLIP to 77, one prompt at a time), so one graph each, recorded on
-the first edit that records the blocks' graphs, serves every request after it. The kernels are the
-eager ones, so the embeddings are the same.
+the host sets its pace (the stage table's text-encoding column), while the compiled denoiser
+replays its blocks as graphs. Both encoders always see one shape (the pipeline pads T5 to 512
+tokens and CLIP to 77, one prompt at a time), so one graph each, recorded by the first edit that
+records the blocks' graphs, serves every request after it. The kernels are the eager ones, so the
+embeddings are the same bit for bit (tests/test_text_encoder_graphs_gpu.py).
 
 Rules, the blocks' own (engine._edit decides):
 - only edits on the serving thread use them (one at a time, under the engine's lock): a build's edit
@@ -13,10 +13,12 @@ Rules, the blocks' own (engine._edit decides):
 - a graph is recorded only by an edit that holds the build lock (one that records the blocks'
   graphs), since a build's GPU work beside a capture would invalidate it;
 - an encoder that fails to record runs eagerly from then on, and says why once in the log.
-The graphs' private memory pool holds one forward's activations: for T5-XXL at 512 tokens, one
-layer's float32 attention scores (64 x 512 x 512) and its 10240-wide feed-forward, about 0.15 GiB
-(an estimate; tests/test_text_encoder_graphs_gpu.py prints the tiny model's). Memory tiers that
-keep the encoders off the GPU (offloaded, cpu) get no graphs and no pool.
+
+Memory: the graphs' private pool holds one forward's activations (for T5-XXL, one layer's float32
+attention scores and its feed-forward), and the warm-up calls leave their freed blocks cached for
+the side stream they ran on; the tiny model's reserved memory grew by more than its activations
+(benchmarks/results/nvidia-h100-80gb-hbm3-2026-12-07). Memory tiers that keep the encoders off the
+GPU (offloaded, cpu) get no graphs and no pool.
 """
 
 from __future__ import annotations
