@@ -144,3 +144,30 @@ def test_fc2_writes_the_gated_residual_stream(gen, halves):
     got = torch.ops.kontext.fp8_gemm_a_blocks_gated_residual(a8, scales.contiguous(), w8, w_scale, bias, head, tail, gate)
     assert got.shape == (batch, tokens, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), exact, rtol=1e-2, atol=2e-2)
+
+
+def test_the_gemm_launch_passes_only_tensors_and_numbers(monkeypatch, gen):
+    """What Inductor's tracing of a triton_op can pass to a kernel: tensors and plain numbers. A
+    host-side TMA descriptor built in the launcher became a constant holding its trace-time tensor,
+    and the compiled blocks failed to build (H100, 2026-12-07); the kernel makes its descriptors on
+    the device instead. The CPU interpreter cannot trace the op, so this checks the launch itself."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    monkeypatch.setattr(gemm_epilogue, "wrap_triton", Recording)
+    x8, x_scale, w8, w_scale, bias, _ = _fc1_inputs(gen, 37, 256, 384)
+    gemm_epilogue.launch_gemm(x8, x_scale, w8, w_scale, bias, torch.empty(37, 384), torch.empty(3, 37), a_blocks=False, gelu_fp8=True)
+    ((kernel, args, kwargs),) = launches
+    assert kernel is gemm_epilogue._fp8_gemm_kernel
+    for value in (*args, *kwargs.values()):
+        assert not isinstance(value, TensorDescriptor)
+        assert isinstance(value, (torch.Tensor, int, float, bool)), type(value)
+    assert "GROUP_M" in kwargs  # every constexpr passed: the kernel mutation analysis needs the full signature
